@@ -1,0 +1,170 @@
+"""The `quantvm` command: compile, run, inspect, demo. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import InputError, QuantvmError
+from targets import NAMED_TARGETS
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (e.g. data=1,3,224,224), got {text!r}")
+    return name, shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    targets = ", ".join(NAMED_TARGETS)
+    parser = argparse.ArgumentParser(prog="quantvm", description="Compile ONNX models into fast x86 shared libraries.")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile an ONNX model into one .so", description=(
+        "Compile an ONNX model for a target and export it as one self-contained .so."))
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("-t", "--target", default="cascadelake",
+                   help=f"target name ({targets}) or 'llvm -mcpu=CPU' (default: cascadelake)")
+    p.add_argument("-o", "--output", required=True, help="the .so to write")
+    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
+
+    p = sub.add_parser("run", help="run a compiled .so on .npy inputs", description=(
+        "Run a compiled artifact. Only run artifacts you trust: loading one runs its code."))
+    p.add_argument("artifact", help="the .so written by 'quantvm compile'")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="an input (repeatable); a single-input model also takes a bare FILE.npy")
+    p.add_argument("--output", help="write the outputs to this .npz (by output name)")
+
+    p = sub.add_parser("inspect", help="print an artifact's metadata without running it", description=(
+        "Print the metadata of a compiled artifact. Reads the file only; runs none of its code."))
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+
+    p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
+        "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
+        "held-out data and check it against the ONNX reference."))
+    p.add_argument("--keep", metavar="DIR", help="keep the exported .so files in DIR")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QuantvmError as err:
+        return _fail(args, err)
+    except KeyboardInterrupt:
+        print("quantvm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure still gets one line unless --verbose
+        return _fail(args, err, unexpected=True)
+
+
+def _fail(args, err: BaseException, unexpected=False) -> int:
+    if args.verbose:
+        import traceback
+
+        traceback.print_exception(err)
+    kind = f"internal error ({type(err).__name__}): " if unexpected else ""
+    message = " ".join(str(err).split()) or type(err).__name__
+    hint = "" if args.verbose else " (run with --verbose for details)" if unexpected else ""
+    print(f"quantvm: error: {kind}{message}{hint}", file=sys.stderr)
+    return 1
+
+
+def cmd_compile(args) -> int:
+    from compiler import compile
+
+    model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None)
+    path = model.export(args.output)
+    meta = model.metadata
+    print(f"compiled {args.model} for {meta['target']['name']} (mcpu {meta['target']['mcpu']}) "
+          f"in {model.compile_seconds:.1f} s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _read_inputs(specs, pairs) -> dict:
+    inputs = {}
+    for pair in pairs:
+        name, sep, file = pair.rpartition("=")
+        if not sep:
+            if len(specs) != 1:
+                raise InputError(f"--input {pair!r}: the model has {len(specs)} inputs; name it as NAME=FILE.npy "
+                                 f"(inputs: {', '.join(s['name'] for s in specs)})")
+            name, file = specs[0]["name"], pair
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"--input {pair!r}: cannot read {file} as a .npy array ({err})") from err
+    return inputs
+
+
+def cmd_run(args) -> int:
+    from compiler import load
+
+    model = load(args.artifact)
+    outputs = model.run(**_read_inputs(model.metadata["inputs"], args.input))
+    names = [spec.name for spec in model.outputs]
+    if args.output:
+        from compiler.atomic import atomic_path
+
+        with atomic_path(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **dict(zip(names, outputs)))
+        print(f"wrote {len(outputs)} output(s) to {args.output}")
+    for name, value in zip(names, outputs):
+        flat = value.ravel()
+        preview = np.array2string(flat[:8], precision=4, separator=", ")
+        print(f"{name}: shape {list(value.shape)} {value.dtype} {preview}{' ...' if flat.size > 8 else ''}")
+    return 0
+
+
+def format_metadata(meta: dict) -> str:
+    target = meta["target"]
+    lines = [
+        f"quantvm artifact (format {meta['format_version']}), quantvm {meta['quantvm_version']}, "
+        f"TVM {meta['tvm_version']}",
+        f"target:   {target['name']} (mcpu {target['mcpu']})",
+        f"features: {' '.join(target['required_features'])}",
+        f"model:    {meta['model']['source']} (opset {meta['model']['opset']}, sha256 {meta['model']['sha256'][:16]})",
+        f"precision: {meta['quantization']['mode']}",
+    ]
+    for kind in ("inputs", "outputs"):
+        for spec in meta[kind]:
+            lines.append(f"{kind[:-1] + ':':9} {spec['name']} {spec['shape']} {spec['dtype']}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from compiler.artifact import read_metadata
+
+    meta = read_metadata(args.artifact)
+    print(json.dumps(meta, indent=2, sort_keys=True) if args.json else format_metadata(meta))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from compiler.demo import run_demo
+
+    started = time.perf_counter()
+    ok = run_demo(Path(args.keep) if args.keep else None)
+    print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - started:.1f} s")
+    return 0 if ok else 1
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""ONNX in, Relax out: read and validate the model, fix its input shapes, import it into an IRModule."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+from google.protobuf.message import DecodeError
+from onnx import helper
+
+from compiler.errors import InputError, ModelError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named model input or output with a static shape (None where the size is not known)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass
+class ImportedModel:
+    mod: object  # tvm.IRModule
+    onnx_model: onnx.ModelProto
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: str  # where the model came from, for messages
+    sha256: str
+
+
+def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
+    """Accept a path, raw bytes or an onnx.ModelProto; return the checked model, its source and digest."""
+    if isinstance(model, onnx.ModelProto):
+        proto, source = model, "<onnx.ModelProto>"
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        proto, source = _parse(bytes(model), "<bytes>"), "<bytes>"
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        source = str(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        proto = _parse(path.read_bytes(), source)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            onnx.load_external_data_for_model(proto, str(path.parent))
+    else:
+        raise ModelError(f"model must be an ONNX file path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    proto = _with_inferred_shapes(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        raise ModelError(f"{source} is not a valid ONNX model: {_first_line(err)}") from err
+    if not proto.graph.node:
+        raise ModelError(f"{source} has an empty graph (no nodes)")
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    return proto, source, digest
+
+
+def _with_inferred_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill in missing output shapes (the checker requires them); keep the model as is where inference fails."""
+    if proto.ByteSize() > 2**31 - 1:  # shape inference on a proto this large needs the file path
+        return proto
+    try:
+        return onnx.shape_inference.infer_shapes(proto)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        return proto
+
+
+def _parse(data: bytes, source: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise ModelError(f"{source} is not an ONNX model (it does not parse as one: {_first_line(err)}); "
+                         "a truncated or corrupted download looks like this") from err
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError(f"{source} is not an ONNX model (no graph or no opset in it)")
+    return proto
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_supported_ops(proto: onnx.ModelProto, source: str) -> None:
+    """Name the first node whose op type the Relax ONNX importer cannot convert, before trying to."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    unsupported = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in known]
+    if unsupported:
+        node = unsupported[0]
+        domain = f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else ""
+        others = sorted({n.op_type for n in unsupported} - {node.op_type})
+        more = f"; also unsupported: {', '.join(others)}" if others else ""
+        raise ModelError(f"{source}: op {node.op_type}{domain} of node {node.name or '<unnamed>'!r} "
+                         f"is not supported{more}")
+    for node in proto.graph.node:
+        problem = _unsupported_usage(node)
+        if problem:
+            raise ModelError(f"{source}: {node.op_type} node {node.name or '<unnamed>'!r} {problem}")
+
+
+def _unsupported_usage(node: onnx.NodeProto) -> str | None:
+    """Ops the importer knows, used in a way an inference compiler cannot take."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "BatchNormalization" and attrs.get("training_mode", 0):
+        return "has training_mode=1 (batch statistics); quantvm compiles inference graphs"
+    if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+        return "asks for the Indices output, which is not supported"
+    return None
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers (old exporters list weights as inputs too)."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in weights]
+
+
+def _dtype_name(elem_type: int) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def resolve_input_specs(proto: onnx.ModelProto, input_shapes: dict | None, source: str) -> list[TensorSpec]:
+    """Static shapes for every model input: the model's own, overridden or completed by `input_shapes`."""
+    inputs = graph_inputs(proto)
+    given = dict(input_shapes or {})
+    names = [i.name for i in inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"input_shapes names {', '.join(map(repr, unknown))}, which {source} does not have; "
+                         f"its inputs are {', '.join(map(repr, names))}")
+    specs, dynamic = [], []
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in tensor_type.shape.dim]
+        has_shape = tensor_type.HasField("shape")
+        if value.name in given:
+            shape = _check_given_shape(value.name, given[value.name], declared if has_shape else None)
+        elif not has_shape or any(isinstance(d, str) for d in declared):
+            dynamic.append(f"{value.name!r} {_format_dims(declared) if has_shape else '(no shape)'}")
+            continue
+        else:
+            shape = tuple(declared)
+        specs.append(TensorSpec(value.name, shape, _dtype_name(tensor_type.elem_type)))
+    if dynamic:
+        raise InputError(f"{source} has dynamic input dimensions: {'; '.join(dynamic)}. Fix them with "
+                         "input_shapes={name: (1, 3, 224, 224)} (CLI: --input-shape name=1,3,224,224)")
+    return specs
+
+
+def _format_dims(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _check_given_shape(name, shape, declared) -> tuple:
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"input_shapes[{name!r}] must be a sequence of whole numbers, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise InputError(f"input_shapes[{name!r}] = {shape}: dimensions cannot be negative")
+    if declared is not None:
+        if len(declared) != len(shape):
+            raise InputError(f"input_shapes[{name!r}] = {shape} has rank {len(shape)}, "
+                             f"but the model declares {_format_dims(declared)} (rank {len(declared)})")
+        clash = [i for i, (d, s) in enumerate(zip(declared, shape)) if isinstance(d, int) and d != s]
+        if clash:
+            raise InputError(f"input_shapes[{name!r}] = {shape} contradicts the model's fixed shape "
+                             f"{_format_dims(declared)} at axis {clash[0]}")
+    return shape
+
+
+def freeze_inputs(proto: onnx.ModelProto, constants: dict, source: str) -> onnx.ModelProto:
+    """Turn the named graph inputs into initializers holding the given arrays (e.g. a Reshape's shape
+    or a Pad's pads fed as inputs): the compiler then sees them as the constants they are."""
+    inputs = {i.name: i for i in graph_inputs(proto)}
+    frozen = onnx.ModelProto()
+    frozen.CopyFrom(proto)
+    for name, value in constants.items():
+        if name not in inputs:
+            raise InputError(f"constant_inputs names {name!r}, which is not an input of {source}; "
+                             f"its inputs are {', '.join(map(repr, inputs))}")
+        array = np.asarray(value)
+        tensor_type = inputs[name].type.tensor_type
+        expected = _dtype_name(tensor_type.elem_type)
+        if array.dtype.name != expected:
+            raise InputError(f"constant_inputs[{name!r}]: dtype {array.dtype} given, {expected} expected")
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if tensor_type.HasField("shape") and (len(declared) != array.ndim or any(
+                d is not None and d != s for d, s in zip(declared, array.shape))):
+            raise InputError(f"constant_inputs[{name!r}]: shape {list(array.shape)} given, "
+                             f"{_format_dims(d if d is not None else '?' for d in declared)} expected")
+        frozen.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    kept = [i for i in frozen.graph.input if i.name not in constants]
+    del frozen.graph.input[:]
+    frozen.graph.input.extend(kept)
+    return frozen
+
+
+def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict | None = None) -> ImportedModel:
+    """Read, check and import an ONNX model into a Relax IRModule with static input shapes."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto, source, digest = read_onnx(model)
+    if constant_inputs:
+        proto = freeze_inputs(proto, constant_inputs, source)
+    check_supported_ops(proto, source)
+    inputs = resolve_input_specs(proto, input_shapes, source)
+    with warnings.catch_warnings():
+        # The importer re-runs the ONNX checker and warns on what read_onnx already accepted.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
+                            dtype_dict={s.name: s.dtype for s in inputs})
+        except Exception as err:  # the importer raises bare TVM/Python errors; name the model
+            raise ModelError(f"{source}: the ONNX importer failed: {_first_line(err)}") from err
+    outputs = _output_specs(mod, proto)
+    return ImportedModel(mod, proto, inputs, outputs, source, digest)
+
+
+def _output_specs(mod, proto: onnx.ModelProto) -> list[TensorSpec]:
+    """Output names from the ONNX graph; shapes and dtypes from the imported function's return type."""
+    import tvm
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    infos = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for output, info in zip(proto.graph.output, infos):
+        dims = info.shape.values if getattr(info, "shape", None) is not None else []
+        shape = tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in dims)
+        specs.append(TensorSpec(output.name, shape, str(info.dtype)))
+    return specs

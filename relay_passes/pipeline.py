@@ -1,0 +1,38 @@
+"""The order of passes from an imported graph to VM-ready code.
+
+`prepare_graph` cleans the imported fp32 graph (inference-only decompositions, constant folding, dead code),
+the stage later steps (fusion, calibration, int8 rewrite) start from. `build_pipeline` lowers a prepared
+graph to TIR and VM code; it is TVM's CPU pipeline, spelled out so that later stages can be slotted in.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+
+def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
+    """Inference form of the graph: BatchNorm as scale/shift, constants folded, unused values removed."""
+    passes = tvm.transform.Sequential([
+        # The ONNX importer leaves unused BatchNorm outputs (running mean/var) behind.
+        relax.transform.DeadCodeElimination(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+    ])
+    return passes(mod)
+
+
+def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Lower a prepared Relax graph to TIR kernels and VM code for `target`."""
+
+    @tvm.transform.module_pass(opt_level=0, name="quantvm.build_pipeline")
+    def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            stages = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return tvm.transform.Sequential(stages)(mod)
+
+    return _lower

@@ -1,0 +1,177 @@
+"""Small ONNX models built with onnx.helper, written once and shared by every test.
+
+Each builder takes a numpy Generator and returns an onnx.ModelProto with random weights (BatchNorm left
+unfolded, with non-trivial statistics) whose numerics onnxruntime gives us as the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers; every node gets a readable name."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    def conv(self, x: str, name: str, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+             bias: bool = False) -> str:
+        fan_in = cin // groups * k * k
+        w = self.const(f"{name}.w", self.rng.normal(0, (2 / fan_in) ** 0.5, (cout, cin // groups, k, k)).astype(np.float32))
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.const(f"{name}.b", self.rng.normal(0, 0.1, cout).astype(np.float32)))
+        pad = k // 2
+        return self.op("Conv", inputs, name, kernel_shape=[k, k], strides=[stride, stride],
+                       pads=[pad] * 4, group=groups)
+
+    def bn(self, x: str, name: str, channels: int) -> str:
+        r = self.rng
+        stats = [
+            self.const(f"{name}.scale", r.uniform(0.5, 1.5, channels).astype(np.float32)),
+            self.const(f"{name}.shift", r.normal(0, 0.1, channels).astype(np.float32)),
+            self.const(f"{name}.mean", r.normal(0, 0.1, channels).astype(np.float32)),
+            self.const(f"{name}.var", r.uniform(0.5, 1.5, channels).astype(np.float32)),
+        ]
+        return self.op("BatchNormalization", [x, *stats], name, epsilon=1e-5)
+
+    def conv_bn(self, x, name, cin, cout, k=3, stride=1, groups=1, act="Relu") -> str:
+        y = self.bn(self.conv(x, f"{name}.conv", cin, cout, k, stride, groups), f"{name}.bn", cout)
+        if act == "Relu":
+            return self.op("Relu", [y], f"{name}.relu")
+        if act == "Relu6":
+            lo, hi = self.const(f"{name}.lo", np.float32(0)), self.const(f"{name}.hi", np.float32(6))
+            return self.op("Clip", [y, lo, hi], f"{name}.relu6")
+        return y
+
+    def gemm(self, x, name, cin, cout, trans_b=True) -> str:
+        shape = (cout, cin) if trans_b else (cin, cout)
+        w = self.const(f"{name}.w", self.rng.normal(0, (1 / cin) ** 0.5, shape).astype(np.float32))
+        b = self.const(f"{name}.b", self.rng.normal(0, 0.1, cout).astype(np.float32))
+        return self.op("Gemm", [x, w, b], name, transB=int(trans_b))
+
+    def model(self, name: str, inputs: dict, outputs: list[str]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, name,
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quantvm-tests")
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # fills the output shapes
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def bottleneck(g: GraphBuilder, x: str, name: str, cin: int, mid: int, cout: int, stride: int = 1) -> str:
+    """ResNet v1.5 bottleneck: 1x1 -> 3x3 (strided) -> 1x1, projection shortcut where shapes change."""
+    y = g.conv_bn(x, f"{name}.a", cin, mid, k=1)
+    y = g.conv_bn(y, f"{name}.b", mid, mid, k=3, stride=stride)
+    y = g.conv_bn(y, f"{name}.c", mid, cout, k=1, act=None)
+    shortcut = x if cin == cout and stride == 1 else g.conv_bn(x, f"{name}.proj", cin, cout, k=1, stride=stride, act=None)
+    return g.op("Relu", [g.op("Add", [y, shortcut], f"{name}.add")], f"{name}.out")
+
+
+def resnet_bottleneck_block(rng) -> onnx.ModelProto:
+    g = GraphBuilder(rng)
+    y = bottleneck(g, "data", "block1", 16, 8, 16)
+    y = bottleneck(g, y, "block2", 16, 8, 32, stride=2)
+    return g.model("bottleneck", {"data": (1, 16, 12, 12)}, [y])
+
+
+def depthwise_separable_block(rng) -> onnx.ModelProto:
+    """MobileNet-style: depthwise 3x3 (+ bias) + BN + ReLU6, then pointwise 1x1 + BN + ReLU, one strided."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "stem", 3, 16, stride=2, act="Relu6")
+    y = g.conv_bn(y, "dw1", 16, 16, groups=16, act="Relu6")
+    y = g.conv_bn(y, "pw1", 16, 24, k=1)
+    y = g.conv_bn(y, "dw2", 24, 24, stride=2, groups=24, act="Relu6")
+    y = g.conv_bn(y, "pw2", 24, 32, k=1)
+    y = g.conv_bn(y, "grouped", 32, 32, groups=4)
+    return g.model("depthwise_separable", {"data": (2, 3, 20, 20)}, [y])
+
+
+def mlp(rng) -> onnx.ModelProto:
+    """Gemm + ReLU, MatMul with a constant weight + Add + Sigmoid, Gemm (transB=0) + Softmax."""
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.gemm("data", "fc1", 32, 64)], "fc1.relu")
+    w = g.const("fc2.w", rng.normal(0, 0.125, (64, 48)).astype(np.float32))
+    b = g.const("fc2.b", rng.normal(0, 0.1, 48).astype(np.float32))
+    y = g.op("Sigmoid", [g.op("Add", [g.op("MatMul", [y, w], "fc2.matmul"), b], "fc2.add")], "fc2.sigmoid")
+    y = g.op("Softmax", [g.gemm(y, "fc3", 48, 10, trans_b=False)], "probs", axis=-1)
+    return g.model("mlp", {"data": (4, 32)}, [y])
+
+
+def pooling_variants(rng) -> onnx.ModelProto:
+    """Max and average pooling (padded, strided, ceil mode), global pooling, concatenated; two outputs."""
+    g = GraphBuilder(rng)
+    x = g.conv_bn("data", "stem", 4, 8)
+    a = g.op("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b = g.op("AveragePool", [x], "avgpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+             count_include_pad=0)
+    c = g.op("AveragePool", [x], "avgpool_ceil", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+             count_include_pad=1)
+    cat = g.op("Concat", [a, b, c], "concat", axis=1)
+    gap = g.op("GlobalAveragePool", [cat], "gap")
+    gmp = g.op("GlobalMaxPool", [cat], "gmp")
+    return g.model("pooling", {"data": (1, 4, 15, 15)}, [gap, gmp])
+
+
+def resnet50(rng, image: int = 224, batch: int = 1) -> onnx.ModelProto:
+    """ResNet-50 v1.5 with random weights and unfolded BatchNorm, as a torchvision export looks (opset 17)."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "conv1", 3, 64, k=7, stride=2)
+    y = g.op("MaxPool", [y], "pool1", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, (blocks, mid) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)]):
+        for i in range(blocks):
+            stride = 2 if i == 0 and stage > 0 else 1
+            y = bottleneck(g, y, f"layer{stage + 1}.{i}", cin, mid, mid * 4, stride)
+            cin = mid * 4
+    y = g.op("Flatten", [g.op("GlobalAveragePool", [y], "gap")], "flatten")
+    y = g.gemm(y, "fc", 2048, 1000)
+    return g.model("resnet50", {"data": (batch, 3, image, image)}, [y])
+
+
+MODELS = {
+    "resnet_bottleneck": resnet_bottleneck_block,
+    "depthwise_separable": depthwise_separable_block,
+    "mlp": mlp,
+    "pooling": pooling_variants,
+}
+
+
+def random_inputs(model: onnx.ModelProto, rng) -> dict[str, np.ndarray]:
+    """Normal random float32 data for every (static-shaped) graph input."""
+    weights = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name not in weights:
+            shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def onnxruntime_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
