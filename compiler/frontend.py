@@ -59,6 +59,7 @@ def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
             onnx.load_external_data_for_model(proto, str(path.parent))
     else:
         raise ModelError(f"model must be an ONNX file path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    check_supported_ops(proto, source)  # before the checker, whose message would not name the node
     proto = _with_inferred_shapes(proto)
     try:
         onnx.checker.check_model(proto)
@@ -221,7 +222,6 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
     proto, source, digest = read_onnx(model)
     if constant_inputs:
         proto = freeze_inputs(proto, constant_inputs, source)
-    check_supported_ops(proto, source)
     inputs = resolve_input_specs(proto, input_shapes, source)
     with warnings.catch_warnings():
         # The importer re-runs the ONNX checker and warns on what read_onnx already accepted.

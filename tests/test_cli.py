@@ -1,0 +1,98 @@
+"""The quantvm command, run as a user runs it."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from tests.fixtures import MODELS, random_inputs
+
+
+def quantvm(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_console_script_is_installed():
+    assert shutil.which("quantvm"), "pip install should put the quantvm command on PATH"
+
+
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "demo"])
+def test_every_command_has_help(command):
+    done = quantvm(command, "--help")
+    assert "usage: quantvm " + command in done.stdout
+
+
+def test_compile_inspect_run_round_trip(tmp_path, rng, demo_model_path):
+    so = tmp_path / "digits.so"
+    done = quantvm("compile", demo_model_path, "-t", "native", "-o", so, "--input-shape", "image=2,1,8,8")
+    assert f"-> {so}" in done.stdout
+    shown = quantvm("inspect", so).stdout
+    assert "target:   native" in shown and "input:    image [2, 1, 8, 8] float32" in shown
+    images = rng.uniform(0, 1, (2, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    quantvm("run", so, "--input", f"image={tmp_path / 'x.npy'}", "--output", tmp_path / "y.npz")
+    expected = ReferenceEvaluator(str(demo_model_path)).run(None, {"image": images})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cascadelake_compile_and_inspect_show_target_and_features(tmp_path, rng):
+    model_path = tmp_path / "mlp.onnx"
+    onnx.save(MODELS["mlp"](rng), model_path)
+    so = tmp_path / "mlp_clx.so"
+    quantvm("compile", model_path, "-t", "llvm -mcpu=cascadelake", "-o", so)
+    shown = quantvm("inspect", so).stdout
+    assert "target:   cascadelake (mcpu cascadelake)" in shown
+    features = next(line for line in shown.splitlines() if line.startswith("features:")).split()[1:]
+    assert {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(features)
+    import json
+
+    assert json.loads(quantvm("inspect", so, "--json").stdout)["target"]["name"] == "cascadelake"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["compile", "missing.onnx", "-t", "native", "-o", "x.so"], "model file not found: missing.onnx"),
+    (["compile", "m.onnx", "-t", "pentium", "-o", "x.so"], "unknown target 'pentium'"),
+    (["inspect", "nothing.so"], "artifact not found: nothing.so"),
+    (["run", "nothing.so", "--input", "x.npy"], "artifact not found"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, args, words):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "compiler", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("quantvm: error: ")
+    assert words in done.stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    done = quantvm("--verbose", "inspect", tmp_path / "nothing.so", check=False)
+    assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_bad_input_shape_syntax_is_a_usage_error(tmp_path):
+    done = quantvm("compile", "m.onnx", "-o", "x.so", "--input-shape", "data=1,x", check=False)
+    assert done.returncode == 2 and "NAME=D0,D1" in done.stderr
+
+
+def test_run_names_a_wrong_input(tmp_path, rng):
+    model = MODELS["mlp"](rng)
+    model_path, so = tmp_path / "mlp.onnx", tmp_path / "mlp.so"
+    onnx.save(model, model_path)
+    quantvm("compile", model_path, "-t", "native", "-o", so)
+    np.save(tmp_path / "x.npy", random_inputs(model, rng)["data"][:1])
+    done = quantvm("run", so, "--input", f"data={tmp_path / 'x.npy'}", check=False)
+    assert done.returncode == 1 and "input 'data': shape [1, 32] given, [4, 32] expected" in done.stderr
+
+
+def test_demo_passes():
+    done = subprocess.run(["quantvm", "demo"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "accuracy 99" in done.stdout
+    assert "refused on this host" in done.stdout or "this host can run it" in done.stdout
+    assert "demo passed" in done.stdout

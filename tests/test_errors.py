@@ -1,0 +1,127 @@
+"""Bad input gets an error that names the file, node or input at fault."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import compiler
+from tests.fixtures import MODELS
+
+
+def _relu_model(op_type="Relu", domain="", shape=("batch", 4)):
+    node = helper.make_node(op_type, ["x"], ["y"], name="the_node", domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(compiler.ModelError, match=f"not found: {tmp_path / 'absent.onnx'}"):
+        compiler.compile(tmp_path / "absent.onnx", target="native")
+
+
+def test_a_file_that_is_not_onnx(tmp_path):
+    path = tmp_path / "photo.onnx"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(compiler.ModelError, match=r"photo\.onnx is not an ONNX model"):
+        compiler.compile(path, target="native")
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, 0.999])
+def test_a_truncated_onnx_file(tmp_path, rng, keep):
+    data = MODELS["resnet_bottleneck"](rng).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(compiler.ModelError, match=r"cut\.onnx"):
+        compiler.compile(path, target="native")
+
+
+def test_a_model_that_fails_the_onnx_checker():
+    model = _relu_model()
+    model.graph.node[0].input[0] = "undefined_tensor"
+    with pytest.raises(compiler.ModelError, match="not a valid ONNX model.*undefined_tensor"):
+        compiler.compile(model, target="native", input_shapes={"x": (1, 4)})
+
+
+@pytest.mark.parametrize("op_type", ["Celu", "NoSuchOp"])
+def test_unsupported_op_names_op_type_and_node(op_type):
+    model = _relu_model(op_type)
+    with pytest.raises(compiler.ModelError, match=f"op {op_type} of node 'the_node' is not supported"):
+        compiler.compile(model.SerializeToString(), target="native", input_shapes={"x": (1, 4)})
+
+
+def test_custom_domain_op_is_named():
+    with pytest.raises(compiler.ModelError, match="Relu \\(domain 'com.example'\\) of node 'the_node'"):
+        compiler.compile(_relu_model(domain="com.example"), target="native", input_shapes={"x": (1, 4)})
+
+
+def test_dynamic_dimensions_without_shapes_are_named():
+    with pytest.raises(compiler.InputError, match=r"'x' \[batch, 4\].*input_shapes"):
+        compiler.compile(_relu_model(), target="native")
+
+
+@pytest.mark.parametrize("shapes, words", [
+    ({"y": (1, 4)}, "'y', which .* does not have; its inputs are 'x'"),
+    ({"x": (1, 4, 1)}, "rank 3"),
+    ({"x": (2, 5)}, "contradicts the model's fixed shape"),
+    ({"x": (1, "four")}, "whole numbers"),
+    ({"x": (-1, 4)}, "negative"),
+])
+def test_bad_input_shapes(shapes, words):
+    with pytest.raises(compiler.InputError, match=words):
+        compiler.compile(_relu_model(), target="native", input_shapes=shapes)
+
+
+def test_empty_model_bytes():
+    with pytest.raises(compiler.ModelError, match="not an ONNX model"):
+        compiler.compile(b"", target="native")
+
+
+def test_model_of_the_wrong_type():
+    with pytest.raises(compiler.ModelError, match="got int"):
+        compiler.compile(42, target="native")
+
+
+def test_calibration_is_not_silently_ignored():
+    with pytest.raises(compiler.QuantvmError, match="INT8 calibration is not available"):
+        compiler.compile(_relu_model(), target="native", input_shapes={"x": (1, 4)}, calib=[np.zeros((1, 4))])
+
+
+@pytest.fixture(scope="module")
+def relu():
+    return compiler.compile(_relu_model(), target="native", input_shapes={"x": (2, 4)})
+
+
+def test_runs_with_good_input(relu):
+    x = np.array([[-1, 0, 1, 2]] * 2, np.float32)
+    np.testing.assert_array_equal(relu(x)[0], np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("args, kwargs, words", [
+    ((), {"z": np.zeros((2, 4), np.float32)}, "unknown input 'z'; the model's inputs are x"),
+    ((), {}, r"missing input\(s\) 'x'; expected x \[2, 4\] float32"),
+    ((), {"x": np.zeros((3, 4), np.float32)}, r"input 'x': shape \[3, 4\] given, \[2, 4\] expected"),
+    ((), {"x": np.zeros((2, 4), np.float64)}, "input 'x': dtype float64 given, float32 expected"),
+    ((np.zeros((2, 4), np.float32),) * 2, {}, "takes 1 input"),
+    ((np.zeros((2, 4), np.float32),), {"x": np.zeros((2, 4), np.float32)}, "both by position and by name"),
+])
+def test_bad_run_inputs_are_named(relu, args, kwargs, words):
+    with pytest.raises(compiler.InputError, match=words):
+        relu.run(*args, **kwargs)
+
+
+def test_constant_inputs_are_checked():
+    with pytest.raises(compiler.InputError, match="'nope', which is not an input"):
+        compiler.compile(_relu_model(), target="native", input_shapes={"x": (1, 4)},
+                         constant_inputs={"nope": np.zeros(1)})
+
+
+def test_an_importer_failure_names_the_model(tmp_path):
+    model = _relu_model(shape=(1, 4))
+    model.graph.node[0].op_type = "Reshape"  # a Reshape whose shape input is missing
+    path = tmp_path / "bad_reshape.onnx"
+    onnx.save(model, path)
+    with pytest.raises(compiler.ModelError, match=r"bad_reshape\.onnx"):
+        compiler.compile(path, target="native")
