@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper
 
 from compiler.errors import InputError, ModelError
+from compiler.importer_fixes import patched_onnx_converters
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
     if constant_inputs:
         proto = freeze_inputs(proto, constant_inputs, source)
     inputs = resolve_input_specs(proto, input_shapes, source)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), patched_onnx_converters():
         # The importer re-runs the ONNX checker and warns on what read_onnx already accepted.
         warnings.simplefilter("ignore", UserWarning)
         try:

@@ -1,0 +1,81 @@
+"""Adjustments to TVM 0.27's ONNX importer, applied only while quantvm imports a model.
+
+Clip: the stock converter emits opaque `call_tir` kernels (via topi) that no dataflow pattern can see, so
+Conv+ReLU6 or FC+BoundedReLU could never fuse. With constant bounds (every exporter's case) it becomes
+`R.clip` / `R.maximum` / `R.minimum` instead; other cases keep the stock conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+
+def _constant_bound(expr):
+    """The bound as a Python number, None where the input is absent or NaN (unbounded), or raise if not constant."""
+    import tvm
+
+    if expr is None:
+        return None
+    if not isinstance(expr, tvm.ir.expr.GenericConst) or expr.value.numpy().size != 1:
+        raise LookupError
+    value = expr.value.numpy().reshape(()).item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _make_clip_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class ClipWithConstantBounds(onnx_frontend.Clip):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            try:
+                lo, hi = (_constant_bound(inputs[i] if len(inputs) > i else None) for i in (1, 2))
+            except LookupError:
+                return super()._impl_v13(bb, inputs, attr, params)
+            return cls._clip(x, lo, hi)
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            lo, hi = attr.get("min"), attr.get("max")
+            return cls._clip(inputs[0], lo, hi)
+
+        @staticmethod
+        def _clip(x, lo, hi):
+            dtype = str(x.ty.dtype)
+            if lo is not None and hi is not None:
+                return relax.op.clip(x, _prim(lo, dtype), _prim(hi, dtype))
+            if lo is not None:
+                return relax.op.maximum(x, relax.const(np.array(lo, dtype)))
+            if hi is not None:
+                return relax.op.minimum(x, relax.const(np.array(hi, dtype)))
+            return x
+
+    return ClipWithConstantBounds
+
+
+def _prim(value, dtype):
+    return float(value) if "float" in dtype else int(value)
+
+
+@contextlib.contextmanager
+def patched_onnx_converters():
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    clip = _make_clip_converter()
+
+    def convert_map():
+        table = original()
+        table["Clip"] = clip
+        return table
+
+    onnx_frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
