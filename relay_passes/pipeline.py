@@ -11,15 +11,19 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+from relay_passes.fold_affine import FoldAffineIntoProducer
+
 
 def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
-    """Inference form of the graph: BatchNorm as scale/shift, constants folded, unused values removed."""
+    """Inference form of the graph: BatchNorm folded into the conv/FC before it (elsewhere a scale and
+    shift), constants folded, unused values removed."""
     passes = tvm.transform.Sequential([
         # The ONNX importer leaves unused BatchNorm outputs (running mean/var) behind.
         relax.transform.DeadCodeElimination(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        FoldAffineIntoProducer,
         relax.transform.DeadCodeElimination(),
     ])
     return passes(mod)

@@ -43,3 +43,70 @@ def test_prepare_graph_folds_constant_subgraphs():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     assert _ops(prepare_graph(import_onnx(model).mod)) == ["relax.add"]
+
+
+def _conv_bn_model(rng, conv_bias=True, second_consumer=False, spatial_scale=False):
+    from tests.fixtures import GraphBuilder
+
+    g = GraphBuilder(rng)
+    y = g.conv("data", "conv", 3, 8, bias=conv_bias)
+    out = [g.bn(y, "bn", 8)]
+    if second_consumer:
+        out.append(g.op("Relu", [y], "other_consumer"))
+    if spatial_scale:  # varies over H and W: not a per-channel scale
+        out = [g.op("Mul", [out[0], g.const("s", rng.uniform(1, 2, (1, 8, 6, 6)).astype(np.float32))], "scale")]
+    return g.model("conv_bn", {"data": (1, 3, 6, 6)}, out)
+
+
+def _check_against_onnxruntime(model, rng):
+    import compiler
+    from tests.fixtures import onnxruntime_outputs, random_inputs
+
+    feeds = random_inputs(model, rng)
+    got = compiler.compile(model, target="native").run(**feeds)
+    for g, want in zip(got, onnxruntime_outputs(model, feeds)):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_folds_into_conv_with_and_without_bias(rng):
+    for bias in (True, False):
+        model = _conv_bn_model(rng, conv_bias=bias)
+        ops = _ops(prepare_graph(import_onnx(model).mod))
+        assert ops == ["relax.nn.conv2d", "relax.add"], ops
+        _check_against_onnxruntime(model, rng)
+
+
+def test_batchnorm_does_not_fold_through_a_conv_output_that_another_op_reads(rng):
+    model = _conv_bn_model(rng, second_consumer=True)
+    ops = _ops(prepare_graph(import_onnx(model).mod))
+    assert ops.count("relax.nn.conv2d") == 1 and "relax.multiply" in ops
+    _check_against_onnxruntime(model, rng)
+
+
+def test_a_scale_that_is_not_per_channel_is_not_folded(rng):
+    model = _conv_bn_model(rng, spatial_scale=True)
+    ops = _ops(prepare_graph(import_onnx(model).mod))
+    assert ops[-1] == "relax.multiply"
+    _check_against_onnxruntime(model, rng)
+
+
+def test_batchnorm_after_a_fully_connected_layer_folds(rng):
+    from tests.fixtures import GraphBuilder
+
+    g = GraphBuilder(rng)
+    y = g.op("Flatten", [g.gemm("data", "fc", 16, 12)], "flat")
+    y = g.op("Reshape", [y, g.const("shape", np.array([4, 12, 1, 1]))], "to_nchw")
+    y = g.bn(y, "bn", 12)
+    model = g.model("fc_bn", {"data": (4, 16)}, [y])
+    mod = prepare_graph(import_onnx(model).mod)
+    _check_against_onnxruntime(model, rng)
+    # through a reshape the channel axis moves: nothing may fold there
+    assert "relax.matmul" in _ops(mod)
+    g = GraphBuilder(rng)
+    w = g.const("w", rng.normal(0, 0.3, (16, 12)).astype(np.float32))
+    y = g.op("MatMul", ["data", w], "fc")
+    y = g.op("Mul", [y, g.const("gamma", rng.uniform(0.5, 2, 12).astype(np.float32))], "scale")
+    y = g.op("Add", [y, g.const("beta", rng.normal(0, 1, 12).astype(np.float32))], "shift")
+    model = g.model("fc_scale", {"data": (4, 16)}, [y])
+    assert _ops(prepare_graph(import_onnx(model).mod)) == ["relax.matmul", "relax.add"]
+    _check_against_onnxruntime(model, rng)
