@@ -9,7 +9,8 @@ from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, import_onnx
 from compiler.runtime import Predictor, check_host_can_run
-from relay_passes import build_pipeline, prepare_graph
+from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
+from relay_passes import fuse as fuse_graph
 from targets import TargetSpec, resolve_target
 
 
@@ -25,10 +26,11 @@ def quantvm_version() -> str:
 class CompiledModel:
     """A model compiled for one target: run it (where the host can), export it, read its metadata."""
 
-    def __init__(self, executable, metadata: dict, compile_seconds: float):
+    def __init__(self, executable, metadata: dict, compile_seconds: float, report: dict | None = None):
         self.executable = executable
         self.metadata = metadata
         self.compile_seconds = compile_seconds
+        self.report = report or {}
         self._predictor = None
 
     @property
@@ -57,31 +59,42 @@ class CompiledModel:
 
 
 def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa: A001 (the API's name)
-            input_shapes: dict | None = None, constant_inputs: dict | None = None) -> CompiledModel:
+            input_shapes: dict | None = None, constant_inputs: dict | None = None,
+            fuse=True) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
     inputs that are really constants (a shape, pads) to arrays; they are then no longer run-time inputs.
+    `fuse` is True (every rule of relay_passes.RULES), False (none), or the names of the rules to apply.
     """
     if calib is not None:
         raise QuantvmError("INT8 calibration is not available in this version of quantvm; "
                            "compile without calib= for an fp32 build")
     start = time.perf_counter()
     spec = resolve_target(target)
+    try:
+        rules = select_rules(fuse)
+    except ValueError as err:
+        raise QuantvmError(str(err)) from None
     imported = import_onnx(model, input_shapes, constant_inputs)
-    mod = prepare_graph(imported.mod)
+    mod, fusion = fuse_graph(prepare_graph(imported.mod), rules)
+    report = {**fusion.to_json(), "rules": list(rules)}
     tvm_target = spec.tvm_target()
+
+    def record_kernels(lowered):
+        report["kernels"] = count_kernels(lowered)
+
     try:
         import tvm
 
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=build_pipeline(tvm_target))
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=build_pipeline(tvm_target, record_kernels))
     except Exception as err:  # TVM raises bare errors; say which model and target failed
         raise QuantvmError(f"{imported.source}: building for target {spec.name!r} failed: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
-    return CompiledModel(executable, _metadata(imported, spec), time.perf_counter() - start)
+    return CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report)
 
 
-def _metadata(imported: ImportedModel, spec: TargetSpec) -> dict:
+def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
     import tvm
 
     graph = imported.onnx_model.graph
@@ -98,4 +111,5 @@ def _metadata(imported: ImportedModel, spec: TargetSpec) -> dict:
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "quantization": {"mode": "fp32"},
+        "fusion": {"rules": report["rules"], "matches": report["fusion"]},
     }

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import InputError, QuantvmError
+from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
 
 
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .so to write")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
                    help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
+    fusion = p.add_mutually_exclusive_group()
+    fusion.add_argument("--no-fuse", action="store_true", help="apply no fusion rule (one kernel per op)")
+    fusion.add_argument("--fuse-rules", metavar="RULE,...",
+                        help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
+    p.add_argument("--report", metavar="FILE.json", help="write the compile report (fusion, unfused_ops) as JSON")
 
     p = sub.add_parser("run", help="run a compiled .so on .npy inputs", description=(
         "Run a compiled artifact. Only run artifacts you trust: loading one runs its code."))
@@ -87,12 +93,30 @@ def _fail(args, err: BaseException, unexpected=False) -> int:
 def cmd_compile(args) -> int:
     from compiler import compile
 
-    model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None)
+    fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
+    model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse)
     path = model.export(args.output)
     meta = model.metadata
     print(f"compiled {args.model} for {meta['target']['name']} (mcpu {meta['target']['mcpu']}) "
           f"in {model.compile_seconds:.1f} s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(format_report(model.report))
+    if args.report:
+        from compiler.atomic import atomic_path
+
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(json.dumps(model.report, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"kernels: {report['kernels']}"]
+    matched = {rule: n for rule, n in report["fusion"].items() if n}
+    lines.append("fused:   " + (", ".join(f"{rule} x{n}" for rule, n in matched.items()) if matched else "nothing"))
+    unfused = report["unfused_ops"]
+    lines.append("unfused: " + (", ".join(f"{op} x{n}" for op, n in unfused.items()) if unfused else "nothing"))
+    for refusal in report["rejected"]:
+        lines.append(f"not fused by {refusal['rule']} at {refusal['at']}: {refusal['reason']}")
+    return "\n".join(lines)
 
 
 def _read_inputs(specs, pairs) -> dict:

@@ -31,11 +31,11 @@ class _Folder:
         for block in func.body.blocks:
             for var, users in relax.analysis.udchain(block).items():
                 external = 0 if isinstance(var, relax.DataflowVar) else 1
-                self.uses[var.name] = len(users) + external
+                self.uses[var] = len(users) + external  # keyed by the var: names repeat
 
     def single_use(self, value) -> bool:
         var = next((v for val, v in self.var_of if val.same_as(value)), None)
-        return var is not None and self.uses.get(var.name, 2) == 1
+        return var is not None and self.uses.get(var, 2) == 1
 
     # --- the per-channel vector of a constant, for a producer's output
     @staticmethod

@@ -29,14 +29,40 @@ def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
     return passes(mod)
 
 
-def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Lower a prepared Relax graph to TIR kernels and VM code for `target`."""
+def build_pipeline(target: tvm.target.Target, on_lowered=None) -> tvm.transform.Pass:
+    """Lower a prepared (and fused) Relax graph to TIR kernels and VM code for `target`.
+
+    TVM's own FuseOps is left out: the only fusion is ours (relay_passes.fuse), so an unfused build is
+    really unfused and the compile report tells the truth. `on_lowered(mod)` sees the graph once every
+    op is a kernel call, e.g. to count kernels.
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="quantvm.build_pipeline")
     def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            stages = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-            return tvm.transform.Sequential(stages)(mod)
+            lowering = [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseTIR(),
+            ]
+            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + lowering)(mod)
+            if on_lowered is not None:
+                on_lowered(mod)
+            rest = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            return tvm.transform.Sequential(rest)(mod)
 
     return _lower
+
+
+def count_kernels(mod: tvm.IRModule) -> int:
+    """Kernel launches in `main` of a lowered graph: its call_tir calls."""
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            count += 1
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return count

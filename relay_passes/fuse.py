@@ -1,0 +1,128 @@
+"""Apply the fusion rules of `patterns.RULES` with FuseOpsByPattern, and say what was and was not fused.
+
+Each match becomes one Relax function (attribute `Composite` = the rule name) that lowers to one kernel.
+A match is refused, and the refusal recorded, when fusing would hide a value another op reads, when the
+bias is not per channel, when the summed tensor would be broadcast, or when a clip does not start at 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.backend.utils import has_leaking_intermediate_variables
+from tvm.relax.transform import FusionPattern, PatternCheckContext
+
+from relay_passes.patterns import RULE_NAMES, RULES
+
+
+@dataclass
+class FusionReport:
+    fusion: dict[str, int] = field(default_factory=dict)  # rule name -> matches
+    unfused_ops: dict[str, int] = field(default_factory=dict)  # op type -> count outside any fused group
+    rejected: list[dict] = field(default_factory=list)  # {rule, at, reason}
+
+    def to_json(self) -> dict:
+        return {"fusion": dict(self.fusion), "unfused_ops": dict(self.unfused_ops), "rejected": list(self.rejected)}
+
+
+def select_rules(fuse) -> tuple[str, ...]:
+    """`fuse`: True (all rules), False/None (none), or an iterable of rule names."""
+    if fuse is True:
+        return RULE_NAMES
+    if not fuse:
+        return ()
+    names = (fuse,) if isinstance(fuse, str) else tuple(fuse)
+    unknown = [n for n in names if n not in RULE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown fusion rule(s) {', '.join(unknown)}; rules are {', '.join(RULE_NAMES)}")
+    return tuple(n for n in RULE_NAMES if n in names)
+
+
+def _shape(expr) -> tuple | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape.values)
+
+
+def _bias_is_per_channel(producer, bias) -> bool:
+    out, b = _shape(producer), bias.value.numpy().shape
+    if out is None or len(b) > len(out):
+        return False
+    axis = 1 if producer.op.name == "relax.nn.conv2d" else len(out) - 1
+    padded = (1,) * (len(out) - len(b)) + b
+    return all(d == 1 or (i == axis and d == out[axis]) for i, d in enumerate(padded))
+
+
+def _clip_from_zero(act, pre_act) -> bool:
+    """A clip/maximum directly on the fused output must be a ReLU6/bounded ReLU: its lower bound is 0."""
+    if act.op.name == "relax.clip" and act.args[0].same_as(pre_act):
+        return float(act.args[1].value) == 0.0
+    if act.op.name == "relax.maximum":
+        const = act.args[1] if act.args[0].same_as(pre_act) else act.args[0]
+        return bool(np.all(const.value.numpy() == 0))
+    return True
+
+
+def _check(rule_name: str, rejected: list):
+    def reject(ctx, reason) -> bool:
+        var = ctx.value_to_bound_var.get(ctx.matched_expr)
+        rejected.append({"rule": rule_name, "at": var.name if var is not None else "?", "reason": reason})
+        return False
+
+    def check(ctx: PatternCheckContext) -> bool:
+        parts = ctx.annotated_expr
+        if has_leaking_intermediate_variables(ctx):
+            return reject(ctx, "an intermediate value is also read outside the group")
+        producer = parts.get("producer")
+        if "bias" in parts and not _bias_is_per_channel(producer, parts["bias"]):
+            return reject(ctx, f"bias of shape {list(parts['bias'].value.numpy().shape)} is not per channel")
+        if "sum_operand" in parts and _shape(parts["sum_operand"]) != _shape(parts["sum"]):
+            return reject(ctx, f"the summed tensor {list(_shape(parts['sum_operand']) or [])} would be broadcast "
+                               f"onto {list(_shape(parts['sum']) or [])}")
+        if "act" in parts and not _clip_from_zero(parts["act"], parts["pre_act"]):
+            return reject(ctx, "clip does not start at 0 (not a bounded ReLU)")
+        return True
+
+    return check
+
+
+def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionReport]:
+    """Fuse `mod` with the named rules; return it with the report (matches, unfused ops, refusals)."""
+    report = FusionReport()
+    patterns = []
+    for rule in RULES:
+        if rule.name in rules:
+            pattern, parts = rule.build()
+            patterns.append(FusionPattern(rule.name, pattern, parts, _check(rule.name, report.rejected)))
+    if patterns:
+        mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False)(mod)
+    report.fusion = {name: 0 for name in rules}
+    composite = {gv.name_hint: str(func.attrs["Composite"]) for gv, func in mod.functions.items()
+                 if isinstance(func, relax.Function) and func.attrs and "Composite" in func.attrs}
+    unfused = Counter()
+
+    def visit(expr):
+        if not isinstance(expr, relax.Call):
+            return
+        if isinstance(expr.op, relax.GlobalVar) and expr.op.name_hint in composite:
+            report.fusion[composite[expr.op.name_hint]] += 1
+        elif isinstance(expr.op, tvm.ir.Op):
+            unfused[op_type(expr)] += 1
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    report.unfused_ops = dict(sorted(unfused.items()))
+    report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in report.rejected)]
+    return mod, report
+
+
+def op_type(call: relax.Call) -> str:
+    """A readable op type: `conv2d`, `relu`, or `call_tir:<kernel>` for importer-made kernels."""
+    name = call.op.name.removeprefix("relax.").removeprefix("nn.")
+    if name == "call_tir":
+        return f"call_tir:{call.args[0].name_hint if hasattr(call.args[0], 'name_hint') else call.args[0]}"
+    return name

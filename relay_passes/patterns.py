@@ -1,0 +1,162 @@
+"""The fusion rules, declared once: the fusion pass, the compile report and the tests all read RULES.
+
+They follow MXNet 2.0's oneDNN fusions (Conv+BN+act+sum, FC+elementwise, BN+ReLU) over the Relax graph as
+`prepare_graph` leaves it: BatchNorm after a conv or FC is already folded into its weights and bias, so a
+conv "with BN" is `conv2d + add(per-channel constant)`. Activations are matched in the form the ONNX
+importer gives them (some are several Relax ops, e.g. HardSwish is x * clip(x + 3, 0, 6) / 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
+
+
+def _either(op: str, a: DFPattern, b: DFPattern) -> DFPattern:
+    """A commutative binary op with its operands in either order."""
+    return is_op(op)(a, b) | is_op(op)(b, a)
+
+
+def _one_of(*patterns: DFPattern) -> DFPattern:
+    result = patterns[0]
+    for p in patterns[1:]:
+        result = result | p
+    return result
+
+
+def _unary(name: str) -> Callable[[DFPattern], DFPattern]:
+    return lambda x: is_op(name)(x)
+
+
+def _clip_from_zero(x):  # ReLU6 / bounded ReLU: Clip(0, a), or Clip with only min=0 (a max)
+    return _one_of(is_op("relax.clip")(x, wildcard(), wildcard()),
+                   _either("relax.maximum", x, is_const()))
+
+
+def _softrelu(x):  # the importer's softplus: max(x, 0) + log(1 + exp(-|x|))
+    tail = is_op("relax.log")(_either("relax.add", is_const(), is_op("relax.exp")(is_op("relax.negative")(is_op("relax.abs")(x)))))
+    return _one_of(is_op("relax.nn.softplus")(x), _either("relax.add", _either("relax.maximum", x, is_const()), tail))
+
+
+def _hardswish(x):  # x * clip(x + 3, 0, 6) / 6
+    gate = is_op("relax.divide")(is_op("relax.clip")(_either("relax.add", x, is_const()), wildcard(), wildcard()), is_const())
+    return _either("relax.multiply", x, gate)
+
+
+def _hardsigmoid(x):  # clip(alpha * x + beta, 0, 1)
+    return is_op("relax.clip")(_either("relax.add", _either("relax.multiply", x, is_const()), is_const()),
+                               wildcard(), wildcard())
+
+
+def _silu(x):  # x * sigmoid(x)
+    return _one_of(is_op("relax.nn.silu")(x), _either("relax.multiply", x, is_op("relax.sigmoid")(x)))
+
+
+def _elu(x):  # relu(x) + (-alpha) * relu(1 - exp(x))
+    negative_part = _either("relax.multiply", is_const(),
+                            is_op("relax.nn.relu")(is_op("relax.subtract")(is_const(), is_op("relax.exp")(x))))
+    return _either("relax.add", negative_part, is_op("relax.nn.relu")(x))
+
+
+def _square(x):
+    return _one_of(is_op("relax.multiply")(x, x), is_op("relax.power")(x, is_const()))
+
+
+# activation name -> pattern builder over the activation's input
+CONV_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
+    "relu": _unary("relax.nn.relu"),
+    "gelu": _unary("relax.nn.gelu"),
+    "gelu_tanh": _unary("relax.nn.gelu_tanh"),
+    "leaky_relu": _unary("relax.nn.leakyrelu"),
+    "sigmoid": _unary("relax.sigmoid"),
+    "softrelu": _softrelu,
+    "tanh": _unary("relax.tanh"),
+    "bounded_relu": _clip_from_zero,
+    "hardswish": _hardswish,
+    "hardsigmoid": _hardsigmoid,
+    "silu": _silu,
+}
+FC_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
+    **{k: CONV_ACTIVATIONS[k] for k in ("relu", "gelu", "gelu_tanh", "leaky_relu", "sigmoid", "softrelu",
+                                       "tanh", "bounded_relu")},
+    "square": _square,
+    "sqrt": _unary("relax.sqrt"),
+    "exp": _unary("relax.exp"),
+    "abs": _unary("relax.abs"),
+    "elu": _elu,
+}
+
+
+def _any_activation(table, x) -> DFPattern:
+    return _one_of(*(build(x) for build in table.values()))
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """One fusion: `build()` gives the pattern and its named parts (`producer`, `bias`, `sum`, `act`)."""
+
+    name: str
+    description: str
+    build: Callable[[], tuple[DFPattern, dict[str, DFPattern]]]
+
+
+def _producer(kind: str):
+    data, weight = wildcard(), is_const()
+    op = "relax.nn.conv2d" if kind == "conv" else "relax.matmul"
+    producer = is_op(op)(data, weight)
+    bias = is_const()
+    with_bias = is_op("relax.add")(producer, bias)
+    return producer, bias, with_bias
+
+
+def _chain(kind: str, order: tuple[str, ...]):
+    """Producer (+ optional bias) followed by the steps in `order`: 'sum' (add of another tensor), 'act'."""
+    table = CONV_ACTIVATIONS if kind == "conv" else FC_ACTIVATIONS
+
+    def build():
+        producer, bias, with_bias = _producer(kind)
+        out = with_bias if not order else with_bias | producer  # a lone conv/FC is no fusion
+        parts = {"producer": producer, "bias": bias}
+        for step in order:
+            if step == "sum":
+                other = ~is_const()  # another tensor; a constant here is a bias, not a sum
+                out = _either("relax.add", out, other)
+                parts["sum"], parts["sum_operand"] = out, other
+            else:
+                parts["pre_act"] = out
+                out = _any_activation(table, out)
+                parts["act"] = out
+        parts["root"] = out
+        return out, parts
+
+    return build
+
+
+def _bn_relu():
+    """A BatchNorm that follows no conv/FC (ResNet v2 pre-activation): its inference form, a chain of
+    per-channel constant subtract/divide/multiply/add, then ReLU."""
+    x = wildcard()
+    chain = None
+    for _ in range(4):
+        inner = x if chain is None else chain | x
+        step = _one_of(*(is_op(f"relax.{op}")(inner, is_const()) for op in ("subtract", "divide", "multiply", "add")),
+                       is_op("relax.multiply")(is_const(), inner), is_op("relax.add")(is_const(), inner))
+        chain = step if chain is None else step | chain
+    out = is_op("relax.nn.relu")(chain)
+    return out, {"root": out, "bn_input": x}
+
+
+RULES: tuple[FusionRule, ...] = (
+    FusionRule("conv_bn_sum_act", "Conv2D (+bias/BN) + elementwise Add + activation", _chain("conv", ("sum", "act"))),
+    FusionRule("conv_bn_act_sum", "Conv2D (+bias/BN) + activation + elementwise Add", _chain("conv", ("act", "sum"))),
+    FusionRule("conv_bn_sum", "Conv2D (+bias/BN) + elementwise Add", _chain("conv", ("sum",))),
+    FusionRule("conv_bn_act", "Conv2D (+bias/BN) + activation", _chain("conv", ("act",))),
+    FusionRule("conv_bn", "Conv2D + bias/BN", _chain("conv", ())),
+    FusionRule("fc_act", "FullyConnected (+bias) + elementwise op", _chain("fc", ("act",))),
+    FusionRule("fc_sum", "FullyConnected (+bias) + elementwise Add", _chain("fc", ("sum",))),
+    FusionRule("fc_bias", "FullyConnected + bias", _chain("fc", ())),
+    FusionRule("bn_relu", "BatchNorm + ReLU (BN not after a conv or FC)", _bn_relu),
+)
+RULE_NAMES = tuple(rule.name for rule in RULES)
