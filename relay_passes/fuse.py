@@ -58,12 +58,12 @@ def _bias_is_per_channel(producer, bias) -> bool:
     return all(d == 1 or (i == axis and d == out[axis]) for i, d in enumerate(padded))
 
 
-def _clip_from_zero(act, pre_act) -> bool:
-    """A clip/maximum directly on the fused output must be a ReLU6/bounded ReLU: its lower bound is 0."""
-    if act.op.name == "relax.clip" and act.args[0].same_as(pre_act):
+def _clip_from_zero(act) -> bool:
+    """A clip or maximum ending the group must be a ReLU6 / bounded ReLU (or HardSigmoid): lower bound 0."""
+    if act.op.name == "relax.clip":
         return float(act.args[1].value) == 0.0
     if act.op.name == "relax.maximum":
-        const = act.args[1] if act.args[0].same_as(pre_act) else act.args[0]
+        const = next(a for a in act.args if hasattr(a, "value") and hasattr(a.value, "numpy"))
         return bool(np.all(const.value.numpy() == 0))
     return True
 
@@ -84,7 +84,7 @@ def _check(rule_name: str, rejected: list):
         if "sum_operand" in parts and _shape(parts["sum_operand"]) != _shape(parts["sum"]):
             return reject(ctx, f"the summed tensor {list(_shape(parts['sum_operand']) or [])} would be broadcast "
                                f"onto {list(_shape(parts['sum']) or [])}")
-        if "act" in parts and not _clip_from_zero(parts["act"], parts["pre_act"]):
+        if "act" in parts and not _clip_from_zero(parts["act"]):
             return reject(ctx, "clip does not start at 0 (not a bounded ReLU)")
         return True
 

@@ -125,7 +125,6 @@ def _chain(kind: str, order: tuple[str, ...]):
                 out = _either("relax.add", out, other)
                 parts["sum"], parts["sum_operand"] = out, other
             else:
-                parts["pre_act"] = out
                 out = _any_activation(table, out)
                 parts["act"] = out
         parts["root"] = out

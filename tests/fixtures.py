@@ -65,14 +65,14 @@ class GraphBuilder:
         b = self.const(f"{name}.b", self.rng.normal(0, 0.1, cout).astype(np.float32))
         return self.op("Gemm", [x, w, b], name, transB=int(trans_b))
 
-    def model(self, name: str, inputs: dict, outputs: list[str]) -> onnx.ModelProto:
+    def model(self, name: str, inputs: dict, outputs: list[str], opset: int = OPSET) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, name,
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quantvm-tests")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="quantvm-tests")
         model.ir_version = 8
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # fills the output shapes
         onnx.checker.check_model(model, full_check=True)
@@ -147,6 +147,71 @@ def resnet50(rng, image: int = 224, batch: int = 1) -> onnx.ModelProto:
     y = g.op("Flatten", [g.op("GlobalAveragePool", [y], "gap")], "flatten")
     y = g.gemm(y, "fc", 2048, 1000)
     return g.model("resnet50", {"data": (batch, 3, image, image)}, [y])
+
+
+def _clip(g, x, name, lo, hi):
+    return g.op("Clip", [x, g.const(f"{name}.lo", np.float32(lo)), g.const(f"{name}.hi", np.float32(hi))], name)
+
+
+# fusion-rule activation name -> how an ONNX exporter writes it (opset 20 for Gelu)
+ONNX_ACTIVATIONS = {
+    "relu": lambda g, x, n: g.op("Relu", [x], n),
+    "gelu": lambda g, x, n: g.op("Gelu", [x], n),
+    "gelu_tanh": lambda g, x, n: g.op("Gelu", [x], n, approximate="tanh"),
+    "leaky_relu": lambda g, x, n: g.op("LeakyRelu", [x], n, alpha=0.1),
+    "sigmoid": lambda g, x, n: g.op("Sigmoid", [x], n),
+    "softrelu": lambda g, x, n: g.op("Softplus", [x], n),
+    "tanh": lambda g, x, n: g.op("Tanh", [x], n),
+    "bounded_relu": lambda g, x, n: _clip(g, x, n, 0, 6),
+    "hardswish": lambda g, x, n: g.op("HardSwish", [x], n),
+    "hardsigmoid": lambda g, x, n: g.op("HardSigmoid", [x], n),
+    "silu": lambda g, x, n: g.op("Mul", [x, g.op("Sigmoid", [x], f"{n}.sigmoid")], n),
+    "square": lambda g, x, n: g.op("Mul", [x, x], n),
+    "sqrt": lambda g, x, n: g.op("Sqrt", [x], n),
+    "exp": lambda g, x, n: g.op("Exp", [x], n),
+    "abs": lambda g, x, n: g.op("Abs", [x], n),
+    "elu": lambda g, x, n: g.op("Elu", [x], n, alpha=0.7),
+}
+
+
+def conv_act(rng, act: str, depthwise: bool = False) -> onnx.ModelProto:
+    """Conv + BN + one activation; depthwise when asked."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "block", 8, 8, groups=8 if depthwise else 1, act=None)
+    return g.model(f"conv_{act}", {"data": (1, 8, 7, 7)}, [ONNX_ACTIVATIONS[act](g, y, "act")], opset=20)
+
+
+def fc_act(rng, act: str) -> onnx.ModelProto:
+    """Gemm + one elementwise op."""
+    g = GraphBuilder(rng)
+    y = g.gemm("data", "fc", 16, 12)
+    return g.model(f"fc_{act}", {"data": (3, 16)}, [ONNX_ACTIVATIONS[act](g, y, "act")], opset=20)
+
+
+def conv_sum(rng, order: str) -> onnx.ModelProto:
+    """Conv + BN with a residual Add placed as `order` says: 'sum_act', 'act_sum' or 'sum'."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "block", 8, 8, act=None)
+    if order == "act_sum":
+        y = g.op("Relu", [y], "act")
+    y = g.op("Add", [y, "data"], "sum")
+    if order == "sum_act":
+        y = g.op("Relu", [y], "act")
+    return g.model(f"conv_{order}", {"data": (1, 8, 7, 7)}, [y])
+
+
+def fc_sum(rng) -> onnx.ModelProto:
+    g = GraphBuilder(rng)
+    w = g.const("fc.w", rng.normal(0, 0.25, (16, 16)).astype(np.float32))
+    y = g.op("Add", [g.op("MatMul", ["data", w], "fc"), "data"], "sum")
+    return g.model("fc_sum", {"data": (3, 16)}, [y])
+
+
+def bn_relu(rng) -> onnx.ModelProto:
+    """ResNet v2 pre-activation: BN + ReLU on a tensor no conv produced, then a conv."""
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.bn("data", "preact.bn", 8)], "preact.relu")
+    return g.model("bn_relu", {"data": (1, 8, 7, 7)}, [g.conv(y, "conv", 8, 8)])
 
 
 MODELS = {
