@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
 
+    p = sub.add_parser("bench", help="time quantvm against onnxruntime (and its own unfused build)", description=(
+        "Time quantvm's build and onnxruntime (and with --no-fuse also quantvm's unfused build) on the same "
+        "random inputs and thread count (TVM_NUM_THREADS, default 1), interleaved round by round in one "
+        "process; print latency, throughput and ratios."))
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("-t", "--target", default="native", help="a target this host can run (default: native)")
+    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per contender (default 10)")
+    p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
         "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
         "held-out data and check it against the ONNX reference."))
@@ -188,7 +199,21 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo}
+def cmd_bench(args) -> int:
+    from compiler.bench import bench, format_table
+
+    result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, rounds=args.rounds,
+                   compare_unfused=args.no_fuse)
+    print(format_table(result))
+    if args.json:
+        from compiler.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ def test_console_script_is_installed():
     assert shutil.which("quantvm"), "pip install should put the quantvm command on PATH"
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "bench", "demo"])
 def test_every_command_has_help(command):
     done = quantvm(command, "--help")
     assert "usage: quantvm " + command in done.stdout
@@ -96,3 +96,15 @@ def test_demo_passes():
     assert "accuracy 99" in done.stdout
     assert "refused on this host" in done.stdout or "this host can run it" in done.stdout
     assert "demo passed" in done.stdout
+
+
+def test_bench_times_fused_unfused_and_onnxruntime(tmp_path, demo_model_path):
+    import json
+
+    done = quantvm("bench", demo_model_path, "--input-shape", "image=2,1,8,8", "--rounds", "3", "--no-fuse",
+                   "--json", tmp_path / "bench.json")
+    assert "quantvm fused" in done.stdout and "quantvm --no-fuse" in done.stdout and "onnxruntime" in done.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["quantvm fused", "quantvm --no-fuse", "onnxruntime fp32"]
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["rows"])
+    assert result["batch"] == 2 and result["rows"][0]["fused_speedup_over_this"] == 1.0
