@@ -11,6 +11,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+from relay_passes.canonicalize import CanonicalizeGelu
 from relay_passes.fold_affine import FoldAffineIntoProducer
 
 
@@ -23,6 +24,7 @@ def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        CanonicalizeGelu,
         FoldAffineIntoProducer,
         relax.transform.DeadCodeElimination(),
     ])

@@ -153,11 +153,28 @@ def _clip(g, x, name, lo, hi):
     return g.op("Clip", [x, g.const(f"{name}.lo", np.float32(lo)), g.const(f"{name}.hi", np.float32(hi))], name)
 
 
+def _gelu_as_math(g, x, name, form):
+    """GELU the way exporters before opset 20 write it out."""
+    def c(suffix, value):
+        return g.const(f"{name}.const.{suffix}", np.float32(value))
+
+    if form == "erf":
+        core = g.op("Erf", [g.op("Div", [x, c("sqrt2", 2 ** 0.5)], f"{name}.div")], f"{name}.erf")
+    else:
+        cube = g.op("Pow", [x, c("three", 3)], f"{name}.cube")
+        inner = g.op("Add", [x, g.op("Mul", [cube, c("k", 0.044715)], f"{name}.k")], f"{name}.inner")
+        core = g.op("Tanh", [g.op("Mul", [inner, c("s", (2 / np.pi) ** 0.5)], f"{name}.s")], f"{name}.tanh")
+    one_plus = g.op("Add", [core, c("one", 1)], f"{name}.one_plus")
+    return g.op("Mul", [g.op("Mul", [c("half", 0.5), x], f"{name}.half_x"), one_plus], name)
+
+
 # fusion-rule activation name -> how an ONNX exporter writes it (opset 20 for Gelu)
 ONNX_ACTIVATIONS = {
     "relu": lambda g, x, n: g.op("Relu", [x], n),
     "gelu": lambda g, x, n: g.op("Gelu", [x], n),
     "gelu_tanh": lambda g, x, n: g.op("Gelu", [x], n, approximate="tanh"),
+    "gelu_erf_math": lambda g, x, n: _gelu_as_math(g, x, n, "erf"),
+    "gelu_tanh_math": lambda g, x, n: _gelu_as_math(g, x, n, "tanh"),
     "leaky_relu": lambda g, x, n: g.op("LeakyRelu", [x], n, alpha=0.1),
     "sigmoid": lambda g, x, n: g.op("Sigmoid", [x], n),
     "softrelu": lambda g, x, n: g.op("Softplus", [x], n),

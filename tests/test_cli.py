@@ -108,3 +108,19 @@ def test_bench_times_fused_unfused_and_onnxruntime(tmp_path, demo_model_path):
     assert [r["name"] for r in result["rows"]] == ["quantvm fused", "quantvm --no-fuse", "onnxruntime fp32"]
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["rows"])
     assert result["batch"] == 2 and result["rows"][0]["fused_speedup_over_this"] == 1.0
+
+
+def test_compile_report_json_and_no_fuse(tmp_path, demo_model_path):
+    import json
+
+    fused_report, unfused_report = tmp_path / "fused.json", tmp_path / "unfused.json"
+    done = quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "a.so",
+                   "--input-shape", "image=1,1,8,8", "--report", fused_report)
+    assert "fused:   conv_bn_sum_act x1, conv_bn_act x3, fc_bias x1" in done.stdout
+    fused = json.loads(fused_report.read_text())
+    assert fused["fusion"]["conv_bn_act"] == 3 and fused["unfused_ops"] == {"max_pool2d": 1, "mean": 1, "reshape": 1}
+    quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "b.so", "--input-shape", "image=1,1,8,8",
+            "--no-fuse", "--report", unfused_report)
+    unfused = json.loads(unfused_report.read_text())
+    assert unfused["fusion"] == {} and unfused["unfused_ops"]["conv2d"] == 4 and unfused["unfused_ops"]["relu"] == 4
+    assert unfused["kernels"] > fused["kernels"]

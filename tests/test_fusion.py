@@ -29,7 +29,7 @@ def matched(report):
     return {rule: n for rule, n in report["fusion"].items() if n}
 
 
-@pytest.mark.parametrize("act", sorted(CONV_ACTIVATIONS))
+@pytest.mark.parametrize("act", sorted(CONV_ACTIVATIONS) + ["gelu_erf_math", "gelu_tanh_math"])
 def test_conv_bn_activation_is_one_kernel(act, rng):
     report = compile_both_ways(fixtures.conv_act(rng, act), rng)
     assert matched(report) == {"conv_bn_act": 1} and report["unfused_ops"] == {} and report["kernels"] == 1

@@ -110,3 +110,18 @@ def test_batchnorm_after_a_fully_connected_layer_folds(rng):
     model = g.model("fc_scale", {"data": (4, 16)}, [y])
     assert _ops(prepare_graph(import_onnx(model).mod)) == ["relax.matmul", "relax.add"]
     _check_against_onnxruntime(model, rng)
+
+
+def test_gelu_written_as_math_becomes_one_op_only_with_the_right_constants(rng):
+    from onnx import numpy_helper
+
+    from tests.fixtures import conv_act
+
+    for form, op in (("erf", "relax.nn.gelu"), ("tanh", "relax.nn.gelu_tanh")):
+        model = conv_act(rng, f"gelu_{form}_math")
+        assert _ops(prepare_graph(import_onnx(model).mod))[-1] == op
+        half = next(t for t in model.graph.initializer if t.name == "act.const.half")
+        half.CopyFrom(numpy_helper.from_array(np.float32(0.6), half.name))  # no longer GELU
+        ops = _ops(prepare_graph(import_onnx(model).mod))
+        assert op not in ops and ("relax.tanh" in ops or "relax.erf" in ops)
+        _check_against_onnxruntime(model, rng)
