@@ -116,7 +116,12 @@ def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionRepor
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
     report.unfused_ops = dict(sorted(unfused.items()))
-    report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in report.rejected)]
+    # A refusal at a value that some other match then fused (an inner op of a longer activation, say)
+    # explains nothing: keep those about values still computed by a standalone op.
+    standalone = {var.name for var, value in relax.analysis.get_var2val(mod["main"]).items()
+                  if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)}
+    refusals = [r for r in report.rejected if r["at"] in standalone]
+    report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in refusals)]
     return mod, report
 
 

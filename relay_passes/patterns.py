@@ -40,14 +40,14 @@ def _softrelu(x):  # the importer's softplus: max(x, 0) + log(1 + exp(-|x|))
     return _one_of(is_op("relax.nn.softplus")(x), _either("relax.add", _either("relax.maximum", x, is_const()), tail))
 
 
-def _hardswish(x):  # x * clip(x + 3, 0, 6) / 6
-    gate = is_op("relax.divide")(is_op("relax.clip")(_either("relax.add", x, is_const()), wildcard(), wildcard()), is_const())
-    return _either("relax.multiply", x, gate)
-
-
 def _hardsigmoid(x):  # clip(alpha * x + beta, 0, 1)
     return is_op("relax.clip")(_either("relax.add", _either("relax.multiply", x, is_const()), is_const()),
                                wildcard(), wildcard())
+
+
+def _hardswish(x):  # x * clip(x + 3, 0, 6) / 6 (ONNX HardSwish), or x * HardSigmoid(x) (torch's export)
+    gate = is_op("relax.divide")(is_op("relax.clip")(_either("relax.add", x, is_const()), wildcard(), wildcard()), is_const())
+    return _either("relax.multiply", x, gate | _hardsigmoid(x))
 
 
 def _silu(x):  # x * sigmoid(x)
@@ -64,28 +64,31 @@ def _square(x):
     return _one_of(is_op("relax.multiply")(x, x), is_op("relax.power")(x, is_const()))
 
 
-# activation name -> pattern builder over the activation's input
+# activation name -> pattern builder over the activation's input. Order matters: an OR pattern takes its
+# first alternative that matches, so an activation that contains another (SiLU contains Sigmoid, HardSwish
+# contains HardSigmoid) comes first, or the group would stop inside it.
 CONV_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
+    "silu": _silu,
+    "hardswish": _hardswish,
+    "softrelu": _softrelu,
     "relu": _unary("relax.nn.relu"),
     "gelu": _unary("relax.nn.gelu"),
     "gelu_tanh": _unary("relax.nn.gelu_tanh"),
     "leaky_relu": _unary("relax.nn.leakyrelu"),
     "sigmoid": _unary("relax.sigmoid"),
-    "softrelu": _softrelu,
     "tanh": _unary("relax.tanh"),
     "bounded_relu": _clip_from_zero,
-    "hardswish": _hardswish,
     "hardsigmoid": _hardsigmoid,
-    "silu": _silu,
 }
 FC_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
-    **{k: CONV_ACTIVATIONS[k] for k in ("relu", "gelu", "gelu_tanh", "leaky_relu", "sigmoid", "softrelu",
-                                       "tanh", "bounded_relu")},
+    "elu": _elu,  # contains exp and relu
+    "softrelu": _softrelu,  # contains abs and exp
+    **{k: CONV_ACTIVATIONS[k] for k in ("relu", "gelu", "gelu_tanh", "leaky_relu", "sigmoid", "tanh",
+                                       "bounded_relu")},
     "square": _square,
     "sqrt": _unary("relax.sqrt"),
     "exp": _unary("relax.exp"),
     "abs": _unary("relax.abs"),
-    "elu": _elu,
 }
 
 

@@ -181,6 +181,7 @@ ONNX_ACTIVATIONS = {
     "tanh": lambda g, x, n: g.op("Tanh", [x], n),
     "bounded_relu": lambda g, x, n: _clip(g, x, n, 0, 6),
     "hardswish": lambda g, x, n: g.op("HardSwish", [x], n),
+    "hardswish_torch": lambda g, x, n: g.op("Mul", [x, g.op("HardSigmoid", [x], f"{n}.gate", alpha=1 / 6)], n),
     "hardsigmoid": lambda g, x, n: g.op("HardSigmoid", [x], n),
     "silu": lambda g, x, n: g.op("Mul", [x, g.op("Sigmoid", [x], f"{n}.sigmoid")], n),
     "square": lambda g, x, n: g.op("Mul", [x, x], n),

@@ -29,7 +29,8 @@ def matched(report):
     return {rule: n for rule, n in report["fusion"].items() if n}
 
 
-@pytest.mark.parametrize("act", sorted(CONV_ACTIVATIONS) + ["gelu_erf_math", "gelu_tanh_math"])
+# exporters' spellings too: GELU as erf/tanh math (before opset 20), HardSwish as x * HardSigmoid(x) (torch)
+@pytest.mark.parametrize("act", sorted(CONV_ACTIVATIONS) + ["gelu_erf_math", "gelu_tanh_math", "hardswish_torch"])
 def test_conv_bn_activation_is_one_kernel(act, rng):
     report = compile_both_ways(fixtures.conv_act(rng, act), rng)
     assert matched(report) == {"conv_bn_act": 1} and report["unfused_ops"] == {} and report["kernels"] == 1
@@ -41,7 +42,7 @@ def test_depthwise_conv_bn_activation_is_one_kernel(act, rng):
     assert matched(report) == {"conv_bn_act": 1} and report["kernels"] == 1
 
 
-@pytest.mark.parametrize("act", sorted(FC_ACTIVATIONS))
+@pytest.mark.parametrize("act", sorted(FC_ACTIVATIONS) + ["gelu_erf_math"])
 def test_fc_elementwise_is_one_kernel(act, rng):
     report = compile_both_ways(fixtures.fc_act(rng, act), rng)
     assert matched(report) == {"fc_act": 1} and report["unfused_ops"] == {} and report["kernels"] == 1
