@@ -8,10 +8,12 @@ from pathlib import Path
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, import_onnx
-from compiler.runtime import Predictor, check_host_can_run
+from compiler.quantization import QuantizationOptions, output_error, quantize
+from compiler.runtime import Predictor, check_host_can_run, flatten_outputs
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
 from relay_passes import fuse as fuse_graph
-from targets import TargetSpec, resolve_target
+from calib import CalibrationCollector
+from targets import TargetSpec, missing_features, resolve_target
 
 
 def quantvm_version() -> str:
@@ -59,17 +61,21 @@ class CompiledModel:
 
 
 def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa: A001 (the API's name)
-            input_shapes: dict | None = None, constant_inputs: dict | None = None,
-            fuse=True) -> CompiledModel:
-    """Compile an ONNX model (path, bytes or ModelProto) for `target`.
+            input_shapes: dict | None = None, constant_inputs: dict | None = None, fuse=True,
+            calib_mode: str = "entropy", num_calib_batches: int | None = None, quantized_dtype: str = "auto",
+            exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
+            collector: CalibrationCollector | None = None, percentile: float = 99.99) -> CompiledModel:
+    """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
     inputs that are really constants (a shape, pads) to arrays; they are then no longer run-time inputs.
     `fuse` is True (every rule of relay_passes.RULES), False (none), or the names of the rules to apply.
+
+    INT8: `calib` is an iterable of batches (dicts name -> array, one array, or tuples in input order);
+    `calib_mode` is naive | entropy | percentile | custom (with `collector`); `quantized_dtype` auto | int8 |
+    uint8; `exclude_layers` (ONNX node names), `exclude_layers_match` (substrings) and `exclude_operators`
+    (Conv, Gemm, MatMul) keep layers in fp32.
     """
-    if calib is not None:
-        raise QuantvmError("INT8 calibration is not available in this version of quantvm; "
-                           "compile without calib= for an fp32 build")
     start = time.perf_counter()
     spec = resolve_target(target)
     try:
@@ -77,21 +83,62 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     except ValueError as err:
         raise QuantvmError(str(err)) from None
     imported = import_onnx(model, input_shapes, constant_inputs)
-    mod, fusion = fuse_graph(prepare_graph(imported.mod), rules)
-    report = {**fusion.to_json(), "rules": list(rules)}
+    graph = prepare_graph(imported.mod)
+    report: dict = {}
+    first_batch: dict = {}
+    if calib is not None:
+        if calib_mode == "none":
+            raise QuantvmError("calib_mode='none' (ranges computed at run time) is not supported yet; "
+                               "use naive, entropy, percentile or custom")
+        options = QuantizationOptions(calib_mode, num_calib_batches, quantized_dtype, tuple(exclude_layers or ()),
+                                      tuple(exclude_layers_match or ()), tuple(exclude_operators or ()),
+                                      collector, percentile)
+        calibration_started = time.perf_counter()
+        graph, quant_report, first_batch = quantize(graph, imported.onnx_model, imported.inputs, calib, options,
+                                                    lambda mod: _host_runner(mod, rules, imported))
+        report["quantization"] = quant_report
+        report["calibration_seconds"] = time.perf_counter() - calibration_started
+    executable, fusion = _build(graph, spec, rules, imported.source)
+    report.update(fusion)
+    compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report)
+    if first_batch and not missing_features(spec.required_features):
+        int8_output = compiled.run(**first_batch["inputs"])[0]
+        report["quantization"]["output_error"] = output_error(first_batch["fp32_output"], int8_output)
+    return compiled
+
+
+def _build(graph, spec: TargetSpec, rules, source: str):
+    """Fuse and build `graph` for `spec`; return the executable and the fusion report."""
+    import tvm
+
+    fused, fusion = fuse_graph(graph, rules)
+    result = {**fusion.to_json(), "rules": list(rules)}
     tvm_target = spec.tvm_target()
 
     def record_kernels(lowered):
-        report["kernels"] = count_kernels(lowered)
+        result["kernels"] = count_kernels(lowered)
 
     try:
-        import tvm
-
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=build_pipeline(tvm_target, record_kernels))
+        executable = tvm.compile(fused, tvm_target, relax_pipeline=build_pipeline(tvm_target, record_kernels))
     except Exception as err:  # TVM raises bare errors; say which model and target failed
-        raise QuantvmError(f"{imported.source}: building for target {spec.name!r} failed: "
+        raise QuantvmError(f"{source}: building for target {spec.name!r} failed: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
-    return CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report)
+    return executable, result
+
+
+def _host_runner(graph, rules, imported: ImportedModel):
+    """Build `graph` for this host; return batch (dict) -> list of numpy outputs, in model input order."""
+    import tvm
+    from tvm import relax
+
+    executable, _ = _build(graph, resolve_target("native"), rules, imported.source)
+    main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+    names = [s.name for s in imported.inputs]
+
+    def run(batch: dict) -> list:
+        return [t.numpy() for t in flatten_outputs(main(*(tvm.runtime.tensor(batch[n]) for n in names)))]
+
+    return run
 
 
 def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
@@ -110,6 +157,13 @@ def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
                                default=None)},
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
-        "quantization": {"mode": "fp32"},
+        "quantization": _quantization_summary(report.get("quantization")),
         "fusion": {"rules": report["rules"], "matches": report["fusion"]},
     }
+
+
+def _quantization_summary(quant: dict | None) -> dict:
+    if not quant:
+        return {"mode": "fp32"}
+    return {"mode": "int8", "calib_mode": quant["calib_mode"], "int8_ops": quant["int8_ops"],
+            "fp32_ops": quant["fp32_ops"]}

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     fusion.add_argument("--fuse-rules", metavar="RULE,...",
                         help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
     p.add_argument("--report", metavar="FILE.json", help="write the compile report (fusion, unfused_ops) as JSON")
+    int8 = p.add_argument_group("INT8 (post-training quantization)")
+    int8.add_argument("--calib", metavar="DATA.npz",
+                      help="calibration data: one array per input name, samples on axis 0; enables INT8")
+    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"],
+                      help="how thresholds are chosen (default entropy)")
+    int8.add_argument("--calib-batches", type=int, metavar="N", help="use at most N batches of calibration data")
+    int8.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default 99.99)")
+    int8.add_argument("--quantized-dtype", default="auto", choices=["auto", "int8", "uint8"])
+    int8.add_argument("--exclude-layers", metavar="NAME,...", help="ONNX node names to keep in fp32")
+    int8.add_argument("--exclude-layers-match", metavar="TEXT,...", help="keep in fp32 the layers whose name contains one")
+    int8.add_argument("--exclude-operators", metavar="OP,...", help="op types to keep in fp32 (Conv, Gemm, MatMul)")
 
     p = sub.add_parser("run", help="run a compiled .so on .npy inputs", description=(
         "Run a compiled artifact. Only run artifacts you trust: loading one runs its code."))
@@ -76,8 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"quantvm: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except QuantvmError as err:
@@ -105,7 +122,8 @@ def cmd_compile(args) -> int:
     from compiler import compile
 
     fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
-    model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse)
+    model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse,
+                    **_int8_options(args))
     path = model.export(args.output)
     meta = model.metadata
     print(f"compiled {args.model} for {meta['target']['name']} (mcpu {meta['target']['mcpu']}) "
@@ -119,6 +137,24 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _csv(text):
+    return [part for part in (text or "").split(",") if part]
+
+
+def _int8_options(args) -> dict:
+    if not args.calib:
+        return {}
+    try:
+        with np.load(args.calib, allow_pickle=False) as data:
+            calib = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as err:
+        raise InputError(f"--calib {args.calib}: cannot read it as an .npz of arrays ({err})") from err
+    return {"calib": calib, "calib_mode": args.calib_mode, "num_calib_batches": args.calib_batches,
+            "percentile": args.percentile, "quantized_dtype": args.quantized_dtype,
+            "exclude_layers": _csv(args.exclude_layers), "exclude_layers_match": _csv(args.exclude_layers_match),
+            "exclude_operators": _csv(args.exclude_operators)}
+
+
 def format_report(report: dict) -> str:
     lines = [f"kernels: {report['kernels']}"]
     matched = {rule: n for rule, n in report["fusion"].items() if n}
@@ -127,6 +163,19 @@ def format_report(report: dict) -> str:
     lines.append("unfused: " + (", ".join(f"{op} x{n}" for op, n in unfused.items()) if unfused else "nothing"))
     for refusal in report["rejected"]:
         lines.append(f"not fused by {refusal['rule']} at {refusal['at']}: {refusal['reason']}")
+    quant = report.get("quantization")
+    if quant:
+        lines.append(f"int8:    {quant['int8_ops']} ({quant['calib_mode']} calibration, "
+                     f"{report['calibration_seconds']:.1f} s); fp32: {quant['fp32_ops'] or 'nothing'}")
+        if "output_error" in quant:
+            err = quant["output_error"]
+            lines.append(f"output vs fp32 on a calibration batch: SQNR {err['sqnr_db']:.1f} dB, cosine {err['cosine']:.5f}")
+        lines.append("layers (worst first): name, dtype, threshold, SQNR of its quantized input")
+        for row in quant["layers"]:
+            lo, hi = row["threshold"]
+            lines.append(f"  {row['name']:30} {row['dtype']:6} [{lo:.4g}, {hi:.4g}]  {row['sqnr_db']:.1f} dB")
+        for name, why in quant["fp32_layers"].items():
+            lines.append(f"  {name:30} fp32   ({why})")
     return "\n".join(lines)
 
 

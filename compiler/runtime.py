@@ -45,7 +45,7 @@ class Predictor:
         """Run the model; inputs by position (model order) or by name. Returns the outputs in model order."""
         arrays = self._bind_inputs(args, kwargs)
         result = self._main(*(self._tvm.runtime.tensor(a) for a in arrays))
-        return [t.numpy() for t in _flatten(result)]
+        return [t.numpy() for t in flatten_outputs(result)]
 
     __call__ = run
 
@@ -77,10 +77,11 @@ def _check_input(spec: TensorSpec, value) -> np.ndarray:
     return np.require(array, requirements="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
 
 
-def _flatten(result):
+def flatten_outputs(result):
+    """The VM's result (a tensor or nested tuples of them) as a flat list of tensors."""
     if hasattr(result, "numpy"):
         return [result]
-    return [t for item in result for t in _flatten(item)]
+    return [t for item in result for t in flatten_outputs(item)]
 
 
 def load(path) -> Predictor:

@@ -106,12 +106,19 @@ class FusionRule:
 
 
 def _producer(kind: str):
-    data, weight = wildcard(), is_const()
-    op = "relax.nn.conv2d" if kind == "conv" else "relax.matmul"
-    producer = is_op(op)(data, weight)
+    """The conv/FC and its optional bias, in fp32 or in the int8 form relay_passes.quantize writes:
+    `multiply(astype(conv2d(q, W) [+ s32 bias], f32), scale)`. `op` is the conv/FC call either way."""
+    op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), is_const())
+    accumulator = op | is_op("relax.add")(op, is_const())
+    dequantized = is_op("relax.multiply")(is_op("relax.astype")(accumulator), is_const())
     bias = is_const()
-    with_bias = is_op("relax.add")(producer, bias)
-    return producer, bias, with_bias
+    with_bias = is_op("relax.add")(op | dequantized, bias)
+    return op, bias, with_bias, dequantized
+
+
+def _with_quantize_tail(out):
+    """Where the next op is int8, its input quantize ends this kernel (requantize in the epilogue)."""
+    return is_op("relax.quantize")(out, is_const(), is_const()) | out
 
 
 def _chain(kind: str, order: tuple[str, ...]):
@@ -119,8 +126,9 @@ def _chain(kind: str, order: tuple[str, ...]):
     table = CONV_ACTIVATIONS if kind == "conv" else FC_ACTIVATIONS
 
     def build():
-        producer, bias, with_bias = _producer(kind)
-        out = with_bias if not order else with_bias | producer  # a lone conv/FC is no fusion
+        producer, bias, with_bias, dequantized = _producer(kind)
+        # a lone fp32 conv/FC is no fusion; a lone int8 one already is (conv, bias, cast, scale)
+        out = with_bias | dequantized if not order else with_bias | dequantized | producer
         parts = {"producer": producer, "bias": bias}
         for step in order:
             if step == "sum":
@@ -130,6 +138,7 @@ def _chain(kind: str, order: tuple[str, ...]):
             else:
                 out = _any_activation(table, out)
                 parts["act"] = out
+        out = _with_quantize_tail(out)
         parts["root"] = out
         return out, parts
 
@@ -146,7 +155,7 @@ def _bn_relu():
         step = _one_of(*(is_op(f"relax.{op}")(inner, is_const()) for op in ("subtract", "divide", "multiply", "add")),
                        is_op("relax.multiply")(is_const(), inner), is_op("relax.add")(is_const(), inner))
         chain = step if chain is None else step | chain
-    out = is_op("relax.nn.relu")(chain)
+    out = _with_quantize_tail(is_op("relax.nn.relu")(chain))
     return out, {"root": out, "bn_input": x}
 
 

@@ -5,8 +5,8 @@ Run from the repository root with torch and scikit-learn installed (neither is a
     python -m compiler.demo_model.train_digits
 
 It writes `digits_cnn.onnx` (Conv+BN+ReLU blocks, a residual Add, a Gemm head; BatchNorm left unfolded so
-the fusion passes have real work) and `digits_holdout.npz` (the held-out 20% the model never saw in
-training) next to this file. Training is seeded, so a rerun gives the same split and nearly the same weights.
+the fusion passes have real work), `digits_holdout.npz` (the held-out 20% the model never saw in training,
+for accuracy) and `digits_calib.npz` (256 training images, for INT8 calibration) next to this file. Training is seeded, so a rerun gives the same split and nearly the same weights.
 """
 
 from pathlib import Path
@@ -110,6 +110,14 @@ def to_onnx(model):
     return onnx_model
 
 
+CALIBRATION_SAMPLES = 256
+
+
+def write_calibration_slice(train_x):
+    """Calibration data comes from the training split: the held-out images are for measuring accuracy."""
+    np.savez_compressed(HERE / "digits_calib.npz", image=train_x[:CALIBRATION_SAMPLES])
+
+
 def main():
     train_x, test_x, train_y, test_y = load_split()
     torch.manual_seed(SEED)
@@ -119,6 +127,7 @@ def main():
         accuracy = (model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
     onnx.save(to_onnx(model), HERE / "digits_cnn.onnx")
     np.savez_compressed(HERE / "digits_holdout.npz", image=test_x, label=test_y)
+    write_calibration_slice(train_x)
     print(f"held-out accuracy {accuracy:.4f} on {len(test_y)} images; wrote {HERE}")
 
 

@@ -1,0 +1,219 @@
+"""The INT8 rewrite: conv2d and matmul-with-constant-weight become u8/s8 x s8 -> s32 ops.
+
+For each quantized op, with its input's calibrated range (lo, hi):
+- the input is quantized symmetrically with zero point 0: u8 over [0, hi] when lo >= 0 (ReLU outputs),
+  s8 over [-m, m] otherwise (`quantized_dtype` can force s8). A zero point of 0 keeps conv zero-padding exact.
+- the weight is s8, symmetric per output channel (scale max|W[c]| / 127);
+- a per-channel constant bias right after the op is added in s32 with scale x_scale * w_scale[c]; where it
+  would pass 2^30, that channel's weight scale is raised until it does not;
+- the s32 result is turned back to fp32 by one per-channel multiply, which the fusion rules put in the
+  same kernel as the bias, activation, residual add and, where the next op is int8, its quantize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+BIAS_LIMIT = 2**30
+OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense"}
+ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul")}
+
+
+@dataclass(eq=False)
+class QuantizableOp:
+    """One conv2d / dense of the graph that can run in int8, named after its ONNX node where known."""
+
+    name: str
+    kind: str  # conv2d | dense
+    var: relax.Var  # the op's binding
+    data: relax.Expr  # its input tensor
+    weight: np.ndarray
+    bias_var: relax.Var | None = None  # a per-channel bias add folded into the s32 accumulator
+    bias: np.ndarray | None = None
+    plan: dict = field(default_factory=dict)
+
+
+def _is_float_tensor(expr) -> bool:
+    return "float" in str(getattr(expr.ty, "dtype", ""))
+
+
+def _channel_axis(kind: str, rank: int) -> int:
+    return 1 if kind == "conv2d" else rank - 1
+
+
+def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) -> list[QuantizableOp]:
+    """The int8 candidates of `main` in graph order: conv2d (NCHW/OIHW) and matmul with a constant 2-D
+    weight, on float data."""
+    func = mod["main"]
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    calls = [(b.var, b.value) for b in bindings
+             if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name in OPS]
+    names = _onnx_names(calls, proto)
+    uses = _use_counts(func)
+    ops = []
+    for (var, call), name in zip(calls, names):
+        kind = OPS[call.op.name]
+        data, weight = call.args[0], call.args[1]
+        if not isinstance(weight, tvm.ir.expr.GenericConst) or not _is_float_tensor(data):
+            continue
+        if kind == "conv2d" and (call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW"):
+            continue
+        if kind == "dense" and weight.value.numpy().ndim != 2:
+            continue
+        ops.append(QuantizableOp(name, kind, var, data, weight.value.numpy()))
+    _attach_biases(bindings, ops, uses)
+    return ops
+
+
+def _onnx_names(calls, proto) -> list[str]:
+    """The ONNX importer keeps node order: the k-th conv2d is the k-th Conv node, the k-th matmul the k-th
+    Gemm/MatMul. Where the counts disagree, fall back to positional names."""
+    result = []
+    counters = {"conv2d": 0, "dense": 0}
+    nodes = {kind: [n for n in (proto.graph.node if proto is not None else []) if n.op_type in types]
+             for kind, types in ONNX_TYPES.items()}
+    totals = {kind: sum(1 for _, c in calls if OPS[c.op.name] == kind) for kind in counters}
+    for _, call in calls:
+        kind = OPS[call.op.name]
+        k = counters[kind]
+        counters[kind] += 1
+        if len(nodes[kind]) == totals[kind]:
+            node = nodes[kind][k]
+            result.append(node.name or node.output[0])
+        else:
+            result.append(f"{kind}_{k}")
+    return result
+
+
+def _use_counts(func) -> dict:
+    uses = {}
+    for block in func.body.blocks:
+        for var, users in relax.analysis.udchain(block).items():
+            uses[var] = len(users) + (0 if isinstance(var, relax.DataflowVar) else 1)
+    return uses
+
+
+def _attach_biases(bindings, ops, uses) -> None:
+    by_var = {op.var: op for op in ops}
+    for b in bindings:
+        value = b.value
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
+            continue
+        source, const = value.args
+        if not isinstance(source, relax.Var) or source not in by_var or uses.get(source) != 1:
+            continue
+        if not isinstance(const, tvm.ir.expr.GenericConst):
+            continue
+        op = by_var[source]
+        out_rank = len(op.var.ty.shape.values)
+        channels = op.weight.shape[0] if op.kind == "conv2d" else op.weight.shape[1]
+        bias = const.value.numpy()
+        padded = bias.reshape((1,) * (out_rank - bias.ndim) + bias.shape) if bias.ndim <= out_rank else None
+        axis = _channel_axis(op.kind, out_rank)
+        if padded is None or any(d != 1 for i, d in enumerate(padded.shape) if i != axis) \
+                or padded.shape[axis] not in (1, channels):
+            continue
+        op.bias_var, op.bias = b.var, np.broadcast_to(padded.reshape(-1), (channels,)).astype(np.float64)
+
+
+def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
+    """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32)."""
+    unsigned = lo >= 0 and quantized_dtype in ("auto", "uint8")
+    magnitude = hi if unsigned else max(abs(lo), abs(hi))
+    if magnitude <= 0:
+        return None
+    x_scale = magnitude / (255.0 if unsigned else 127.0)
+    w = op.weight.astype(np.float64)
+    channel_first = w if op.kind == "conv2d" else w.T  # (channels, ...)
+    w_max = np.abs(channel_first.reshape(channel_first.shape[0], -1)).max(axis=1)
+    w_scale = np.where(w_max > 0, w_max / 127.0, 1.0)
+    if op.bias is not None:  # keep |bias_s32| <= 2^30 by coarsening that channel's weight scale
+        w_scale = np.maximum(w_scale, np.abs(op.bias) / (x_scale * BIAS_LIMIT))
+    shape = (-1,) + (1,) * (channel_first.ndim - 1)
+    q_first = np.clip(np.round(channel_first / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+    weight_q = q_first if op.kind == "conv2d" else np.ascontiguousarray(q_first.T)
+    bias_q = None if op.bias is None else np.round(op.bias / (x_scale * w_scale)).astype(np.int32)
+    return {"dtype": "uint8" if unsigned else "int8", "x_scale": x_scale, "w_scale": w_scale,
+            "weight": weight_q, "bias": bias_q, "range": (lo, hi)}
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, ops):
+        super().__init__(mod)
+        self.by_var = {op.var: op for op in ops}
+        self.by_bias = {op.bias_var: op for op in ops if op.bias_var is not None}
+        self.accumulators = {}
+
+    def _bind(self, var, value):
+        new = self.builder_.emit(value) if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(value)
+        self.set_var_remap(var, new)
+
+    def visit_var_binding_(self, binding):
+        op = self.by_var.get(binding.var)
+        if op is not None:
+            call = binding.value
+            plan = op.plan
+            data = self.visit_expr(op.data)
+            q = self.builder_.emit(relax.op.quantize(data, relax.const(np.float32(plan["x_scale"])),
+                                                     relax.const(0, plan["dtype"]), axis=-1,
+                                                     out_dtype=plan["dtype"]))
+            weight = relax.const(plan["weight"])
+            if op.kind == "conv2d":
+                a = call.attrs
+                acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                         groups=a.groups, out_dtype="int32")
+            else:
+                acc = relax.op.matmul(q, weight, out_dtype="int32")
+            acc = self.builder_.emit(acc)
+            if plan["bias"] is not None:
+                shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
+                self.accumulators[op] = self.builder_.emit(relax.op.add(acc, relax.const(plan["bias"].reshape(shape))))
+                return  # the op's own value had one user, the bias add, which takes the accumulator
+            self._bind(binding.var, _dequantize(op, acc))
+            return
+        op = self.by_bias.get(binding.var)
+        if op is not None and op in self.accumulators:
+            self._bind(binding.var, _dequantize(op, self.accumulators[op]))
+            return
+        super().visit_var_binding_(binding)
+
+
+def _dequantize(op: QuantizableOp, accumulator):
+    plan = op.plan
+    scale = (plan["x_scale"] * plan["w_scale"]).astype(np.float32)
+    shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
+    return relax.op.multiply(relax.op.astype(accumulator, "float32"), relax.const(scale.reshape(shape)))
+
+
+def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
+    """Rewrite the ops that carry a plan (see plan_op) to int8; the rest stay fp32."""
+    planned = [op for op in ops if op.plan]
+    if not planned:
+        return mod
+    rewriter = _Rewriter(mod, planned)
+    func = rewriter.visit_expr(mod["main"])
+    out = tvm.IRModule(dict(mod.functions))
+    out["main"] = relax.analysis.remove_all_unused(func)
+    return relax.transform.Normalize()(out)
+
+
+def expose_inputs(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
+    """`main` returning (its own result, then each op's input tensor): the graph calibration runs."""
+    func = mod["main"]
+    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0], relax.DataflowBlock):
+        raise ValueError("calibration needs a graph with one dataflow block")
+    block = func.body.blocks[0]
+    outputs = [relax.Var(f"calib_{i}", op.data.ty) for i, op in enumerate(ops)]
+    bindings = list(block.bindings) + [relax.VarBinding(o, op.data) for o, op in zip(outputs, ops)]
+    body = relax.SeqExpr([relax.DataflowBlock(bindings)], relax.Tuple([func.body.body, *outputs]))
+    ret = relax.TupleType([func.ret_ty, *[op.data.ty for op in ops]])
+    out = tvm.IRModule(dict(mod.functions))
+    out["main"] = relax.Function(func.params, body, ret, True, func.attrs)
+    return relax.transform.Normalize()(out)
+

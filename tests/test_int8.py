@@ -1,0 +1,226 @@
+"""INT8: exact integer kernels, calibrated accuracy on real data, the quantized graph, and bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import compiler
+from calib import CalibrationCollector, CalibrationError
+from compiler.demo import calibration_file, demo_files
+from tests import fixtures
+from tests.fixtures import onnxruntime_outputs, random_inputs
+from tests.test_calib import MeanAbsCollector
+
+DIGITS_BATCH = 40
+
+
+def _int8_accumulators(target, data, weight, kind):
+    import tvm
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType(list(data.shape), str(data.dtype)))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if kind == "conv2d":
+                y = relax.op.nn.conv2d(x, relax.const(weight), padding=[1, 1, 1, 1], out_dtype="int32")
+            else:
+                y = relax.op.matmul(x, relax.const(weight), out_dtype="int32")
+            out = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(out)
+    spec = compiler.build.resolve_target(target)
+    executable = tvm.compile(bb.get(), spec.tvm_target())
+    return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+
+
+def _numpy_conv(data, weight):
+    x = np.pad(data.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))  # n c h w 3 3
+    return np.einsum("nchwij,ocij->nohw", windows, weight.astype(np.int64))
+
+
+@pytest.mark.parametrize("target", ["avx2", "znver3", "native"])
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+def test_int8_accumulators_are_bit_exact_on_full_range_data(target, data_dtype, rng):
+    info = np.iinfo(data_dtype)
+    data = rng.integers(info.min, info.max + 1, (2, 64, 6, 6)).astype(data_dtype)
+    data[0, :, 0, 0] = info.max  # the pairs that saturate vpmaddubsw's int16 sums
+    weight = rng.integers(-128, 128, (8, 64, 3, 3)).astype(np.int8)
+    weight[0] = -128
+    got = _int8_accumulators(target, data, weight, "conv2d")
+    assert got.dtype == np.int32 and np.array_equal(got, _numpy_conv(data, weight))
+    matrix = rng.integers(info.min, info.max + 1, (16, 256)).astype(data_dtype)
+    dense_weight = rng.integers(-128, 128, (256, 32)).astype(np.int8)
+    got = _int8_accumulators(target, matrix, dense_weight, "dense")
+    assert np.array_equal(got, matrix.astype(np.int64) @ dense_weight.astype(np.int64))
+
+
+def _digits():
+    model_path, holdout = demo_files()
+    data = np.load(holdout)
+    calib = np.load(calibration_file())["image"]
+    return model_path, data["image"], data["label"], calib
+
+
+def _accuracy(model, images, labels):
+    logits = np.concatenate([model(images[i:i + DIGITS_BATCH])[0] for i in range(0, len(images), DIGITS_BATCH)])
+    return float((logits.argmax(1) == labels).mean())
+
+
+@pytest.fixture(scope="module")
+def digits_fp32_accuracy():
+    model_path, images, labels, _ = _digits()
+    fp32 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)})
+    return _accuracy(fp32, images, labels)
+
+
+@pytest.mark.parametrize("mode", ["naive", "entropy", "percentile"])
+def test_digits_int8_accuracy_within_half_a_point_of_fp32(mode, digits_fp32_accuracy):
+    model_path, images, labels, calib = _digits()
+    int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
+                            calib=[calib[:240]], calib_mode=mode)
+    assert digits_fp32_accuracy - _accuracy(int8, images, labels) <= 0.005
+    quant = int8.report["quantization"]
+    assert quant["int8_ops"] == {"conv2d": 4, "dense": 1} and quant["fp32_ops"] == {}
+    names = [row["name"] for row in quant["layers"]]
+    assert sorted(names) == ["block_a.conv", "block_b.conv", "head.gemm", "stem.conv", "wide.conv"]
+    sqnr = [row["sqnr_db"] for row in quant["layers"]]
+    assert sqnr == sorted(sqnr) and min(sqnr) > 20  # worst first
+    assert all(row["dtype"] == "uint8" for row in quant["layers"])  # image in [0, 1] and ReLU outputs
+    assert quant["output_error"]["cosine"] > 0.999
+    assert int8.metadata["quantization"]["mode"] == "int8"
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "depthwise_separable", "mlp"])
+def test_int8_models_stay_close_to_onnxruntime_fp32(name, rng):
+    model = fixtures.MODELS[name](rng)
+    feeds = random_inputs(model, rng)
+    calib = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in feeds.items()} for _ in range(4)]
+    int8 = compiler.compile(model, target="native", calib=calib, calib_mode="naive")
+    got, want = int8.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
+    cosine = float(got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cosine > 0.99, cosine
+    assert sum(int8.report["quantization"]["int8_ops"].values()) >= 3
+
+
+def test_signed_inputs_are_s8_and_forced_dtypes_are_honoured(rng):
+    model = fixtures.MODELS["mlp"](rng)
+    calib = [rng.standard_normal((4, 32)).astype(np.float32)]
+    layers = {r["name"]: r["dtype"] for r in compiler.compile(model, target="native", calib=calib,
+                                                              calib_mode="naive").report["quantization"]["layers"]}
+    assert layers["fc1"] == "int8" and layers["fc2.matmul"] == "uint8"  # fc1 reads the signed input
+    forced = compiler.compile(model, target="native", calib=calib, calib_mode="naive", quantized_dtype="int8")
+    assert {r["dtype"] for r in forced.report["quantization"]["layers"]} == {"int8"}
+
+
+def test_custom_collector_end_to_end():
+    model_path, images, labels, calib = _digits()
+    mine = MeanAbsCollector()
+    int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
+                            calib=[calib[:80]], calib_mode="custom", collector=mine)
+    assert mine.include_layers == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv", "head.gemm"}
+    thresholds = {r["name"]: r["threshold"] for r in int8.report["quantization"]["layers"]}
+    assert thresholds == {k: list(v) for k, v in mine.min_max_dict.items()}
+    assert _accuracy(int8, images, labels) > 0.9
+
+
+def test_exclusions_keep_layers_in_fp32():
+    model_path, _, _, calib = _digits()
+    shapes = {"image": (DIGITS_BATCH, 1, 8, 8)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = compiler.compile(model_path, target="native", input_shapes=shapes, calib=[calib[:40]],
+                                 calib_mode="naive", exclude_layers=["stem.conv", "no.such.layer"],
+                                 exclude_layers_match=["block_"], exclude_operators=["Gemm"])
+    assert any("no.such.layer" in str(w.message) for w in caught)
+    quant = model.report["quantization"]
+    assert quant["int8_ops"] == {"conv2d": 1} and quant["fp32_ops"] == {"conv2d": 3, "dense": 1}
+    assert quant["fp32_layers"] == {"stem.conv": "excluded by name", "block_a.conv": "excluded by name match",
+                                    "block_b.conv": "excluded by name match", "head.gemm": "excluded by op type"}
+
+
+class _FakeTensor:
+    """Stands in for a torch tensor: np.asarray reads it through __array__."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+def test_loaders_of_every_shape_are_accepted(rng):
+    model = fixtures.MODELS["mlp"](rng)
+    base = rng.standard_normal((8, 32)).astype(np.float32)
+    ranges = []
+    for loader in ([base], [{"data": base}], [(base,)], ([_FakeTensor(base[:3]), _FakeTensor(base[3:])]),
+                   (b for b in [base[:5], base[5:]])):
+        built = compiler.compile(model, target="native", calib=loader, calib_mode="naive")
+        ranges.append([row["threshold"] for row in sorted(built.report["quantization"]["layers"],
+                                                          key=lambda r: r["name"])])
+    assert all(r == ranges[0] for r in ranges)
+
+
+def test_calibration_streams_and_stops_at_num_calib_batches(rng):
+    model = fixtures.MODELS["mlp"](rng)
+    consumed = []
+
+    def endless():
+        while True:
+            consumed.append(1)
+            yield rng.standard_normal((4, 32)).astype(np.float32)
+
+    compiler.compile(model, target="native", calib=endless(), calib_mode="entropy", num_calib_batches=3)
+    assert len(consumed) == 3
+
+
+@pytest.mark.parametrize("calib, words", [
+    ([], "yielded no batches"),
+    ([np.zeros((4, 31), np.float32)], r"calibration batch 0, input 'data': shape \[4, 31\]"),
+    ([np.zeros((4, 32), np.int32)], "dtype int32 given, float32 expected"),
+    ([np.ones((4, 32), np.float32), np.full((4, 32), np.nan, np.float32)], "batch 1, input 'data' holds NaN"),
+    ([{"x": np.zeros((4, 32), np.float32)}], "do not match the model's"),
+    ([np.zeros((2, 32), np.float32)], "fewer than one batch"),
+])
+def test_bad_calibration_data_is_named(calib, words, rng):
+    with pytest.raises(CalibrationError, match=words):
+        compiler.compile(fixtures.MODELS["mlp"](rng), target="native", calib=calib, calib_mode="naive")
+
+
+class _Silent(CalibrationCollector):
+    def collect(self, name, op_name, arr):
+        pass
+
+
+class _Misnamed(CalibrationCollector):
+    def collect(self, name, op_name, arr):
+        self.min_max_dict["ghost_layer"] = (0.0, 1.0)
+
+
+@pytest.mark.parametrize("collector, words", [(_Silent(), "empty dict"), (_Misnamed(), "unknown tensor.*ghost_layer")])
+def test_custom_collector_mistakes_are_named(collector, words, rng):
+    with pytest.raises(CalibrationError, match=words):
+        compiler.compile(fixtures.MODELS["mlp"](rng), target="native", calib=[np.ones((4, 32), np.float32)],
+                         calib_mode="custom", collector=collector)
+
+
+def test_an_all_zero_input_range_leaves_that_layer_in_fp32(rng):
+    model = fixtures.MODELS["mlp"](rng)
+    with pytest.warns(UserWarning, match="'fc1' is 0 on every batch"):
+        built = compiler.compile(model, target="native", calib=[np.zeros((4, 32), np.float32)], calib_mode="naive")
+    quant = built.report["quantization"]
+    assert quant["fp32_layers"]["fc1"] == "zero range in calibration"
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    assert np.isfinite(built.run(x)[0]).all()
+
+
+def test_cascadelake_int8_build_and_metadata(tmp_path):
+    model_path, _, _, calib = _digits()
+    built = compiler.compile(model_path, target="cascadelake", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
+                             calib=[calib[:40]], calib_mode="naive")
+    path = built.export(tmp_path / "digits_int8_clx.so")
+    meta = compiler.artifact.read_metadata(path)
+    assert meta["quantization"] == {"mode": "int8", "calib_mode": "naive", "int8_ops": {"conv2d": 4, "dense": 1},
+                                    "fp32_ops": {}}
+    assert "output_error" not in built.report["quantization"]  # it cannot run here to be measured
