@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
@@ -72,7 +73,8 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     `fuse` is True (every rule of relay_passes.RULES), False (none), or the names of the rules to apply.
 
     INT8: `calib` is an iterable of batches (dicts name -> array, one array, or tuples in input order);
-    `calib_mode` is naive | entropy | percentile | custom (with `collector`); `quantized_dtype` auto | int8 |
+    `calib_mode` is naive | entropy | percentile | custom (with `collector`), or none: no calibration data,
+    each batch's ranges computed at run time (slower: an extra pass over every int8 op's input); `quantized_dtype` auto | int8 |
     uint8; `exclude_layers` (ONNX node names), `exclude_layers_match` (substrings) and `exclude_operators`
     (Conv, Gemm, MatMul) keep layers in fp32.
     """
@@ -86,10 +88,10 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     graph = prepare_graph(imported.mod)
     report: dict = {}
     first_batch: dict = {}
-    if calib is not None:
-        if calib_mode == "none":
-            raise QuantvmError("calib_mode='none' (ranges computed at run time) is not supported yet; "
-                               "use naive, entropy, percentile or custom")
+    if calib is not None or calib_mode == "none":
+        if calib is not None and calib_mode == "none":
+            warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used",
+                          stacklevel=2)
         options = QuantizationOptions(calib_mode, num_calib_batches, quantized_dtype, tuple(exclude_layers or ()),
                                       tuple(exclude_layers_match or ()), tuple(exclude_operators or ()),
                                       collector, percentile)

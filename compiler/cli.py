@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     int8 = p.add_argument_group("INT8 (post-training quantization)")
     int8.add_argument("--calib", metavar="DATA.npz",
                       help="calibration data: one array per input name, samples on axis 0; enables INT8")
-    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"],
-                      help="how thresholds are chosen (default entropy)")
+    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile", "none"],
+                      help="how thresholds are chosen (default entropy); none: INT8 without calibration data, "
+                           "ranges computed at run time (slower)")
     int8.add_argument("--calib-batches", type=int, metavar="N", help="use at most N batches of calibration data")
     int8.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default 99.99)")
     int8.add_argument("--quantized-dtype", default="auto", choices=["auto", "int8", "uint8"])
@@ -142,6 +143,10 @@ def _csv(text):
 
 
 def _int8_options(args) -> dict:
+    if args.calib_mode == "none":
+        return {"calib_mode": "none", "exclude_layers": _csv(args.exclude_layers),
+                "exclude_layers_match": _csv(args.exclude_layers_match),
+                "exclude_operators": _csv(args.exclude_operators)}
     if not args.calib:
         return {}
     try:
@@ -172,6 +177,9 @@ def format_report(report: dict) -> str:
             lines.append(f"output vs fp32 on a calibration batch: SQNR {err['sqnr_db']:.1f} dB, cosine {err['cosine']:.5f}")
         lines.append("layers (worst first): name, dtype, threshold, SQNR of its quantized input")
         for row in quant["layers"]:
+            if row["threshold"] is None:
+                lines.append(f"  {row['name']:30} {row['dtype']:6} range computed at run time")
+                continue
             lo, hi = row["threshold"]
             lines.append(f"  {row['name']:30} {row['dtype']:6} [{lo:.4g}, {hi:.4g}]  {row['sqnr_db']:.1f} dB")
         for name, why in quant["fp32_layers"].items():

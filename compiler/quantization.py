@@ -15,7 +15,8 @@ import numpy as np
 
 from calib import CalibrationCollector, check_thresholds, make_collector
 from compiler.calib_data import Progress, model_batches
-from relay_passes.quantize import QuantizableOp, expose_inputs, find_quantizable, plan_op, quantize_graph
+from relay_passes.quantize import (QuantizableOp, expose_inputs, find_quantizable, plan_dynamic, plan_op,
+                                   quantize_graph)
 
 ONNX_OP_KINDS = {"Conv": "conv2d", "Gemm": "dense", "MatMul": "dense", "conv2d": "conv2d", "dense": "dense"}
 
@@ -42,6 +43,7 @@ class QuantizationOptions:
                                    "Conv, Gemm, MatMul (or conv2d, dense)")
 
     def collector_for(self) -> CalibrationCollector:
+        """The collector of `calib_mode` (not called for 'none', which measures nothing ahead of time)."""
         options = {}
         if self.calib_mode == "percentile":
             options["percentile"] = self.percentile
@@ -129,8 +131,15 @@ def quantize(prepared, proto, input_specs, calib, options: QuantizationOptions, 
         warnings.warn("int8: no conv or dense op is left to quantize; the model stays fp32", stacklevel=3)
         return prepared, {"calib_mode": options.calib_mode, "layers": [], "int8_ops": {},
                           "fp32_ops": _kind_counts(candidates), "fp32_layers": left}, {}
-    ranges, first = calibrate(prepared, ops, input_specs, calib, options, build_for_host)
-    rows = plan(ops, ranges, options, left, first["tensors"])
+    if options.calib_mode == "none":
+        first, rows = {}, []
+        for op in ops:
+            op.plan = plan_dynamic(op)
+            rows.append({"name": op.name, "op": op.kind, "dtype": "int8", "threshold": None, "scale": None,
+                         "int32_bias": False, "sqnr_db": None, "cosine": None})
+    else:
+        ranges, first = calibrate(prepared, ops, input_specs, calib, options, build_for_host)
+        rows = plan(ops, ranges, options, left, first["tensors"])
     quantized = quantize_graph(prepared, ops)
     report = {
         "calib_mode": options.calib_mode,

@@ -121,6 +121,14 @@ def _attach_biases(bindings, ops, uses) -> None:
         op.bias_var, op.bias = b.var, np.broadcast_to(padded.reshape(-1), (channels,)).astype(np.float64)
 
 
+def plan_dynamic(op: QuantizableOp) -> dict:
+    """No calibration (`calib_mode='none'`): s8 input with its scale max|x| / 127 computed at run time, as
+    MXNet does; the bias stays an fp32 add since its s32 scale would depend on each batch."""
+    w_scale = _weight_scales(op)
+    return {"dtype": "int8", "x_scale": None, "w_scale": w_scale, "weight": _quantized_weight(op, w_scale),
+            "bias": None, "range": None}
+
+
 def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
     """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32)."""
     unsigned = lo >= 0 and quantized_dtype in ("auto", "uint8")
@@ -128,18 +136,30 @@ def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "aut
     if magnitude <= 0:
         return None
     x_scale = magnitude / (255.0 if unsigned else 127.0)
-    w = op.weight.astype(np.float64)
-    channel_first = w if op.kind == "conv2d" else w.T  # (channels, ...)
-    w_max = np.abs(channel_first.reshape(channel_first.shape[0], -1)).max(axis=1)
-    w_scale = np.where(w_max > 0, w_max / 127.0, 1.0)
+    w_scale = _weight_scales(op)
     if op.bias is not None:  # keep |bias_s32| <= 2^30 by coarsening that channel's weight scale
         w_scale = np.maximum(w_scale, np.abs(op.bias) / (x_scale * BIAS_LIMIT))
-    shape = (-1,) + (1,) * (channel_first.ndim - 1)
-    q_first = np.clip(np.round(channel_first / w_scale.reshape(shape)), -127, 127).astype(np.int8)
-    weight_q = q_first if op.kind == "conv2d" else np.ascontiguousarray(q_first.T)
     bias_q = None if op.bias is None else np.round(op.bias / (x_scale * w_scale)).astype(np.int32)
     return {"dtype": "uint8" if unsigned else "int8", "x_scale": x_scale, "w_scale": w_scale,
-            "weight": weight_q, "bias": bias_q, "range": (lo, hi)}
+            "weight": _quantized_weight(op, w_scale), "bias": bias_q, "range": (lo, hi)}
+
+
+def _channel_first(op: QuantizableOp) -> np.ndarray:
+    """The weight with output channels on axis 0: (O, I, kh, kw) for conv2d, (N, K) for dense."""
+    w = op.weight.astype(np.float64)
+    return w if op.kind == "conv2d" else w.T
+
+
+def _weight_scales(op: QuantizableOp) -> np.ndarray:
+    w = _channel_first(op)
+    w_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    return np.where(w_max > 0, w_max / 127.0, 1.0)
+
+
+def _quantized_weight(op: QuantizableOp, w_scale: np.ndarray) -> np.ndarray:
+    w = _channel_first(op)
+    q = np.clip(np.round(w / w_scale.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
+    return q if op.kind == "conv2d" else np.ascontiguousarray(q.T)
 
 
 @relax.expr_functor.mutator
@@ -160,8 +180,9 @@ class _Rewriter(relax.PyExprMutator):
             call = binding.value
             plan = op.plan
             data = self.visit_expr(op.data)
-            q = self.builder_.emit(relax.op.quantize(data, relax.const(np.float32(plan["x_scale"])),
-                                                     relax.const(0, plan["dtype"]), axis=-1,
+            x_scale = relax.const(np.float32(plan["x_scale"])) if plan["x_scale"] is not None else \
+                self.builder_.emit(_run_time_scale(data))
+            q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(0, plan["dtype"]), axis=-1,
                                                      out_dtype=plan["dtype"]))
             weight = relax.const(plan["weight"])
             if op.kind == "conv2d":
@@ -175,20 +196,29 @@ class _Rewriter(relax.PyExprMutator):
                 shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
                 self.accumulators[op] = self.builder_.emit(relax.op.add(acc, relax.const(plan["bias"].reshape(shape))))
                 return  # the op's own value had one user, the bias add, which takes the accumulator
-            self._bind(binding.var, _dequantize(op, acc))
+            self._bind(binding.var, _dequantize(op, acc, x_scale))
             return
         op = self.by_bias.get(binding.var)
         if op is not None and op in self.accumulators:
-            self._bind(binding.var, _dequantize(op, self.accumulators[op]))
+            self._bind(binding.var, _dequantize(op, self.accumulators[op], None))
             return
         super().visit_var_binding_(binding)
 
 
-def _dequantize(op: QuantizableOp, accumulator):
+def _run_time_scale(data):
+    """max|x| / 127 of this very batch (never 0)."""
+    peak = relax.op.max(relax.op.abs(data))
+    return relax.op.divide(relax.op.maximum(peak, relax.const(np.float32(1e-12))), relax.const(np.float32(127.0)))
+
+
+def _dequantize(op: QuantizableOp, accumulator, x_scale):
     plan = op.plan
-    scale = (plan["x_scale"] * plan["w_scale"]).astype(np.float32)
     shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
-    return relax.op.multiply(relax.op.astype(accumulator, "float32"), relax.const(scale.reshape(shape)))
+    if plan["x_scale"] is None:  # run-time scale: x_scale is a tensor of the graph
+        scale = relax.op.multiply(x_scale, relax.const(plan["w_scale"].astype(np.float32).reshape(shape)))
+    else:
+        scale = relax.const((plan["x_scale"] * plan["w_scale"]).astype(np.float32).reshape(shape))
+    return relax.op.multiply(relax.op.astype(accumulator, "float32"), scale)
 
 
 def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:

@@ -124,3 +124,30 @@ def test_compile_report_json_and_no_fuse(tmp_path, demo_model_path):
     unfused = json.loads(unfused_report.read_text())
     assert unfused["fusion"] == {} and unfused["unfused_ops"]["conv2d"] == 4 and unfused["unfused_ops"]["relu"] == 4
     assert unfused["kernels"] > fused["kernels"]
+
+
+def test_int8_compile_from_an_npz_writes_the_layer_report(tmp_path, demo_model_path):
+    import json
+
+    from compiler.demo import calibration_file
+
+    report = tmp_path / "int8.json"
+    done = quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "int8.so",
+                   "--input-shape", "image=32,1,8,8", "--calib", calibration_file(), "--calib-mode", "percentile",
+                   "--calib-batches", "4", "--exclude-operators", "Gemm", "--report", report)
+    assert "int8:    {'conv2d': 4} (percentile calibration" in done.stdout
+    assert "head.gemm" in done.stdout and "excluded by op type" in done.stdout
+    data = json.loads(report.read_text())["quantization"]
+    assert data["int8_ops"] == {"conv2d": 4} and data["fp32_ops"] == {"dense": 1}
+    assert {row["name"] for row in data["layers"]} == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv"}
+    assert all(set(row) >= {"dtype", "threshold", "sqnr_db", "cosine"} for row in data["layers"])
+    assert "precision: int8" in quantvm("inspect", tmp_path / "int8.so").stdout
+
+
+def test_bad_calibration_file_is_one_line(tmp_path, demo_model_path):
+    bad = tmp_path / "calib.npz"
+    bad.write_text("not an npz")
+    done = quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "x.so", "--input-shape",
+                   "image=32,1,8,8", "--calib", bad, check=False)
+    assert done.returncode == 1 and "--calib" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "x.so").exists()

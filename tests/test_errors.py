@@ -84,12 +84,6 @@ def test_model_of_the_wrong_type():
         compiler.compile(42, target="native")
 
 
-def test_run_time_ranges_are_refused_clearly():
-    with pytest.raises(compiler.QuantvmError, match="calib_mode='none'.*not supported yet"):
-        compiler.compile(_relu_model(), target="native", input_shapes={"x": (1, 4)}, calib=[np.zeros((1, 4))],
-                         calib_mode="none")
-
-
 @pytest.fixture(scope="module")
 def relu():
     return compiler.compile(_relu_model(), target="native", input_shapes={"x": (2, 4)})

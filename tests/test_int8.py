@@ -224,3 +224,15 @@ def test_cascadelake_int8_build_and_metadata(tmp_path):
     assert meta["quantization"] == {"mode": "int8", "calib_mode": "naive", "int8_ops": {"conv2d": 4, "dense": 1},
                                     "fp32_ops": {}}
     assert "output_error" not in built.report["quantization"]  # it cannot run here to be measured
+
+
+def test_calib_mode_none_computes_ranges_at_run_time(digits_fp32_accuracy):
+    model_path, images, labels, calib = _digits()
+    shapes = {"image": (DIGITS_BATCH, 1, 8, 8)}
+    dynamic = compiler.compile(model_path, target="native", input_shapes=shapes, calib_mode="none")
+    quant = dynamic.report["quantization"]
+    assert quant["int8_ops"] == {"conv2d": 4, "dense": 1} and all(r["threshold"] is None for r in quant["layers"])
+    assert digits_fp32_accuracy - _accuracy(dynamic, images, labels) <= 0.005
+    assert dynamic.report["unfused_ops"]["max"] == 5  # the run-time range: one extra reduction per int8 op
+    with pytest.warns(UserWarning, match="calibration data is not used"):
+        compiler.compile(model_path, target="native", input_shapes=shapes, calib=[calib[:40]], calib_mode="none")
