@@ -15,6 +15,8 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from relay_passes.analysis import SingleUse
+
 _MUL, _DIV, _ADD, _SUB = (f"relax.{n}" for n in ("multiply", "divide", "add", "subtract"))
 
 
@@ -26,16 +28,7 @@ def _producer_pattern():
 
 class _Folder:
     def __init__(self, func: relax.Function):
-        self.var_of = [(value, var) for var, value in relax.analysis.get_var2val(func).items()]
-        self.uses = {}
-        for block in func.body.blocks:
-            for var, users in relax.analysis.udchain(block).items():
-                external = 0 if isinstance(var, relax.DataflowVar) else 1
-                self.uses[var] = len(users) + external  # keyed by the var: names repeat
-
-    def single_use(self, value) -> bool:
-        var = next((v for val, v in self.var_of if val.same_as(value)), None)
-        return var is not None and self.uses.get(var, 2) == 1
+        self.single_use = SingleUse(func)
 
     # --- the per-channel vector of a constant, for a producer's output
     @staticmethod

@@ -19,6 +19,9 @@ import onnx
 import tvm
 from tvm import relax
 
+from relay_passes.analysis import use_counts
+from relay_passes.quantize_motion import MoveQuantizeUp
+
 BIAS_LIMIT = 2**30
 OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense"}
 ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul")}
@@ -54,7 +57,7 @@ def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) ->
     calls = [(b.var, b.value) for b in bindings
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name in OPS]
     names = _onnx_names(calls, proto)
-    uses = _use_counts(func)
+    uses = use_counts(func)
     ops = []
     for (var, call), name in zip(calls, names):
         kind = OPS[call.op.name]
@@ -88,14 +91,6 @@ def _onnx_names(calls, proto) -> list[str]:
         else:
             result.append(f"{kind}_{k}")
     return result
-
-
-def _use_counts(func) -> dict:
-    uses = {}
-    for block in func.body.blocks:
-        for var, users in relax.analysis.udchain(block).items():
-            uses[var] = len(users) + (0 if isinstance(var, relax.DataflowVar) else 1)
-    return uses
 
 
 def _attach_biases(bindings, ops, uses) -> None:
@@ -230,7 +225,7 @@ def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
     func = rewriter.visit_expr(mod["main"])
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = relax.analysis.remove_all_unused(func)
-    return relax.transform.Normalize()(out)
+    return MoveQuantizeUp(relax.transform.Normalize()(out))
 
 
 def expose_inputs(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:

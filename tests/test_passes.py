@@ -125,3 +125,38 @@ def test_gelu_written_as_math_becomes_one_op_only_with_the_right_constants(rng):
         ops = _ops(prepare_graph(import_onnx(model).mod))
         assert op not in ops and ("relax.tanh" in ops or "relax.erf" in ops)
         _check_against_onnxruntime(model, rng)
+
+
+def test_quantize_moves_above_max_pooling_reshape_and_concat(rng):
+    import tvm
+    from tvm import relax
+
+    import compiler
+    from tests.fixtures import GraphBuilder, onnxruntime_outputs
+
+    g = GraphBuilder(rng)
+    a = g.op("MaxPool", [g.conv_bn("data", "a", 4, 8)], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    b = g.op("MaxPool", [g.conv_bn("data", "b", 4, 8)], "pool_b", kernel_shape=[2, 2], strides=[2, 2])
+    y = g.conv_bn(g.op("Concat", [a, b], "cat", axis=1), "c", 16, 8, k=1)
+    model = g.model("pool_concat", {"data": (1, 4, 8, 8)}, [y])
+    calib = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    built = compiler.compile(model, target="native", calib=calib, calib_mode="naive")
+    assert built.report["unfused_ops"] == {"concat": 1, "max_pool2d": 2, "quantize": 1}  # only the input's
+
+    from relay_passes.quantize import find_quantizable, plan_op, quantize_graph
+
+    mod = prepare_graph(import_onnx(model).mod)
+    ops = find_quantizable(mod, model)
+    for op in ops:
+        op.plan = plan_op(op, -3.0, 3.0) if op.name == "a.conv" or op.name == "b.conv" else plan_op(op, 0.0, 4.0)
+    dtypes = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            dtypes.setdefault(expr.op.name, set()).add(str(expr.ty.dtype) if hasattr(expr.ty, "dtype") else "")
+
+    relax.analysis.post_order_visit(quantize_graph(mod, ops)["main"].body, visit)
+    assert dtypes["relax.nn.max_pool2d"] == {"uint8"} and dtypes["relax.concat"] == {"uint8"}
+    feeds = {"data": calib[0]}
+    got, want = built.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
+    assert float(got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.99
