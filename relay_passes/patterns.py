@@ -132,7 +132,8 @@ def _chain(kind: str, order: tuple[str, ...]):
         parts = {"producer": producer, "bias": bias}
         for step in order:
             if step == "sum":
-                other = ~is_const()  # another tensor; a constant here is a bias, not a sum
+                # another tensor (a constant here is a bias, not a sum), or the int8 copy of one
+                other = is_op("relax.dequantize")(wildcard(), is_const(), is_const()) | ~is_const()
                 out = _either("relax.add", out, other)
                 parts["sum"], parts["sum_operand"] = out, other
             else:
