@@ -18,7 +18,8 @@ from compiler.calib_data import Progress, model_batches
 from relay_passes.quantize import (QuantizableOp, expose_inputs, find_quantizable, plan_dynamic, plan_op,
                                    quantize_graph)
 
-ONNX_OP_KINDS = {"Conv": "conv2d", "Gemm": "dense", "MatMul": "dense", "conv2d": "conv2d", "dense": "dense"}
+ONNX_OP_KINDS = {"Conv": "conv2d", "Gemm": "dense", "MatMul": "dense", "AveragePool": "avg_pool",
+                 "GlobalAveragePool": "avg_pool", "conv2d": "conv2d", "dense": "dense", "avg_pool": "avg_pool"}
 
 
 @dataclass
@@ -40,7 +41,7 @@ class QuantizationOptions:
         unknown = [o for o in self.exclude_operators if o not in ONNX_OP_KINDS]
         if unknown:
             raise CalibrationError(f"exclude_operators: unknown op type(s) {unknown}; int8 op types are "
-                                   "Conv, Gemm, MatMul (or conv2d, dense)")
+                                   "Conv, Gemm, MatMul, AveragePool, GlobalAveragePool")
 
     def collector_for(self) -> CalibrationCollector:
         """The collector of `calib_mode` (not called for 'none', which measures nothing ahead of time)."""
@@ -84,11 +85,11 @@ def calibrate(prepared, ops, input_specs, calib, options, build_for_host) -> tup
     first = {}
     try:
         for batch in model_batches(calib, input_specs, options.num_calib_batches):
-            outputs = runner(batch)
+            outputs = runner(batch)  # the ops' inputs, then the model's outputs
             if not first:  # kept for the report: the error each quantized tensor gets, on real data
-                first = {"inputs": batch, "fp32_output": outputs[0], "tensors": outputs[1:]}
+                first = {"inputs": batch, "fp32_output": outputs[len(ops)], "tensors": outputs[:len(ops)]}
             for i in wanted:
-                collector.collect(ops[i].name, ops[i].kind, outputs[1 + i])
+                collector.collect(ops[i].name, ops[i].kind, outputs[i])
             progress.step()
     finally:
         progress.close()
@@ -112,7 +113,7 @@ def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, tensors: l
             continue
         error = quantization_error(tensor, op.plan["x_scale"], op.plan["dtype"])
         rows.append({"name": op.name, "op": op.kind, "dtype": op.plan["dtype"], "threshold": [lo, hi],
-                     "scale": op.plan["x_scale"], "int32_bias": op.plan["bias"] is not None, **error})
+                     "scale": op.plan["x_scale"], "int32_bias": op.plan.get("bias") is not None, **error})
     return sorted(rows, key=lambda row: row["sqnr_db"])
 
 
@@ -134,6 +135,9 @@ def quantize(prepared, proto, input_specs, calib, options: QuantizationOptions, 
     if options.calib_mode == "none":
         first, rows = {}, []
         for op in ops:
+            if op.kind == "avg_pool":  # a run-time range buys nothing for a pooling
+                left[op.name] = "no int8 pooling without calibration"
+                continue
             op.plan = plan_dynamic(op)
             rows.append({"name": op.name, "op": op.kind, "dtype": "int8", "threshold": None, "scale": None,
                          "int32_bias": False, "sqnr_db": None, "cosine": None})

@@ -160,6 +160,14 @@ def _bn_relu():
     return out, {"root": out, "bn_input": x}
 
 
+def _int8_average_pool():
+    """An average pooling that reads int8 data: dequantize, average, and the next quantize, one kernel."""
+    data = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    pool = is_op("relax.nn.avg_pool2d")(data) | is_op("relax.nn.adaptive_avg_pool2d")(data) | is_op("relax.mean")(data)
+    out = _with_quantize_tail(pool)
+    return out, {"root": out}
+
+
 RULES: tuple[FusionRule, ...] = (
     FusionRule("conv_bn_sum_act", "Conv2D (+bias/BN) + elementwise Add + activation", _chain("conv", ("sum", "act"))),
     FusionRule("conv_bn_act_sum", "Conv2D (+bias/BN) + activation + elementwise Add", _chain("conv", ("act", "sum"))),
@@ -170,5 +178,6 @@ RULES: tuple[FusionRule, ...] = (
     FusionRule("fc_sum", "FullyConnected (+bias) + elementwise Add", _chain("fc", ("sum",))),
     FusionRule("fc_bias", "FullyConnected + bias", _chain("fc", ())),
     FusionRule("bn_relu", "BatchNorm + ReLU (BN not after a conv or FC)", _bn_relu),
+    FusionRule("int8_avg_pool", "average pooling on int8 data (+ the next op's quantize)", _int8_average_pool),
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)

@@ -23,19 +23,22 @@ from relay_passes.analysis import use_counts
 from relay_passes.quantize_motion import MoveQuantizeUp
 
 BIAS_LIMIT = 2**30
-OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense"}
-ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul")}
+OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense", "relax.nn.avg_pool2d": "avg_pool",
+       "relax.nn.adaptive_avg_pool2d": "avg_pool", "relax.mean": "avg_pool"}
+ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul"),
+              "avg_pool": ("AveragePool", "GlobalAveragePool", "ReduceMean")}
 
 
 @dataclass(eq=False)
 class QuantizableOp:
-    """One conv2d / dense of the graph that can run in int8, named after its ONNX node where known."""
+    """One conv2d / dense / average pooling of the graph that can run on int8 data, named after its ONNX
+    node where known."""
 
     name: str
-    kind: str  # conv2d | dense
+    kind: str  # conv2d | dense | avg_pool
     var: relax.Var  # the op's binding
     data: relax.Expr  # its input tensor
-    weight: np.ndarray
+    weight: np.ndarray | None
     bias_var: relax.Var | None = None  # a per-channel bias add folded into the s32 accumulator
     bias: np.ndarray | None = None
     plan: dict = field(default_factory=dict)
@@ -51,7 +54,7 @@ def _channel_axis(kind: str, rank: int) -> int:
 
 def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) -> list[QuantizableOp]:
     """The int8 candidates of `main` in graph order: conv2d (NCHW/OIHW) and matmul with a constant 2-D
-    weight, on float data."""
+    weight, and average pooling (incl. global: a mean over H and W), all on float data."""
     func = mod["main"]
     bindings = [b for block in func.body.blocks for b in block.bindings]
     calls = [(b.var, b.value) for b in bindings
@@ -61,7 +64,12 @@ def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) ->
     ops = []
     for (var, call), name in zip(calls, names):
         kind = OPS[call.op.name]
-        data, weight = call.args[0], call.args[1]
+        data = call.args[0]
+        if kind == "avg_pool":
+            if _is_float_tensor(data) and _is_spatial_average(call):
+                ops.append(QuantizableOp(name, kind, var, data, None))
+            continue
+        weight = call.args[1]
         if not isinstance(weight, tvm.ir.expr.GenericConst) or not _is_float_tensor(data):
             continue
         if kind == "conv2d" and (call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW"):
@@ -73,11 +81,20 @@ def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) ->
     return ops
 
 
+def _is_spatial_average(call) -> bool:
+    """avg_pool2d / adaptive_avg_pool2d in NCHW, or a mean over axes 2 and 3 of a 4-D tensor."""
+    if call.op.name != "relax.mean":
+        return call.attrs.layout == "NCHW"
+    axes = call.attrs.axis
+    rank = len(call.args[0].ty.shape.values)
+    return rank == 4 and axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
+
+
 def _onnx_names(calls, proto) -> list[str]:
     """The ONNX importer keeps node order: the k-th conv2d is the k-th Conv node, the k-th matmul the k-th
     Gemm/MatMul. Where the counts disagree, fall back to positional names."""
     result = []
-    counters = {"conv2d": 0, "dense": 0}
+    counters = {kind: 0 for kind in ONNX_TYPES}
     nodes = {kind: [n for n in (proto.graph.node if proto is not None else []) if n.op_type in types]
              for kind, types in ONNX_TYPES.items()}
     totals = {kind: sum(1 for _, c in calls if OPS[c.op.name] == kind) for kind in counters}
@@ -116,6 +133,16 @@ def _attach_biases(bindings, ops, uses) -> None:
         op.bias_var, op.bias = b.var, np.broadcast_to(padded.reshape(-1), (channels,)).astype(np.float64)
 
 
+def plan_input(lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
+    """How one input tensor is stored in int8: u8 over [0, hi] when lo >= 0, else s8 over [-m, m]."""
+    unsigned = lo >= 0 and quantized_dtype in ("auto", "uint8")
+    magnitude = hi if unsigned else max(abs(lo), abs(hi))
+    if magnitude <= 0:
+        return None
+    return {"dtype": "uint8" if unsigned else "int8", "x_scale": magnitude / (255.0 if unsigned else 127.0),
+            "range": (lo, hi)}
+
+
 def plan_dynamic(op: QuantizableOp) -> dict:
     """No calibration (`calib_mode='none'`): s8 input with its scale max|x| / 127 computed at run time, as
     MXNet does; the bias stays an fp32 add since its s32 scale would depend on each batch."""
@@ -126,17 +153,15 @@ def plan_dynamic(op: QuantizableOp) -> dict:
 
 def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
     """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32)."""
-    unsigned = lo >= 0 and quantized_dtype in ("auto", "uint8")
-    magnitude = hi if unsigned else max(abs(lo), abs(hi))
-    if magnitude <= 0:
-        return None
-    x_scale = magnitude / (255.0 if unsigned else 127.0)
+    stored = plan_input(lo, hi, quantized_dtype)
+    if stored is None or op.kind == "avg_pool":
+        return stored
+    x_scale = stored["x_scale"]
     w_scale = _weight_scales(op)
     if op.bias is not None:  # keep |bias_s32| <= 2^30 by coarsening that channel's weight scale
         w_scale = np.maximum(w_scale, np.abs(op.bias) / (x_scale * BIAS_LIMIT))
     bias_q = None if op.bias is None else np.round(op.bias / (x_scale * w_scale)).astype(np.int32)
-    return {"dtype": "uint8" if unsigned else "int8", "x_scale": x_scale, "w_scale": w_scale,
-            "weight": _quantized_weight(op, w_scale), "bias": bias_q, "range": (lo, hi)}
+    return {**stored, "w_scale": w_scale, "weight": _quantized_weight(op, w_scale), "bias": bias_q}
 
 
 def _channel_first(op: QuantizableOp) -> np.ndarray:
@@ -179,6 +204,11 @@ class _Rewriter(relax.PyExprMutator):
                 self.builder_.emit(_run_time_scale(data))
             q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(0, plan["dtype"]), axis=-1,
                                                      out_dtype=plan["dtype"]))
+            if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
+                dq = self.builder_.emit(relax.op.dequantize(q, x_scale, relax.const(0, plan["dtype"]), axis=-1,
+                                                            out_dtype=str(data.ty.dtype)))
+                self._bind(binding.var, relax.Call(call.op, [dq, *call.args[1:]], call.attrs, call.ty_args))
+                return
             weight = relax.const(plan["weight"])
             if op.kind == "conv2d":
                 a = call.attrs
@@ -229,15 +259,16 @@ def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
 
 
 def expose_inputs(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
-    """`main` returning (its own result, then each op's input tensor): the graph calibration runs."""
+    """`main` returning (each op's input tensor, then its own result): the graph calibration runs. The
+    inputs come first so that, flattened, they sit at known places whatever the model's outputs are."""
     func = mod["main"]
     if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0], relax.DataflowBlock):
         raise ValueError("calibration needs a graph with one dataflow block")
     block = func.body.blocks[0]
     outputs = [relax.Var(f"calib_{i}", op.data.ty) for i, op in enumerate(ops)]
     bindings = list(block.bindings) + [relax.VarBinding(o, op.data) for o, op in zip(outputs, ops)]
-    body = relax.SeqExpr([relax.DataflowBlock(bindings)], relax.Tuple([func.body.body, *outputs]))
-    ret = relax.TupleType([func.ret_ty, *[op.data.ty for op in ops]])
+    body = relax.SeqExpr([relax.DataflowBlock(bindings)], relax.Tuple([*outputs, func.body.body]))
+    ret = relax.TupleType([*[op.data.ty for op in ops], func.ret_ty])
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = relax.Function(func.params, body, ret, True, func.attrs)
     return relax.transform.Normalize()(out)

@@ -135,11 +135,11 @@ def test_int8_compile_from_an_npz_writes_the_layer_report(tmp_path, demo_model_p
     done = quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "int8.so",
                    "--input-shape", "image=32,1,8,8", "--calib", calibration_file(), "--calib-mode", "percentile",
                    "--calib-batches", "4", "--exclude-operators", "Gemm", "--report", report)
-    assert "int8:    {'conv2d': 4} (percentile calibration" in done.stdout
+    assert "int8:    {'conv2d': 4, 'avg_pool': 1} (percentile calibration" in done.stdout
     assert "head.gemm" in done.stdout and "excluded by op type" in done.stdout
     data = json.loads(report.read_text())["quantization"]
-    assert data["int8_ops"] == {"conv2d": 4} and data["fp32_ops"] == {"dense": 1}
-    assert {row["name"] for row in data["layers"]} == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv"}
+    assert data["int8_ops"] == {"conv2d": 4, "avg_pool": 1} and data["fp32_ops"] == {"dense": 1}
+    assert {row["name"] for row in data["layers"]} == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv", "gap"}
     assert all(set(row) >= {"dtype", "threshold", "sqnr_db", "cosine"} for row in data["layers"])
     assert "precision: int8" in quantvm("inspect", tmp_path / "int8.so").stdout
 

@@ -82,9 +82,10 @@ def test_digits_int8_accuracy_within_half_a_point_of_fp32(mode, digits_fp32_accu
                             calib=[calib[:240]], calib_mode=mode)
     assert digits_fp32_accuracy - _accuracy(int8, images, labels) <= 0.005
     quant = int8.report["quantization"]
-    assert quant["int8_ops"] == {"conv2d": 4, "dense": 1} and quant["fp32_ops"] == {}
+    assert quant["int8_ops"] == {"conv2d": 4, "avg_pool": 1, "dense": 1} and quant["fp32_ops"] == {}
     names = [row["name"] for row in quant["layers"]]
-    assert sorted(names) == ["block_a.conv", "block_b.conv", "head.gemm", "stem.conv", "wide.conv"]
+    assert sorted(names) == ["block_a.conv", "block_b.conv", "gap", "head.gemm", "stem.conv", "wide.conv"]
+    assert int8.report["unfused_ops"] == {"max_pool2d": 1, "quantize": 1, "reshape": 1}  # only the image's quantize
     sqnr = [row["sqnr_db"] for row in quant["layers"]]
     assert sqnr == sorted(sqnr) and min(sqnr) > 20  # worst first
     assert all(row["dtype"] == "uint8" for row in quant["layers"])  # image in [0, 1] and ReLU outputs
@@ -92,7 +93,7 @@ def test_digits_int8_accuracy_within_half_a_point_of_fp32(mode, digits_fp32_accu
     assert int8.metadata["quantization"]["mode"] == "int8"
 
 
-@pytest.mark.parametrize("name", ["resnet_bottleneck", "depthwise_separable", "mlp"])
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "depthwise_separable", "mlp", "pooling"])
 def test_int8_models_stay_close_to_onnxruntime_fp32(name, rng):
     model = fixtures.MODELS[name](rng)
     feeds = random_inputs(model, rng)
@@ -119,7 +120,7 @@ def test_custom_collector_end_to_end():
     mine = MeanAbsCollector()
     int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
                             calib=[calib[:80]], calib_mode="custom", collector=mine)
-    assert mine.include_layers == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv", "head.gemm"}
+    assert mine.include_layers == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv", "gap", "head.gemm"}
     thresholds = {r["name"]: r["threshold"] for r in int8.report["quantization"]["layers"]}
     assert thresholds == {k: list(v) for k, v in mine.min_max_dict.items()}
     assert _accuracy(int8, images, labels) > 0.9
@@ -132,12 +133,13 @@ def test_exclusions_keep_layers_in_fp32():
         warnings.simplefilter("always")
         model = compiler.compile(model_path, target="native", input_shapes=shapes, calib=[calib[:40]],
                                  calib_mode="naive", exclude_layers=["stem.conv", "no.such.layer"],
-                                 exclude_layers_match=["block_"], exclude_operators=["Gemm"])
+                                 exclude_layers_match=["block_"], exclude_operators=["Gemm", "GlobalAveragePool"])
     assert any("no.such.layer" in str(w.message) for w in caught)
     quant = model.report["quantization"]
-    assert quant["int8_ops"] == {"conv2d": 1} and quant["fp32_ops"] == {"conv2d": 3, "dense": 1}
+    assert quant["int8_ops"] == {"conv2d": 1} and quant["fp32_ops"] == {"conv2d": 3, "avg_pool": 1, "dense": 1}
     assert quant["fp32_layers"] == {"stem.conv": "excluded by name", "block_a.conv": "excluded by name match",
-                                    "block_b.conv": "excluded by name match", "head.gemm": "excluded by op type"}
+                                    "block_b.conv": "excluded by name match", "gap": "excluded by op type",
+                                    "head.gemm": "excluded by op type"}
 
 
 class _FakeTensor:
@@ -221,8 +223,8 @@ def test_cascadelake_int8_build_and_metadata(tmp_path):
                              calib=[calib[:40]], calib_mode="naive")
     path = built.export(tmp_path / "digits_int8_clx.so")
     meta = compiler.artifact.read_metadata(path)
-    assert meta["quantization"] == {"mode": "int8", "calib_mode": "naive", "int8_ops": {"conv2d": 4, "dense": 1},
-                                    "fp32_ops": {}}
+    assert meta["quantization"] == {"mode": "int8", "calib_mode": "naive",
+                                    "int8_ops": {"conv2d": 4, "avg_pool": 1, "dense": 1}, "fp32_ops": {}}
     assert "output_error" not in built.report["quantization"]  # it cannot run here to be measured
 
 
