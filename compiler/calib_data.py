@@ -36,9 +36,13 @@ def _named(batch, specs: list[TensorSpec], index: int) -> dict[str, np.ndarray]:
                                    f"{names}" + (f" (missing {missing})" if missing else ""))
         return {n: _as_array(batch[n], f"calibration batch {index}, input {n!r}") for n in names}
     if isinstance(batch, (tuple, list)):
-        if len(batch) != len(names):
+        if len(batch) < len(names):
             raise CalibrationError(f"calibration batch {index}: {len(batch)} arrays given, the model has "
                                    f"{len(names)} inputs ({', '.join(names)})")
+        if len(batch) > len(names) and index == 0:  # a DataLoader's (images, labels): labels are not inputs
+            warnings.warn(f"calibration batches hold {len(batch)} arrays for {len(names)} model input(s): "
+                          "the trailing ones (labels?) are not used", stacklevel=4)
+        batch = batch[:len(names)]
         return {n: _as_array(v, f"calibration batch {index}, input {n!r}") for n, v in zip(names, batch)}
     if len(names) != 1:
         raise CalibrationError(f"calibration batch {index}: a single array was given but the model has "

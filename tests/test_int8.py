@@ -162,6 +162,11 @@ def test_loaders_of_every_shape_are_accepted(rng):
         ranges.append([row["threshold"] for row in sorted(built.report["quantization"]["layers"],
                                                           key=lambda r: r["name"])])
     assert all(r == ranges[0] for r in ranges)
+    labels = np.arange(8)
+    with pytest.warns(UserWarning, match="trailing ones"):  # a DataLoader of (images, labels)
+        built = compiler.compile(model, target="native", calib=[(base, labels)], calib_mode="naive")
+    assert [row["threshold"] for row in sorted(built.report["quantization"]["layers"],
+                                               key=lambda r: r["name"])] == ranges[0]
 
 
 def test_calibration_streams_and_stops_at_num_calib_batches(rng):
