@@ -100,8 +100,8 @@ def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionRepor
     patterns = []
     for rule in RULES:
         if rule.name in rules:
-            pattern, parts = rule.build()
-            patterns.append(FusionPattern(rule.name, pattern, parts, _check(rule.name, report.rejected)))
+            for pattern, parts in rule.build():
+                patterns.append(FusionPattern(rule.name, pattern, parts, _check(rule.name, report.rejected)))
     if patterns:
         mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False)(mod)
     report.fusion = {name: 0 for name in rules}

@@ -98,11 +98,12 @@ def _any_activation(table, x) -> DFPattern:
 
 @dataclass(frozen=True)
 class FusionRule:
-    """One fusion: `build()` gives the pattern and its named parts (`producer`, `bias`, `sum`, `act`)."""
+    """One fusion: `build()` gives its pattern variants, each with named parts (`producer`, `bias`, `sum`,
+    `act`), tried in order."""
 
     name: str
     description: str
-    build: Callable[[], tuple[DFPattern, dict[str, DFPattern]]]
+    build: Callable[[], list[tuple[DFPattern, dict[str, DFPattern]]]]
 
 
 def _producer(kind: str):
@@ -122,10 +123,17 @@ def _with_quantize_tail(out):
 
 
 def _chain(kind: str, order: tuple[str, ...]):
-    """Producer (+ optional bias) followed by the steps in `order`: 'sum' (add of another tensor), 'act'."""
+    """Producer (+ optional bias) followed by the steps in `order`: 'sum' (add of another tensor), 'act'.
+
+    With a sum, the variants put the chain on either side of the Add: where both operands are conv chains
+    and one of them is also read elsewhere, the other one must still get its chance to fuse.
+    """
     table = CONV_ACTIVATIONS if kind == "conv" else FC_ACTIVATIONS
 
     def build():
+        return [variant(chain_first) for chain_first in ((True, False) if "sum" in order else (True,))]
+
+    def variant(chain_first: bool):
         producer, bias, with_bias, dequantized = _producer(kind)
         # a lone fp32 conv/FC is no fusion; a lone int8 one already is (conv, bias, cast, scale)
         out = with_bias | dequantized if not order else with_bias | dequantized | producer
@@ -134,7 +142,7 @@ def _chain(kind: str, order: tuple[str, ...]):
             if step == "sum":
                 # another tensor (a constant here is a bias, not a sum), or the int8 copy of one
                 other = is_op("relax.dequantize")(wildcard(), is_const(), is_const()) | ~is_const()
-                out = _either("relax.add", out, other)
+                out = is_op("relax.add")(out, other) if chain_first else is_op("relax.add")(other, out)
                 parts["sum"], parts["sum_operand"] = out, other
             else:
                 out = _any_activation(table, out)
@@ -157,7 +165,7 @@ def _bn_relu():
                        is_op("relax.multiply")(is_const(), inner), is_op("relax.add")(is_const(), inner))
         chain = step if chain is None else step | chain
     out = _with_quantize_tail(is_op("relax.nn.relu")(chain))
-    return out, {"root": out, "bn_input": x}
+    return [(out, {"root": out, "bn_input": x})]
 
 
 def _int8_average_pool():
@@ -165,7 +173,7 @@ def _int8_average_pool():
     data = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
     pool = is_op("relax.nn.avg_pool2d")(data) | is_op("relax.nn.adaptive_avg_pool2d")(data) | is_op("relax.mean")(data)
     out = _with_quantize_tail(pool)
-    return out, {"root": out}
+    return [(out, {"root": out})]
 
 
 RULES: tuple[FusionRule, ...] = (

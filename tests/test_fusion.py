@@ -116,3 +116,14 @@ def test_rules_can_be_picked_or_unknown_ones_refused(rng):
     with pytest.raises(compiler.QuantvmError, match="unknown fusion rule"):
         compiler.compile(model, target="native", fuse=["conv_bn", "conv_magic"])
     assert set(RULE_NAMES) == {r for r in compiler.compile(model, target="native").report["fusion"]}
+
+
+def test_sum_of_two_conv_chains_fuses_the_one_read_nowhere_else(rng):
+    """MobileNetV2's residual: add(block input, last conv); the block input is itself a conv chain that the
+    next conv also reads, so only the other operand's chain may take the Add."""
+    g = GraphBuilder(rng)
+    a = g.conv_bn("data", "a", 8, 8, k=1, act=None)
+    b = g.conv_bn(g.conv_bn(a, "b1", 8, 8, k=1), "b2", 8, 8, k=1, act=None)
+    model = g.model("two_chains", {"data": (1, 8, 6, 6)}, [g.op("Add", [a, b], "sum")])
+    report = compile_both_ways(model, rng)
+    assert matched(report) == {"conv_bn": 1, "conv_bn_act": 1, "conv_bn_sum": 1} and report["unfused_ops"] == {}
