@@ -140,8 +140,7 @@ def _chain(kind: str, order: tuple[str, ...]):
         parts = {"producer": producer, "bias": bias}
         for step in order:
             if step == "sum":
-                # another tensor (a constant here is a bias, not a sum), or the int8 copy of one
-                other = is_op("relax.dequantize")(wildcard(), is_const(), is_const()) | ~is_const()
+                other = ~is_const()  # another tensor; a constant here is a bias, not a sum
                 out = is_op("relax.add")(out, other) if chain_first else is_op("relax.add")(other, out)
                 parts["sum"], parts["sum_operand"] = out, other
             else:

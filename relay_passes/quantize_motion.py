@@ -9,10 +9,6 @@ values is the quantized max; reshapes and concat move values without touching th
 
 Moved up, the quantize can then end its producer's kernel (requantize in the epilogue), and the pooling or
 concat moves a quarter of the bytes. Nothing moves past a value that another op also reads.
-
-A value that an int8 op reads through a quantize and a residual Add reads as fp32 (every ResNet block
-output) is stored once, quantized: the Add reads dequantize(quantize(v)) instead, which the fusion rules
-put inside its kernel, as MXNet's int8 sum does. The quantize then ends v's producer kernel.
 """
 
 from __future__ import annotations
@@ -56,61 +52,6 @@ def _pattern():
     return is_op("relax.quantize")(movable, is_const(), is_const()), movable
 
 
-def _share_with_residual_adds(func: relax.Function) -> relax.Function:
-    """Point residual Adds that read a value an int8 op reads through a quantize at its dequantized copy."""
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    quantized = {}  # value var -> the quantize binding reading it
-    for b in bindings:
-        value = b.value
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.quantize" \
-                and isinstance(value.args[0], relax.DataflowVar):
-            quantized.setdefault(value.args[0], b)
-    readers = {var: [] for var in quantized}
-    for b in bindings:
-        value = b.value
-        if isinstance(value, relax.Call):
-            for arg in value.args:
-                if isinstance(arg, relax.Var) and arg in readers and b is not quantized[arg]:
-                    readers[arg].append(b)
-    shared = {var: q for var, q in quantized.items()
-              if readers[var] and all(_is_residual_add(r.value, var) for r in readers[var])}
-    if not shared:
-        return func
-    return _Redirect(shared).visit_expr(func)
-
-
-def _is_residual_add(call, var) -> bool:
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add"):
-        return False
-    other = call.args[1] if call.args[0].same_as(var) else call.args[0]
-    return isinstance(other, relax.Var) and not other.same_as(var)
-
-
-@relax.expr_functor.mutator
-class _Redirect(relax.PyExprMutator):
-    def __init__(self, shared):
-        super().__init__()
-        self.shared = shared  # value var -> its quantize binding
-        self.dequantized = {}
-
-    def visit_var_binding_(self, binding):
-        super().visit_var_binding_(binding)
-        for var, q in self.shared.items():
-            if binding.var.same_as(q.var):
-                attrs = q.value.attrs
-                copy = relax.op.dequantize(self.visit_expr(q.var), q.value.args[1], q.value.args[2], axis=attrs.axis,
-                                           out_dtype=str(var.ty.dtype))
-                self.dequantized[var] = self.builder_.emit(copy)
-
-    def visit_call_(self, call):
-        new = super().visit_call_(call)
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
-            args = [self.dequantized[a] if isinstance(a, relax.Var) and a in self.dequantized else b
-                    for a, b in zip(call.args, new.args)]
-            return relax.op.add(*args)
-        return new
-
-
 @tvm.transform.module_pass(opt_level=0, name="quantvm.MoveQuantizeUp")
 def MoveQuantizeUp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM pass naming)
     func = mod["main"]
@@ -121,7 +62,6 @@ def MoveQuantizeUp(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (TVM 
         func = relax.analysis.remove_all_unused(func)
         if tvm_ffi.structural_equal(before, func):
             break
-    func = _share_with_residual_adds(func)
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = func
     return relax.transform.Normalize()(out)
