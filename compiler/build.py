@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
-from compiler.frontend import ImportedModel, import_onnx
+from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.quantization import QuantizationOptions, output_error, quantize
 from compiler.runtime import Predictor, check_host_can_run, flatten_outputs
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
@@ -41,8 +41,12 @@ class CompiledModel:
         return self.metadata["target"]["name"]
 
     @property
-    def inputs(self):
-        return self._runner().inputs if self._predictor else self.metadata["inputs"]
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_json(t) for t in self.metadata["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_json(t) for t in self.metadata["outputs"]]
 
     def run(self, *args, **kwargs):
         """Run on numpy inputs (by position or name); returns the outputs in model order."""
