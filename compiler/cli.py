@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per contender (default 10)")
     p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
+    p.add_argument("--int8", action="store_true", help="also time quantvm's and onnxruntime's INT8 (needs --calib)")
+    p.add_argument("--calib", metavar="DATA.npz", help="calibration data for --int8 (one array per input name)")
+    p.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"])
+    p.add_argument("--calib-batches", type=int, metavar="N")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
@@ -142,6 +146,14 @@ def _csv(text):
     return [part for part in (text or "").split(",") if part]
 
 
+def _read_npz(path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, AttributeError) as err:
+        raise InputError(f"--calib {path}: cannot read it as an .npz of arrays ({err})") from err
+
+
 def _int8_options(args) -> dict:
     if args.calib_mode == "none":
         return {"calib_mode": "none", "exclude_layers": _csv(args.exclude_layers),
@@ -149,12 +161,7 @@ def _int8_options(args) -> dict:
                 "exclude_operators": _csv(args.exclude_operators)}
     if not args.calib:
         return {}
-    try:
-        with np.load(args.calib, allow_pickle=False) as data:
-            calib = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
-        raise InputError(f"--calib {args.calib}: cannot read it as an .npz of arrays ({err})") from err
-    return {"calib": calib, "calib_mode": args.calib_mode, "num_calib_batches": args.calib_batches,
+    return {"calib": _read_npz(args.calib), "calib_mode": args.calib_mode, "num_calib_batches": args.calib_batches,
             "percentile": args.percentile, "quantized_dtype": args.quantized_dtype,
             "exclude_layers": _csv(args.exclude_layers), "exclude_layers_match": _csv(args.exclude_layers_match),
             "exclude_operators": _csv(args.exclude_operators)}
@@ -259,8 +266,12 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from compiler.bench import bench, format_table
 
+    if args.int8 and not args.calib:
+        raise InputError("--int8 needs --calib DATA.npz (calibration data for both quantvm and onnxruntime)")
+    calib = _read_npz(args.calib) if args.int8 else None
     result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, rounds=args.rounds,
-                   compare_unfused=args.no_fuse)
+                   compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
+                   num_calib_batches=args.calib_batches)
     print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path

@@ -103,11 +103,25 @@ def test_bench_times_fused_unfused_and_onnxruntime(tmp_path, demo_model_path):
 
     done = quantvm("bench", demo_model_path, "--input-shape", "image=2,1,8,8", "--rounds", "3", "--no-fuse",
                    "--json", tmp_path / "bench.json")
-    assert "quantvm fused" in done.stdout and "quantvm --no-fuse" in done.stdout and "onnxruntime" in done.stdout
+    assert "quantvm fp32 --no-fuse" in done.stdout and "onnxruntime fp32" in done.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["quantvm fused", "quantvm --no-fuse", "onnxruntime fp32"]
+    assert [r["name"] for r in result["rows"]] == ["quantvm fp32", "quantvm fp32 --no-fuse", "onnxruntime fp32"]
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["rows"])
-    assert result["batch"] == 2 and result["rows"][0]["fused_speedup_over_this"] == 1.0
+    assert result["batch"] == 2 and result["rows"][0]["speedup_of_first_row"] == 1.0
+
+
+def test_bench_int8_against_onnxruntime_int8(tmp_path, demo_model_path):
+    import json
+
+    from compiler.demo import calibration_file
+
+    done = quantvm("bench", demo_model_path, "--input-shape", "image=32,1,8,8", "--rounds", "2", "--int8",
+                   "--calib", calibration_file(), "--calib-mode", "naive", "--json", tmp_path / "b.json")
+    assert "WARNING" not in done.stderr
+    rows = [r["name"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]]
+    assert rows == ["quantvm int8", "quantvm fp32", "onnxruntime int8", "onnxruntime fp32"]
+    missing = quantvm("bench", demo_model_path, "--int8", check=False)
+    assert missing.returncode == 1 and "--int8 needs --calib" in missing.stderr
 
 
 def test_compile_report_json_and_no_fuse(tmp_path, demo_model_path):
