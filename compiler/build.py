@@ -78,9 +78,10 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
 
     INT8: `calib` is an iterable of batches (dicts name -> array, one array, or tuples in input order);
     `calib_mode` is naive | entropy | percentile | custom (with `collector`), or none: no calibration data,
-    each batch's ranges computed at run time (slower: an extra pass over every int8 op's input); `quantized_dtype` auto | int8 |
-    uint8; `exclude_layers` (ONNX node names), `exclude_layers_match` (substrings) and `exclude_operators`
-    (Conv, Gemm, MatMul) keep layers in fp32.
+    each batch's ranges computed at run time (slower: an extra pass over every int8 op's input).
+    `quantized_dtype` is auto | int8 | uint8. `exclude_layers` (ONNX node names), `exclude_layers_match`
+    (substrings) and `exclude_operators` (Conv, Gemm, MatMul, AveragePool, GlobalAveragePool) keep layers
+    in fp32.
     """
     start = time.perf_counter()
     spec = resolve_target(target)

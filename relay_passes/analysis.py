@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import relax
 
 
@@ -24,3 +25,17 @@ class SingleUse:
     def __call__(self, value) -> bool:
         var = next((v for val, v in self.var_of if val.same_as(value)), None)
         return var is not None and self.uses.get(var, 2) == 1
+
+
+def channel_vector(values: np.ndarray, producer: relax.Call) -> np.ndarray | None:
+    """`values` as one number per output channel of a conv2d (NCHW: axis 1) or matmul (last axis), where
+    it is broadcast along that axis only (a bias, a BatchNorm scale); None where it varies elsewhere."""
+    out_shape = [int(d) for d in producer.ty.shape.values]
+    if values.ndim > len(out_shape):
+        return None
+    axis = 1 if producer.op.name == "relax.nn.conv2d" else len(out_shape) - 1
+    padded = values.reshape((1,) * (len(out_shape) - values.ndim) + values.shape)
+    channels = out_shape[axis]
+    if any(d != 1 for i, d in enumerate(padded.shape) if i != axis) or padded.shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(padded.reshape(-1), (channels,))

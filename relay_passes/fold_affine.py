@@ -15,7 +15,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from relay_passes.analysis import SingleUse
+from relay_passes.analysis import SingleUse, channel_vector
 
 _MUL, _DIV, _ADD, _SUB = (f"relax.{n}" for n in ("multiply", "divide", "add", "subtract"))
 
@@ -32,19 +32,10 @@ class _Folder:
 
     # --- the per-channel vector of a constant, for a producer's output
     @staticmethod
-    def channel_vector(producer, const) -> np.ndarray | None:
-        c = const.value.numpy()
-        out_shape = [int(d) for d in producer.ty.shape.values]
-        if c.ndim > len(out_shape) or "float" not in str(producer.ty.dtype):
+    def float_channel_vector(producer, const) -> np.ndarray | None:
+        if "float" not in str(producer.ty.dtype):
             return None
-        axis = 1 if producer.op.name == "relax.nn.conv2d" else len(out_shape) - 1
-        padded = c.reshape((1,) * (len(out_shape) - c.ndim) + c.shape)
-        if any(d != 1 for i, d in enumerate(padded.shape) if i != axis):
-            return None
-        channels = out_shape[axis]
-        if padded.shape[axis] not in (1, channels):
-            return None
-        return np.broadcast_to(padded.reshape(-1), (channels,)).astype(c.dtype)
+        return channel_vector(const.value.numpy(), producer)
 
     @staticmethod
     def scaled(producer, scale: np.ndarray):
@@ -70,13 +61,13 @@ class _Folder:
         """`op(P, c)` or `op(add(P, b), c)` -> `add(P', b')` (or `P'` when there is no bias)."""
         producer, outer_const = m[names["producer"]], m[names["const"]]
         op = expr.op.name
-        c = self.channel_vector(producer, outer_const)
+        c = self.float_channel_vector(producer, outer_const)
         if c is None or (op == _DIV and not np.all(c)):
             return expr
         inner = m.get(names["add"])
         if not self.single_use(producer) or (inner is not None and not self.single_use(inner)):
             return expr
-        b = self.channel_vector(producer, m[names["bias"]]) if inner is not None else np.zeros_like(c)
+        b = self.float_channel_vector(producer, m[names["bias"]]) if inner is not None else np.zeros_like(c)
         if b is None:
             return expr
         if op in (_MUL, _DIV):

@@ -16,6 +16,7 @@ from tvm import relax
 from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.transform import FusionPattern, PatternCheckContext
 
+from relay_passes.analysis import channel_vector
 from relay_passes.patterns import RULE_NAMES, RULES
 
 
@@ -50,12 +51,7 @@ def _shape(expr) -> tuple | None:
 
 
 def _bias_is_per_channel(producer, bias) -> bool:
-    out, b = _shape(producer), bias.value.numpy().shape
-    if out is None or len(b) > len(out):
-        return False
-    axis = 1 if producer.op.name == "relax.nn.conv2d" else len(out) - 1
-    padded = (1,) * (len(out) - len(b)) + b
-    return all(d == 1 or (i == axis and d == out[axis]) for i, d in enumerate(padded))
+    return channel_vector(bias.value.numpy(), producer) is not None
 
 
 def _clip_from_zero(act) -> bool:

@@ -19,7 +19,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from relay_passes.analysis import use_counts
+from relay_passes.analysis import channel_vector, use_counts
 from relay_passes.quantize_motion import MoveQuantizeUp
 
 BIAS_LIMIT = 2**30
@@ -46,10 +46,6 @@ class QuantizableOp:
 
 def _is_float_tensor(expr) -> bool:
     return "float" in str(getattr(expr.ty, "dtype", ""))
-
-
-def _channel_axis(kind: str, rank: int) -> int:
-    return 1 if kind == "conv2d" else rank - 1
 
 
 def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) -> list[QuantizableOp]:
@@ -111,7 +107,9 @@ def _onnx_names(calls, proto) -> list[str]:
 
 
 def _attach_biases(bindings, ops, uses) -> None:
+    """A per-channel constant added right after a conv/dense (its only reader) joins the s32 accumulator."""
     by_var = {op.var: op for op in ops}
+    values = {b.var: b.value for b in bindings}
     for b in bindings:
         value = b.value
         if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
@@ -122,15 +120,9 @@ def _attach_biases(bindings, ops, uses) -> None:
         if not isinstance(const, tvm.ir.expr.GenericConst):
             continue
         op = by_var[source]
-        out_rank = len(op.var.ty.shape.values)
-        channels = op.weight.shape[0] if op.kind == "conv2d" else op.weight.shape[1]
-        bias = const.value.numpy()
-        padded = bias.reshape((1,) * (out_rank - bias.ndim) + bias.shape) if bias.ndim <= out_rank else None
-        axis = _channel_axis(op.kind, out_rank)
-        if padded is None or any(d != 1 for i, d in enumerate(padded.shape) if i != axis) \
-                or padded.shape[axis] not in (1, channels):
-            continue
-        op.bias_var, op.bias = b.var, np.broadcast_to(padded.reshape(-1), (channels,)).astype(np.float64)
+        bias = channel_vector(const.value.numpy(), values[op.var])
+        if bias is not None:
+            op.bias_var, op.bias = b.var, bias.astype(np.float64)
 
 
 def plan_input(lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
