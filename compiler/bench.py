@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# (contender, baseline) pairs whose speedup is reported: quantvm against onnxruntime at the same precision,
+# int8 against fp32, fused against unfused.
+RATIOS = (("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime int8"),
+          ("quantvm int8", "quantvm fp32"), ("quantvm fp32", "quantvm fp32 --no-fuse"))
+
 
 @dataclass
 class Contender:
@@ -26,6 +31,20 @@ class Contender:
         median = float(np.median(times))
         return {"name": self.name, "median_ms": median * 1e3, "p90_ms": float(np.percentile(times, 90)) * 1e3,
                 "throughput": batch / median}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every batch size of one bench run shares."""
+
+    target: str = "native"
+    rounds: int = 10
+    compare: str = "onnxruntime"  # or "none": quantvm alone
+    compare_unfused: bool = False
+    calib: dict | None = None  # calibration arrays by input name: enables the int8 contenders
+    calib_mode: str = "entropy"
+    num_calib_batches: int | None = None
+    threads: int = 1
 
 
 def onnxruntime_contender(model_bytes: bytes, threads: int) -> Contender | None:
@@ -85,50 +104,149 @@ def onnxruntime_int8_contender(model_path, batches: list[dict], threads: int) ->
     return contender
 
 
-def bench(model_path, target: str = "native", input_shapes: dict | None = None, rounds: int = 10,
-          compare_unfused: bool = False, calib: dict | None = None, calib_mode: str = "entropy",
-          num_calib_batches: int | None = None) -> dict:
-    """Compile `model_path` (fp32, and int8 when `calib` is given, and unfused on request), time the builds
-    and onnxruntime's on the same random inputs, interleaved; the first row is the baseline of the ratios."""
-    from compiler.build import compile
-    from compiler.calib_data import model_batches
-    from compiler.frontend import read_onnx
+def onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
 
-    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
-    fused = compile(model_path, target=target, input_shapes=input_shapes)
+
+def batch_input_shapes(proto, input_shapes: dict | None, batch: int | None) -> dict | None:
+    """`input_shapes` with dim 0 of every input set to `batch` (None: unchanged). An input not in
+    `input_shapes` takes the model's declared shape; one whose other dims are dynamic is left for the
+    importer to name, and a scalar input has no batch dimension to set."""
+    from compiler.frontend import graph_inputs
+
+    if batch is None:
+        return input_shapes
+    shapes = dict(input_shapes or {})
+    for value in graph_inputs(proto):
+        dims = shapes.get(value.name)
+        if dims is None:
+            declared = value.type.tensor_type.shape.dim
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in declared]
+            if None in dims[1:]:
+                continue
+        if len(dims):
+            shapes[value.name] = (batch, *dims[1:])
+    return shapes
+
+
+def random_feeds(specs) -> dict:
+    """The same random inputs for every contender (seeded: the same across runs too)."""
     rng = np.random.default_rng(0)
-    feeds = {s["name"]: rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in fused.metadata["inputs"]}
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in specs}
+
+
+def quantvm_contenders(model_path, shapes: dict | None, settings: Settings) -> tuple[object, list[Contender]]:
+    """quantvm's fp32 build (returned too: its inputs are the bench's), int8 and unfused builds on request."""
+    from compiler.build import compile
+
+    def build(**options):
+        return compile(model_path, target=settings.target, input_shapes=shapes, num_threads=settings.threads,
+                       **options)
+
+    fused = build()
     contenders = [Contender("quantvm fp32", lambda f: fused.run(**f))]
-    proto, _, _ = read_onnx(model_path)
-    if calib is not None:
-        int8 = compile(model_path, target=target, input_shapes=input_shapes, calib=[calib], calib_mode=calib_mode,
-                       num_calib_batches=num_calib_batches)
+    if settings.calib is not None:
+        int8 = build(calib=[settings.calib], calib_mode=settings.calib_mode,
+                     num_calib_batches=settings.num_calib_batches)
         contenders.insert(0, Contender("quantvm int8", lambda f: int8.run(**f)))
-        batches = list(model_batches([calib], fused.inputs, num_calib_batches))
-        reference_int8 = onnxruntime_int8_contender(model_path, batches, threads)
-        if reference_int8 is not None:
-            contenders.append(reference_int8)
-    if compare_unfused:
-        unfused = compile(model_path, target=target, input_shapes=input_shapes, fuse=False)
+    if settings.compare_unfused:
+        unfused = build(fuse=False)
         contenders.append(Contender("quantvm fp32 --no-fuse", lambda f: unfused.run(**f)))
-    reference = onnxruntime_contender(proto.SerializeToString(), threads)
-    if reference is not None:
-        contenders.append(reference)
-    interleave(contenders, feeds, rounds)
-    batch = fused.metadata["inputs"][0]["shape"][0] if fused.metadata["inputs"][0]["shape"] else 1
+    return fused, contenders
+
+
+def onnxruntime_contenders(model_path, proto, fused, settings: Settings) -> list[Contender]:
+    """onnxruntime on the same model (int8 too, calibrated on the same batches as quantvm's int8)."""
+    from compiler.calib_data import model_batches
+
+    if settings.compare == "none":
+        return []
+    contenders = []
+    if settings.calib is not None:
+        batches = list(model_batches([settings.calib], fused.inputs, settings.num_calib_batches))
+        contenders.append(onnxruntime_int8_contender(model_path, batches, settings.threads))
+    contenders.append(onnxruntime_contender(proto.SerializeToString(), settings.threads))
+    return [c for c in contenders if c is not None]
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """How many times faster each RATIOS contender is than its baseline: baseline median / its median."""
+    median = {row["name"]: row["median_ms"] for row in rows}
+    return [{"contender": mine, "baseline": theirs, "speedup": median[theirs] / median[mine]}
+            for mine, theirs in RATIOS if mine in median and theirs in median]
+
+
+def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> dict:
+    """Compile and time every contender at one set of input shapes; one section of the results."""
+    fused, contenders = quantvm_contenders(model_path, shapes, settings)
+    contenders += onnxruntime_contenders(model_path, proto, fused, settings)
+    interleave(contenders, random_feeds(fused.inputs), settings.rounds)
+    first = fused.metadata["inputs"][0]["shape"]
+    batch = first[0] if first else 1
     rows = [c.summary(batch) for c in contenders]
     for row in rows:
         row["speedup_of_first_row"] = row["median_ms"] / rows[0]["median_ms"]
-    return {"model": str(model_path), "target": fused.target, "threads": threads, "rounds": rounds,
-            "batch": batch, "rows": rows, "fusion": fused.report["fusion"], "kernels": fused.report["kernels"]}
+    return {"batch": batch, "inputs": fused.metadata["inputs"], "target": fused.target,
+            "mcpu": fused.metadata["target"]["mcpu"], "rows": rows, "ratios": speedups(rows),
+            "fusion": fused.report["fusion"], "kernels": fused.report["kernels"]}
+
+
+def bench(model_path, target: str = "native", input_shapes: dict | None = None, batches=(None,), rounds: int = 10,
+          compare: str = "onnxruntime", compare_unfused: bool = False, calib: dict | None = None,
+          calib_mode: str = "entropy", num_calib_batches: int | None = None, threads: int | None = None,
+          command: str | None = None) -> dict:
+    """Time quantvm's builds (fp32; int8 when `calib` is given; unfused on request) and onnxruntime's
+    (unless `compare` is "none") on the same random inputs and thread count, interleaved, once per batch
+    size in `batches` (None: the shapes as given). `threads`: None is $TVM_NUM_THREADS, else all cores."""
+    import tvm
+
+    from compiler.build import quantvm_version
+    from compiler.frontend import read_onnx
+    from compiler.runtime import host_cores, resolve_num_threads, use_threads
+    from targets import host_model_name
+
+    if compare not in ("onnxruntime", "none"):
+        raise ValueError(f"compare must be 'onnxruntime' or 'none', got {compare!r}")
+    if compare == "onnxruntime" and onnxruntime_version() is None:
+        import warnings
+
+        warnings.warn("onnxruntime is not installed: timing quantvm alone (pip install onnxruntime)", stacklevel=2)
+    threads = resolve_num_threads(threads)
+    use_threads(threads)  # before onnxruntime starts its threads, which inherit this thread's CPU affinity
+    settings = Settings(target, rounds, compare, compare_unfused, calib, calib_mode, num_calib_batches, threads)
+    proto, source, _ = read_onnx(model_path)
+    sections = [bench_batch(model_path, proto, batch_input_shapes(proto, input_shapes, b), settings) for b in batches]
+    return {"command": command, "model": source, "target": sections[0]["target"], "threads": threads,
+            "rounds": rounds, "compare": compare, "host": host_model_name(), "cores": host_cores(),
+            "versions": {"quantvm": quantvm_version(), "tvm": tvm.__version__,
+                         "onnxruntime": onnxruntime_version() if compare == "onnxruntime" else None},
+            "batches": sections}
 
 
 def format_table(result: dict) -> str:
-    first = result["rows"][0]["name"]
-    lines = [f"{result['model']} on {result['target']}, batch {result['batch']}, {result['threads']} thread(s), "
-             f"{result['rounds']} interleaved rounds; fp32 build: {result['kernels']} kernels",
-             f"{'':24}{'median ms':>11}{'p90 ms':>10}{'items/s':>10}   {first} is x faster"]
-    for row in result["rows"]:
-        lines.append(f"{row['name']:24}{row['median_ms']:11.2f}{row['p90_ms']:10.2f}{row['throughput']:10.1f}"
-                     f"{row['speedup_of_first_row']:10.2f}")
+    """The command, the conditions, then per batch size a table of the contenders and the speedups."""
+    versions = ", ".join(f"{name} {v}" for name, v in result["versions"].items() if v)
+    lines = [result["command"]] if result.get("command") else []
+    lines += [f"{result['model']}: {result['threads']} thread(s) for every contender, {result['rounds']} "
+              "interleaved rounds, the same random inputs",
+              f"host {result['host']} ({result['cores']} cores); {versions}",
+              "speedup A vs B: how many times faster A runs than B (B's median latency / A's)"]
+    for section in result["batches"]:
+        lines += [""] + format_section(section)
     return "\n".join(lines)
+
+
+def format_section(section: dict) -> list[str]:
+    inputs = ", ".join(f"{spec['name']} {spec['shape']}" for spec in section["inputs"])
+    lines = [f"batch {section['batch']} ({inputs}) on {section['target']} (mcpu {section['mcpu']}); "
+             f"quantvm fp32 build: {section['kernels']} kernels",
+             f"{'':24}{'items/s':>12}{'median ms':>12}{'p90 ms':>12}"]
+    for row in section["rows"]:
+        lines.append(f"{row['name']:24}{row['throughput']:12.1f}{row['median_ms']:12.3f}{row['p90_ms']:12.3f}")
+    for ratio in section["ratios"]:
+        lines.append(f"speedup {ratio['contender']} vs {ratio['baseline']}: {ratio['speedup']:.2f}x")
+    return lines

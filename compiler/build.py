@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -10,7 +11,8 @@ from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.quantization import QuantizationOptions, output_error, quantize
-from compiler.runtime import Predictor, check_host_can_run, flatten_outputs
+from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
+                              resolve_num_threads, use_threads)
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
 from relay_passes import fuse as fuse_graph
 from calib import CalibrationCollector
@@ -29,11 +31,13 @@ def quantvm_version() -> str:
 class CompiledModel:
     """A model compiled for one target: run it (where the host can), export it, read its metadata."""
 
-    def __init__(self, executable, metadata: dict, compile_seconds: float, report: dict | None = None):
+    def __init__(self, executable, metadata: dict, compile_seconds: float, report: dict | None = None,
+                 num_threads: int | None = None):
         self.executable = executable
         self.metadata = metadata
         self.compile_seconds = compile_seconds
         self.report = report or {}
+        self.num_threads = num_threads  # as given to compile(): it overrides TVM_NUM_THREADS in this process
         self._predictor = None
 
     @property
@@ -57,7 +61,7 @@ class CompiledModel:
     def _runner(self) -> Predictor:
         if self._predictor is None:
             check_host_can_run(self.metadata, "this model")
-            self._predictor = Predictor(self.executable, self.metadata)
+            self._predictor = Predictor(self.executable, self.metadata, self.num_threads)
         return self._predictor
 
     def export(self, path) -> Path:
@@ -69,7 +73,8 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
             input_shapes: dict | None = None, constant_inputs: dict | None = None, fuse=True,
             calib_mode: str = "entropy", num_calib_batches: int | None = None, quantized_dtype: str = "auto",
             exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
-            collector: CalibrationCollector | None = None, percentile: float = 99.99) -> CompiledModel:
+            collector: CalibrationCollector | None = None, percentile: float = 99.99,
+            num_threads: int | None = None) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
@@ -82,9 +87,13 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     `quantized_dtype` is auto | int8 | uint8. `exclude_layers` (ONNX node names), `exclude_layers_match`
     (substrings) and `exclude_operators` (Conv, Gemm, MatMul, AveragePool, GlobalAveragePool) keep layers
     in fp32.
+
+    `num_threads`: the threads the code is built for and runs on (recorded in the metadata); None: all
+    cores for target native, the target's own -num-cores (or none) for the others. Runs in this process use
+    it, else $TVM_NUM_THREADS, else the recorded count; see `load()` for an exported model.
     """
     start = time.perf_counter()
-    spec = resolve_target(target)
+    spec = _with_threads(resolve_target(target), num_threads)
     try:
         rules = select_rules(fuse)
     except ValueError as err:
@@ -102,16 +111,31 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
                                       collector, percentile)
         calibration_started = time.perf_counter()
         graph, quant_report, first_batch = quantize(graph, imported.onnx_model, imported.inputs, calib, options,
-                                                    lambda mod: _host_runner(mod, rules, imported))
+                                                    lambda mod: _host_runner(mod, rules, imported, num_threads))
         report["quantization"] = quant_report
         report["calibration_seconds"] = time.perf_counter() - calibration_started
     executable, fusion = _build(graph, spec, rules, imported.source)
     report.update(fusion)
-    compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report)
+    compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report,
+                             num_threads)
     if first_batch and not missing_features(spec.required_features):
         int8_output = compiled.run(**first_batch["inputs"])[0]
         report["quantization"]["output_error"] = output_error(first_batch["fp32_output"], int8_output)
     return compiled
+
+
+def _with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
+    """`spec` with the thread count its code is for (TVM's num-cores): `num_threads`, else the target's own,
+    else all cores where the target is this host; a server target named without a count keeps none."""
+    if num_threads is not None:
+        count = check_thread_count(num_threads, "num_threads")
+    elif spec.num_cores is not None:
+        count = check_thread_count(spec.num_cores, f"the -num-cores of target {spec.name!r}")
+    elif spec.name == "native":
+        count = host_cores()
+    else:
+        return spec
+    return dataclasses.replace(spec, num_cores=count)
 
 
 def _build(graph, spec: TargetSpec, rules, source: str):
@@ -133,7 +157,7 @@ def _build(graph, spec: TargetSpec, rules, source: str):
     return executable, result
 
 
-def _host_runner(graph, rules, imported: ImportedModel):
+def _host_runner(graph, rules, imported: ImportedModel, num_threads: int | None):
     """Build `graph` for this host; return batch (dict) -> list of numpy outputs, in model input order."""
     import tvm
     from tvm import relax
@@ -141,8 +165,10 @@ def _host_runner(graph, rules, imported: ImportedModel):
     executable, _ = _build(graph, resolve_target("native"), rules, imported.source)
     main = relax.VirtualMachine(executable, tvm.cpu())["main"]
     names = [s.name for s in imported.inputs]
+    threads = resolve_num_threads(num_threads)
 
     def run(batch: dict) -> list:
+        use_threads(threads)  # calibration starts this thread's TVM pool: size it before it does
         return [t.numpy() for t in flatten_outputs(main(*(tvm.runtime.tensor(batch[n]) for n in names)))]
 
     return run
@@ -158,7 +184,7 @@ def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
         "quantvm_version": quantvm_version(),
         "tvm_version": tvm.__version__,
         "target": {"name": spec.name, "mcpu": spec.mcpu, "tvm": spec.tvm_dict(),
-                   "required_features": list(spec.required_features)},
+                   "required_features": list(spec.required_features), "num_threads": spec.num_cores},
         "model": {"source": imported.source, "graph_name": graph.name, "sha256": imported.sha256,
                   "opset": max((o.version for o in imported.onnx_model.opset_import if o.domain in ("", "ai.onnx")),
                                default=None)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -25,6 +26,26 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not shape:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... (e.g. data=1,3,224,224), got {text!r}")
     return name, shape
+
+
+def _count_arg(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return count
+
+
+def _batch_list_arg(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes >= 1 separated by commas (e.g. 1,8), got {text!r}")
+    return sizes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,18 +94,24 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time quantvm against onnxruntime (and its own unfused build)", description=(
         "Time quantvm's build and onnxruntime (and with --no-fuse also quantvm's unfused build) on the same "
-        "random inputs and thread count (TVM_NUM_THREADS, default 1), interleaved round by round in one "
-        "process; print latency, throughput and ratios."))
+        "random inputs and thread count, interleaved round by round in one process, at each batch size; "
+        "print throughput, median and p90 latency and the speedups."))
     p.add_argument("model", help="the ONNX model file")
     p.add_argument("-t", "--target", default="native", help="a target this host can run (default: native)")
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...")
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds per contender (default 10)")
+    p.add_argument("--batch", type=_batch_list_arg, metavar="N,...",
+                   help="batch sizes to time, e.g. 1,8: dim 0 of every input (overrides --input-shape's)")
+    p.add_argument("--compare", default="onnxruntime", choices=["onnxruntime", "none"],
+                   help="time onnxruntime too (default), or quantvm alone")
+    p.add_argument("--threads", type=_count_arg, metavar="N",
+                   help="threads for every contender (default: TVM_NUM_THREADS if set, else all cores)")
+    p.add_argument("--rounds", type=_count_arg, default=10, help="timed rounds per contender (default 10)")
     p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
     p.add_argument("--int8", action="store_true", help="also time quantvm's and onnxruntime's INT8 (needs --calib)")
     p.add_argument("--calib", metavar="DATA.npz", help="calibration data for --int8 (one array per input name)")
     p.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"])
     p.add_argument("--calib-batches", type=int, metavar="N")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
         "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
@@ -98,7 +125,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv=None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["quantvm", *argv])  # as typed: bench prints it, to paste beside its results
     warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
@@ -269,9 +298,10 @@ def cmd_bench(args) -> int:
     if args.int8 and not args.calib:
         raise InputError("--int8 needs --calib DATA.npz (calibration data for both quantvm and onnxruntime)")
     calib = _read_npz(args.calib) if args.int8 else None
-    result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, rounds=args.rounds,
+    result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
+                   batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
                    compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
-                   num_calib_batches=args.calib_batches)
+                   num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line)
     print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path

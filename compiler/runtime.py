@@ -5,12 +5,16 @@ Nothing here needs the compiler: a `.so` from `export()` loads with the TVM runt
 
 from __future__ import annotations
 
+import operator
+import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from compiler.artifact import read_metadata
-from compiler.errors import HostMismatchError, InputError
+from compiler.errors import HostMismatchError, InputError, QuantvmError
 from compiler.frontend import TensorSpec
 from compiler.quiet import tvm_scope_warnings_silenced
 from targets.host import host_model_name, missing_features
@@ -27,14 +31,76 @@ def check_host_can_run(metadata: dict, what: str) -> None:
             "Compile for target 'native' to run here.")
 
 
+def host_cores() -> int:
+    """The CPUs of this host: what "all cores" means for thread counts."""
+    return os.cpu_count() or 1
+
+
+def check_thread_count(value, what: str) -> int:
+    """`value` (an int, or the text of an environment variable) as a thread count >= 1; `what` names it."""
+    try:
+        count = int(value.strip()) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        count = None
+    if isinstance(value, bool) or count is None or count < 1:
+        raise QuantvmError(f"{what} must be a whole number of threads >= 1, got {value!r}")
+    return count
+
+
+def resolve_num_threads(num_threads=None, compiled=None) -> int:
+    """The threads a run uses: `num_threads`, else $TVM_NUM_THREADS, else `compiled` (the count recorded at
+    compile time), else all cores; never more than this host's cores (TVM's pool is sized to them)."""
+    cores = host_cores()
+    env = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if num_threads is not None or env:
+        what = "num_threads" if num_threads is not None else "TVM_NUM_THREADS"
+        count = check_thread_count(num_threads if num_threads is not None else env, what)
+        if count > cores:
+            warnings.warn(f"{what}={count} is more than this host's {cores} cores; using {cores}", stacklevel=3)
+        return min(count, cores)
+    if compiled is not None:
+        return min(check_thread_count(compiled, "the compiled model's num_threads"), cores)
+    return cores
+
+
+_SHARE_ALL_CORES = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore
+_pool = threading.local()  # TVM keeps one thread pool per calling thread: what this thread's was set to
+
+
+def use_threads(count: int) -> None:
+    """Make the calling thread's TVM pool run parallel kernels on `count` threads (cheap when already so).
+
+    TVM sizes a thread's pool once, when it starts (from TVM_NUM_THREADS, else half the logical CPUs), and
+    afterwards can only lower the count below that size. Handing runtime.config_threadpool the list of CPUs
+    starts the pool (if it has not started) with one worker per CPU, so any count up to the cores can be
+    picked later, run after run. Its "share all cores" mode lets the workers and the caller run on any CPU,
+    where TVM's default pins the calling thread to its first core(s), which also confines every thread the
+    caller starts afterwards (onnxruntime's pool, in `quantvm bench`).
+    """
+    if getattr(_pool, "count", None) == count:
+        return
+    import tvm
+
+    cpus = [str(cpu) for cpu in range(host_cores())]
+    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, count, cpus)
+    _pool.count = count
+    used = tvm.get_global_func("runtime.NumThreads")()
+    if used < count:
+        warnings.warn(f"TVM's thread pool of this thread was started with {used} thread(s) before quantvm "
+                      f"configured it and cannot grow: running on {used}, not {count}. Load or compile the "
+                      "model before running other TVM code in this thread, or run it from a new thread",
+                      stacklevel=3)
+
+
 class Predictor:
     """Runs one compiled model on numpy inputs, checked by name, shape and dtype before anything runs."""
 
-    def __init__(self, module, metadata: dict):
+    def __init__(self, module, metadata: dict, num_threads: int | None = None):
         import tvm
         from tvm import relax
 
         self.metadata = metadata
+        self.num_threads = resolve_num_threads(num_threads, metadata["target"].get("num_threads"))
         self.inputs = [TensorSpec.from_json(t) for t in metadata["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in metadata["outputs"]]
         self._tvm = tvm
@@ -44,6 +110,7 @@ class Predictor:
     def run(self, *args, **kwargs) -> list[np.ndarray]:
         """Run the model; inputs by position (model order) or by name. Returns the outputs in model order."""
         arrays = self._bind_inputs(args, kwargs)
+        use_threads(self.num_threads)
         result = self._main(*(self._tvm.runtime.tensor(a) for a in arrays))
         return [t.numpy() for t in flatten_outputs(result)]
 
@@ -84,13 +151,18 @@ def flatten_outputs(result):
     return [t for item in result for t in flatten_outputs(item)]
 
 
-def load(path) -> Predictor:
-    """Load an artifact written by `CompiledModel.export`. Only load artifacts you trust: it runs their code."""
+def load(path, num_threads: int | None = None) -> Predictor:
+    """Load an artifact written by `CompiledModel.export`. Only load artifacts you trust: it runs their code.
+
+    Runs use `num_threads` threads, else $TVM_NUM_THREADS, else the count it was compiled for (capped at this
+    host's cores), else all cores.
+    """
     import tvm
 
     path = Path(path)
     metadata = read_metadata(path)
     check_host_can_run(metadata, str(path))
+    num_threads = resolve_num_threads(num_threads, metadata["target"].get("num_threads"))  # before any code loads
     with tvm_scope_warnings_silenced():
         module = tvm.runtime.load_module(str(path))
-    return Predictor(module, metadata)
+    return Predictor(module, metadata, num_threads)

@@ -1,5 +1,6 @@
 """The quantvm command, run as a user runs it."""
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_bench_times_fused_unfused_and_onnxruntime(tmp_path, demo_model_path):
     done = quantvm("bench", demo_model_path, "--input-shape", "image=2,1,8,8", "--rounds", "3", "--no-fuse",
                    "--json", tmp_path / "bench.json")
     assert "quantvm fp32 --no-fuse" in done.stdout and "onnxruntime fp32" in done.stdout
-    result = json.loads((tmp_path / "bench.json").read_text())
+    result = json.loads((tmp_path / "bench.json").read_text())["batches"][0]
     assert [r["name"] for r in result["rows"]] == ["quantvm fp32", "quantvm fp32 --no-fuse", "onnxruntime fp32"]
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["rows"])
     assert result["batch"] == 2 and result["rows"][0]["speedup_of_first_row"] == 1.0
@@ -118,10 +119,64 @@ def test_bench_int8_against_onnxruntime_int8(tmp_path, demo_model_path):
     done = quantvm("bench", demo_model_path, "--input-shape", "image=32,1,8,8", "--rounds", "2", "--int8",
                    "--calib", calibration_file(), "--calib-mode", "naive", "--json", tmp_path / "b.json")
     assert "WARNING" not in done.stderr
-    rows = [r["name"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]]
+    section = json.loads((tmp_path / "b.json").read_text())["batches"][0]
+    rows = [r["name"] for r in section["rows"]]
     assert rows == ["quantvm int8", "quantvm fp32", "onnxruntime int8", "onnxruntime fp32"]
+    assert [(r["contender"], r["baseline"]) for r in section["ratios"]] == [
+        ("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime int8"), ("quantvm int8", "quantvm fp32")]
+    assert "speedup quantvm int8 vs quantvm fp32: " in done.stdout
     missing = quantvm("bench", demo_model_path, "--int8", check=False)
     assert missing.returncode == 1 and "--int8 needs --calib" in missing.stderr
+
+
+def _medians(section) -> dict:
+    return {row["name"]: row["median_ms"] for row in section["rows"]}
+
+
+def test_bench_at_several_batch_sizes_quantvm_alone(tmp_path, demo_model_path):
+    import json
+
+    done = quantvm("bench", demo_model_path, "--batch", "1,2", "--compare", "none", "--threads", "1",
+                   "--rounds", "3", "--json", tmp_path / "b.json")
+    typed = ["quantvm", "bench", demo_model_path, "--batch", "1,2", "--compare", "none", "--threads", "1",
+             "--rounds", "3", "--json", tmp_path / "b.json"]
+    assert done.stdout.splitlines()[0] == shlex.join(map(str, typed))  # printed first, to paste with the results
+    assert "1 thread(s) for every contender" in done.stdout and "onnxruntime" not in done.stdout
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["threads"] == 1 and result["compare"] == "none" and result["command"] == done.stdout.splitlines()[0]
+    assert [s["batch"] for s in result["batches"]] == [1, 2]
+    assert [s["inputs"][0]["shape"] for s in result["batches"]] == [[1, 1, 8, 8], [2, 1, 8, 8]]
+    for section in result["batches"]:
+        assert f"batch {section['batch']} (image [{section['batch']}, 1, 8, 8])" in done.stdout
+        (row,) = section["rows"]
+        assert row["name"] == "quantvm fp32" and 0 < row["median_ms"] <= row["p90_ms"]
+        assert row["throughput"] == pytest.approx(section["batch"] / (row["median_ms"] / 1e3))
+        assert section["ratios"] == []
+
+
+def test_bench_batch_overrides_the_input_shape_and_compares_with_onnxruntime(tmp_path, demo_model_path):
+    import json
+
+    done = quantvm("bench", demo_model_path, "--input-shape", "image=5,1,8,8", "--batch", "3", "--threads", "2",
+                   "--rounds", "3", "--json", tmp_path / "b.json")
+    result = json.loads((tmp_path / "b.json").read_text())
+    (section,) = result["batches"]
+    assert result["threads"] == 2 and section["batch"] == 3 and section["inputs"][0]["shape"] == [3, 1, 8, 8]
+    medians = _medians(section)
+    assert list(medians) == ["quantvm fp32", "onnxruntime fp32"] and min(medians.values()) > 0
+    (ratio,) = section["ratios"]
+    assert (ratio["contender"], ratio["baseline"]) == ("quantvm fp32", "onnxruntime fp32")
+    assert ratio["speedup"] == pytest.approx(medians["onnxruntime fp32"] / medians["quantvm fp32"])
+    assert f"speedup quantvm fp32 vs onnxruntime fp32: {ratio['speedup']:.2f}x" in done.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "1,0"], "batch sizes >= 1"), (["--batch", "1,x"], "batch sizes >= 1"),
+    (["--threads", "0"], "whole number >= 1"), (["--compare", "openvino"], "invalid choice"),
+])
+def test_bench_usage_errors(demo_model_path, args, words):
+    done = quantvm("bench", demo_model_path, *args, check=False)
+    assert done.returncode == 2 and words in done.stderr
 
 
 def test_compile_report_json_and_no_fuse(tmp_path, demo_model_path):
