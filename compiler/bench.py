@@ -248,5 +248,6 @@ def format_section(section: dict) -> list[str]:
     for row in section["rows"]:
         lines.append(f"{row['name']:24}{row['throughput']:12.1f}{row['median_ms']:12.3f}{row['p90_ms']:12.3f}")
     for ratio in section["ratios"]:
-        lines.append(f"speedup {ratio['contender']} vs {ratio['baseline']}: {ratio['speedup']:.2f}x")
+        # three significant digits: a far slower build reads 0.004x, not 0.00x
+        lines.append(f"speedup {ratio['contender']} vs {ratio['baseline']}: {ratio['speedup']:.3g}x")
     return lines
