@@ -60,11 +60,15 @@ def onnxruntime_contender(model_bytes: bytes, threads: int) -> Contender | None:
 
 
 def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: int = 1) -> None:
+    """Round by round, each contender runs once untimed, then once timed. The untimed run absorbs the
+    previous contender's worker threads, which both runtimes keep spinning for a while after a run; timed
+    straight after another contender, either one measured up to 3x slower here."""
     for _ in range(warmup):
         for c in contenders:
             c.run(feeds)
     for _ in range(rounds):
         for c in contenders:
+            c.run(feeds)
             start = time.perf_counter()
             c.run(feeds)
             c.seconds.append(time.perf_counter() - start)

@@ -16,7 +16,8 @@ from compiler.runtime import (Predictor, check_host_can_run, check_thread_count,
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
 from relay_passes import fuse as fuse_graph
 from calib import CalibrationCollector
-from targets import TargetSpec, missing_features, resolve_target
+from targets import (ScheduleLog, TargetSpec, block_channels, legalize_overrides, missing_features,
+                     resolve_target, schedule_pass)
 
 
 def quantvm_version() -> str:
@@ -142,18 +143,21 @@ def _build(graph, spec: TargetSpec, rules, source: str):
     """Fuse and build `graph` for `spec`; return the executable and the fusion report."""
     import tvm
 
-    fused, fusion = fuse_graph(graph, rules)
+    fused, fusion = fuse_graph(block_channels(graph, spec), rules)
     result = {**fusion.to_json(), "rules": list(rules)}
     tvm_target = spec.tvm_target()
+    schedules = ScheduleLog()
 
     def record_kernels(lowered):
-        result["kernels"] = count_kernels(lowered)
+        result.update(count_kernels(lowered))
 
     try:
-        executable = tvm.compile(fused, tvm_target, relax_pipeline=build_pipeline(tvm_target, record_kernels))
+        pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule_pass(spec, schedules))
+        executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
     except Exception as err:  # TVM raises bare errors; say which model and target failed
         raise QuantvmError(f"{source}: building for target {spec.name!r} failed: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    result["schedules"] = {"applied": schedules.applied, "unscheduled": schedules.failed}
     return executable, result
 
 

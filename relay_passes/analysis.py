@@ -28,14 +28,22 @@ class SingleUse:
 
 
 def channel_vector(values: np.ndarray, producer: relax.Call) -> np.ndarray | None:
-    """`values` as one number per output channel of a conv2d (NCHW: axis 1) or matmul (last axis), where
-    it is broadcast along that axis only (a bias, a BatchNorm scale); None where it varies elsewhere."""
+    """`values` as one number per output channel of a conv2d (NCHW: axis 1; blocked NCHW{c}: axes 1 and 4)
+    or matmul (last axis), where it is broadcast along the channels only (a bias, a BatchNorm scale); None
+    where it varies elsewhere."""
     out_shape = [int(d) for d in producer.ty.shape.values]
     if values.ndim > len(out_shape):
         return None
-    axis = 1 if producer.op.name == "relax.nn.conv2d" else len(out_shape) - 1
+    if producer.op.name == "relax.nn.conv2d":
+        axes = (1, 4) if len(out_shape) == 5 else (1,)
+    else:
+        axes = (len(out_shape) - 1,)
     padded = values.reshape((1,) * (len(out_shape) - values.ndim) + values.shape)
-    channels = out_shape[axis]
-    if any(d != 1 for i, d in enumerate(padded.shape) if i != axis) or padded.shape[axis] not in (1, channels):
+    if any(d != 1 for i, d in enumerate(padded.shape) if i not in axes):
         return None
-    return np.broadcast_to(padded.reshape(-1), (channels,))
+    if all(padded.shape[a] == 1 for a in axes):
+        return np.broadcast_to(padded.reshape(-1), (int(np.prod([out_shape[a] for a in axes])),))
+    if any(padded.shape[a] != out_shape[a] for a in axes):
+        return None
+    # Blocked channels are (chunk, lane): row-major order is channel order.
+    return padded.reshape(-1)

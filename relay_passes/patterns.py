@@ -109,7 +109,10 @@ class FusionRule:
 def _producer(kind: str):
     """The conv/FC and its optional bias, in fp32 or in the int8 form relay_passes.quantize writes:
     `multiply(astype(conv2d(q, W) [+ s32 bias], f32), scale)`. `op` is the conv/FC call either way."""
-    op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), is_const())
+    # A weight is a constant, or for an int8 FC a constant packed for the target's dot instruction
+    # and unpacked inside the kernel (targets.layout.pack_int8_dense_weights).
+    weight = is_const() if kind == "conv" else is_const() | is_op("relax.layout_transform")(is_const())
+    op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), weight)
     accumulator = op | is_op("relax.add")(op, is_const())
     dequantized = is_op("relax.multiply")(is_op("relax.astype")(accumulator), is_const())
     bias = is_const()

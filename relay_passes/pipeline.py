@@ -31,23 +31,27 @@ def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
     return passes(mod)
 
 
-def build_pipeline(target: tvm.target.Target, on_lowered=None) -> tvm.transform.Pass:
+def build_pipeline(target: tvm.target.Target, on_lowered=None, legalize_overrides: dict | None = None,
+                   schedule: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
     """Lower a prepared (and fused) Relax graph to TIR kernels and VM code for `target`.
 
     TVM's own FuseOps is left out: the only fusion is ours (relay_passes.fuse), so an unfused build is
     really unfused and the compile report tells the truth. `on_lowered(mod)` sees the graph once every
-    op is a kernel call, e.g. to count kernels.
+    op is a kernel call, e.g. to count kernels. `legalize_overrides` ({op name: legalize function}) and
+    `schedule` (a pass over the fused kernels) come from the target (targets/).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="quantvm.build_pipeline")
     def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             lowering = [
-                relax.transform.LegalizeOps(),
+                relax.transform.LegalizeOps(legalize_overrides),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
                 relax.transform.FuseTIR(),
             ]
+            if schedule is not None:
+                lowering.append(schedule)
             mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + lowering)(mod)
             if on_lowered is not None:
                 on_lowered(mod)
@@ -57,14 +61,18 @@ def build_pipeline(target: tvm.target.Target, on_lowered=None) -> tvm.transform.
     return _lower
 
 
-def count_kernels(mod: tvm.IRModule) -> int:
-    """Kernel launches in `main` of a lowered graph: its call_tir calls."""
-    count = 0
+LAYOUT_KERNEL_PREFIX = "te_layout_transform"
+
+
+def count_kernels(mod: tvm.IRModule) -> dict:
+    """Kernel launches in `main` of a lowered graph (its call_tir calls): {"kernels": compute kernels,
+    "layout_transforms": the blocked-layout conversions at the graph's edges}."""
+    counts = {"kernels": 0, "layout_transforms": 0}
 
     def visit(expr):
-        nonlocal count
         if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-            count += 1
+            layout = expr.args[0].name_hint.startswith(LAYOUT_KERNEL_PREFIX)
+            counts["layout_transforms" if layout else "kernels"] += 1
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
-    return count
+    return counts

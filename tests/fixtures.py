@@ -149,6 +149,31 @@ def resnet50(rng, image: int = 224, batch: int = 1) -> onnx.ModelProto:
     return g.model("resnet50", {"data": (batch, 3, image, image)}, [y])
 
 
+def mobilenet_v2(rng, image: int = 224, batch: int = 1) -> onnx.ModelProto:
+    """MobileNetV2 (width 1.0) with random weights and unfolded BatchNorm: inverted residual blocks of
+    1x1 expand, 3x3 depthwise and 1x1 project convs, ReLU6, residual Adds where shapes allow."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "stem", 3, 32, stride=2, act="Relu6")
+    cin = 32
+    for stage, (expand, cout, repeats, first_stride) in enumerate(
+            [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+             (6, 320, 1, 1)]):
+        for i in range(repeats):
+            name, stride, mid = f"block{stage}.{i}", first_stride if i == 0 else 1, cin * expand
+            x = y
+            if expand != 1:
+                y = g.conv_bn(y, f"{name}.expand", cin, mid, k=1, act="Relu6")
+            y = g.conv_bn(y, f"{name}.dw", mid, mid, stride=stride, groups=mid, act="Relu6")
+            y = g.conv_bn(y, f"{name}.project", mid, cout, k=1, act=None)
+            if stride == 1 and cin == cout:
+                y = g.op("Add", [y, x], f"{name}.add")
+            cin = cout
+    y = g.conv_bn(y, "head", cin, 1280, k=1, act="Relu6")
+    y = g.op("Flatten", [g.op("GlobalAveragePool", [y], "gap")], "flatten")
+    y = g.gemm(y, "classifier", 1280, 1000)
+    return g.model("mobilenet_v2", {"data": (batch, 3, image, image)}, [y])
+
+
 def _clip(g, x, name, lo, hi):
     return g.op("Clip", [x, g.const(f"{name}.lo", np.float32(lo)), g.const(f"{name}.hi", np.float32(hi))], name)
 

@@ -1,0 +1,99 @@
+"""conv2d in blocked layouts as TE computations, and the legalization that emits them.
+
+TVM 0.27 legalizes conv2d only in plain layouts. Blocked convs (targets.layout) are computed here:
+  fp32       data [N, C/b, H, W, b]  weight [O/b, C/b, KH, KW, b(i), b(o)]
+  int8       data [N, C/b, H, W, b]  weight [O/b, C/4, KH, KW, b(o), 4(i)]   (the dot intrinsics' packing)
+  depthwise  data [N, C/b, H, W, b]  weight [C/b, 1, KH, KW, 1, b]
+Block names (CONV_BLOCK, DEPTHWISE_BLOCK) are how targets.schedules finds the reduction to schedule.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, topi
+
+CONV_BLOCK = "conv2d_nchwc"
+DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
+
+
+def _padded(data, padding):
+    top, left, bottom, right = padding
+    if not any(padding):
+        return data
+    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=0, name="data_pad")
+
+
+def _out_size(size, kernel, stride, dilation, pad_before, pad_after):
+    return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
+    """A blocked conv2d; which of the three forms is decided by the weight's rank and the group count."""
+    n, in_chunks, height, width, block = (int(d) for d in data.shape)
+    kernel_h, kernel_w = int(weight.shape[2]), int(weight.shape[3])
+    (stride_h, stride_w), (dil_h, dil_w) = strides, dilation
+    out_h = _out_size(height, kernel_h, stride_h, dil_h, padding[0], padding[2])
+    out_w = _out_size(width, kernel_w, stride_w, dil_w, padding[1], padding[3])
+    pad = _padded(data, padding)
+    kh = te.reduce_axis((0, kernel_h), name="kh")
+    kw = te.reduce_axis((0, kernel_w), name="kw")
+
+    def rows(y):
+        return y * stride_h + kh * dil_h
+
+    def cols(x):
+        return x * stride_w + kw * dil_w
+
+    if groups != 1:  # depthwise: each channel with its own filter
+        return te.compute(
+            (n, in_chunks, out_h, out_w, block),
+            lambda b, c, y, x, lane: te.sum(
+                pad[b, c, rows(y), cols(x), lane].astype(out_dtype)
+                * weight[c, 0, kh, kw, 0, lane].astype(out_dtype), axis=[kh, kw]),
+            name=DEPTHWISE_BLOCK)
+
+    out_chunks, out_block = int(weight.shape[0]), int(weight.shape[4 if _is_int8(weight) else 5])
+    ic_outer = te.reduce_axis((0, in_chunks), name="ic_outer")
+    if _is_int8(weight):
+        group = int(weight.shape[5])
+        ic_mid = te.reduce_axis((0, block // group), name="ic_mid")
+        ic_inner = te.reduce_axis((0, group), name="ic_inner")
+        return te.compute(
+            (n, out_chunks, out_h, out_w, out_block),
+            lambda b, oc, y, x, lane: te.sum(
+                pad[b, ic_outer, rows(y), cols(x), ic_mid * group + ic_inner].astype("int32")
+                * weight[oc, ic_outer * (block // group) + ic_mid, kh, kw, lane, ic_inner].astype("int32"),
+                axis=[ic_outer, kh, kw, ic_mid, ic_inner]),
+            name=CONV_BLOCK)
+    ic_inner = te.reduce_axis((0, block), name="ic_inner")
+    return te.compute(
+        (n, out_chunks, out_h, out_w, out_block),
+        lambda b, oc, y, x, lane: te.sum(
+            pad[b, ic_outer, rows(y), cols(x), ic_inner].astype(out_dtype) * weight[oc, ic_outer, kh, kw, ic_inner, lane].astype(out_dtype),
+            axis=[ic_outer, kh, kw, ic_inner]),
+        name=CONV_BLOCK)
+
+
+def _is_int8(weight) -> bool:
+    return weight.dtype in ("int8", "uint8")
+
+
+def legalize_conv2d(default):
+    """A LegalizeOps override for relax.nn.conv2d: blocked layouts here, anything else to `default`."""
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        if len(attrs.data_layout) == 4:
+            return default(bb, call)
+        out_dtype = call.ty.dtype  # out_dtype=None in the attrs means "as the data"
+        return bb.call_te(conv2d_nchwc, call.args[0], call.args[1],
+                          [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
+                          [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype),
+                          primfunc_name_hint="conv2d_nchwc")
+
+    return legalize
+
+
+def legalize_overrides() -> dict:
+    """{op name: legalize function} for relax.transform.LegalizeOps."""
+    return {"relax.nn.conv2d": legalize_conv2d(tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize"))}

@@ -1,0 +1,327 @@
+"""Rule-based TIR schedules: every kernel of a lowered graph gets one, chosen from its shape and the target.
+
+- Blocked conv2d (targets.conv2d): a register tile of output pixels x output-channel blocks, the channel
+  block vectorized (FMA for fp32; the target's u8 x s8 dot intrinsic for int8), the fused epilogue (bias,
+  folded BN, requantize, activation, residual add, quantize) computed on the tile before it is stored,
+  parallel over batch x channel blocks x rows.
+- Dense/matmul and everything else (pooling, elementwise, layout edges): outer loops parallel, the
+  contiguous inner loop vectorized.
+A kernel a rule cannot schedule stays as TVM lowered it (correct, slower) and is named in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import s_tir, tirx
+
+from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
+from targets.intrinsics import int8_dot_intrinsic
+from targets.layout import INT8_GROUP, vector_lanes
+from targets.registry import TargetSpec
+
+# Vector registers for a conv tile (AVX2 has 16, AVX-512 32). A tile of w pixels x c channel blocks
+# holds w*c accumulators and c weight vectors; the rest is left for the broadcast inputs LLVM loads
+# ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
+TILE_REGISTERS = {8: 12, 16: 26}
+MAX_CHANNEL_BLOCKS = 4
+MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., i, j, k)
+# Below this many loop iterations a kernel runs on one thread: waking the pool costs more than it saves.
+MIN_PARALLEL_WORK = 1 << 16
+# Aim for this many parallel chunks per core, so uneven rows still balance.
+CHUNKS_PER_CORE = 4
+
+
+@dataclass
+class ScheduleLog:
+    """What each kernel got: the rule's name, or why none applied."""
+    applied: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)
+
+
+def schedule_module(mod: tvm.IRModule, spec: TargetSpec, log: ScheduleLog | None = None) -> tvm.IRModule:
+    """Schedule every PrimFunc of `mod` for `spec`."""
+    log = log if log is not None else ScheduleLog()
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs and func.attrs.get("tir.is_scheduled"):
+            continue
+        name = gvar.name_hint
+        try:
+            sch = s_tir.Schedule(func)
+            log.applied[name] = _schedule(sch, spec)
+            updates[gvar] = sch.mod["main"].with_attr("tir.is_scheduled", True)
+        except Exception as err:  # noqa: BLE001 - any failure leaves the kernel as lowered, and says so
+            log.failed[name] = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
+def schedule_pass(spec: TargetSpec, log: ScheduleLog | None = None) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="quantvm.schedule_kernels")
+    def run(mod, _ctx):
+        return schedule_module(mod, spec, log)
+
+    return run
+
+
+def _schedule(sch: s_tir.Schedule, spec: TargetSpec) -> str:
+    blocks = {sch.get(b).name_hint: b for b in _all_blocks(sch)}
+    conv = next((b for n, b in blocks.items() if n.startswith(CONV_BLOCK)), None)
+    if conv is not None:
+        return _schedule_conv(sch, conv, spec)
+    depthwise = next((b for n, b in blocks.items() if n.startswith(DEPTHWISE_BLOCK)), None)
+    if depthwise is not None:
+        return _schedule_depthwise(sch, depthwise, spec)
+    matmul = next((b for n, b in blocks.items() if n.startswith(MATMUL_BLOCK)), None)
+    if matmul is not None:
+        for producer in sch.get_producers(matmul):  # a packed weight's unpacking: read the packed one
+            if not _is_reduction(sch, producer):
+                sch.compute_inline(producer)
+        if _is_vectorizable_matmul(sch, matmul, spec):
+            return _schedule_matmul(sch, matmul, spec)
+    return _schedule_generic(sch, spec)
+
+
+def _all_blocks(sch):
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    return sch.get_child_blocks(root) if root is not None else []
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _register_tile(width: int, chunks: int, lanes: int) -> tuple[int, int]:
+    """(output pixels, output channel blocks) of the tile: the most accumulators that fit in registers
+    (enough to cover FMA latency); ties go to fewer loads per FMA."""
+    candidates = [(w, c) for w in range(1, width + 1) if width % w == 0
+                  for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
+                  and w * c + c <= TILE_REGISTERS[lanes]]
+    return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
+
+
+def _pad_producers(sch, block, spec):
+    """Padding runs as its own parallel pass into a padded copy: inlined, its bounds checks would sit
+    on every multiply-add of the reduction."""
+    for producer in sch.get_producers(block):
+        if not _is_reduction(sch, producer):
+            _schedule_spatial_block(sch, producer, spec)
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _epilogue(sch, block):
+    """Fold the chain of elementwise consumers into its last block; return that block (or None)."""
+    consumers = sch.get_consumers(block)
+    tail = None
+    while len(consumers) == 1:
+        tail = consumers[0]
+        nxt = sch.get_consumers(tail)
+        if len(nxt) != 1:
+            break
+        sch.compute_inline(tail)
+        tail = None
+        consumers = nxt
+    return tail or (consumers[0] if len(consumers) == 1 else None)
+
+
+def _accumulator_tail(sch, conv):
+    """The block that stores the conv's tile (its folded epilogue, or a copy-out), with the conv itself
+    accumulating into a tile-sized local buffer, i.e. registers."""
+    tail = _epilogue(sch, conv)
+    if tail is None:
+        return sch.cache_write(conv, 0, "local")
+    sch.set_scope(conv, 0, "local")
+    return tail
+
+
+def _store_tile_at(sch, tail, loop):
+    """Compute the epilogue/store block once per register tile, under `loop`, vectorized."""
+    sch.reverse_compute_at(tail, loop, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(tail)[-1])
+
+
+def _split_init(sch, block, loop):
+    """Zero the accumulators in a vectorized loop of their own before `loop` (after parallel, vectorize
+    and unroll: TVM refuses those on the update block once it is split off)."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _schedule_conv(sch, conv, spec: TargetSpec) -> str:
+    _pad_producers(sch, conv, spec)
+    loops = sch.get_loops(conv)
+    batch, oc, row, col, lane = loops[:5]
+    reduction = loops[5:]
+    tile_w, tile_c = _register_tile(_extent(sch, col), _extent(sch, oc), vector_lanes(spec))
+    col_o, col_i = sch.split(col, [None, tile_w])
+    oc_o, oc_i = sch.split(oc, [None, tile_c])
+    tail = _accumulator_tail(sch, conv)
+    int8 = len(reduction) == 5
+    if int8:
+        ic_outer, kh, kw, ic_mid, ic_inner = reduction
+        sch.reorder(batch, oc_o, row, col_o, ic_outer, kh, kw, ic_mid, col_i, oc_i, lane, ic_inner)
+    else:
+        ic_outer, kh, kw, ic_inner = reduction
+        sch.reorder(batch, oc_o, row, col_o, ic_outer, kh, kw, ic_inner, col_i, oc_i, lane)
+    _store_tile_at(sch, tail, col_o)
+    _parallel_if_worth_it(sch, conv, sch.fuse(batch, oc_o, row))
+    sch.unroll(col_i)
+    sch.unroll(oc_i)
+    # Weights are s8, so any u8 read is the activations.
+    activations = "uint8" if any(str(r.source.dtype) == "uint8" for r in sch.get(conv).reads) else "int8"
+    intrinsic = int8_dot_intrinsic(spec, _extent(sch, lane), activations) if int8 else None
+    if intrinsic is None:
+        sch.vectorize(lane)
+    if int8 and intrinsic is None:
+        sch.unroll(ic_inner)
+    _split_init(sch, conv, ic_outer)
+    if intrinsic is not None:
+        sch.tensorize(lane, intrinsic)
+        return f"conv2d_nchwc_int8[{intrinsic}]"
+    return "conv2d_nchwc_int8" if int8 else "conv2d_nchwc"
+
+
+def _schedule_depthwise(sch, conv, spec: TargetSpec) -> str:
+    _pad_producers(sch, conv, spec)
+    batch, chunk, row, col, lane, kh, kw = sch.get_loops(conv)
+    tile_w, _ = _register_tile(_extent(sch, col), 1, vector_lanes(spec))
+    col_o, col_i = sch.split(col, [None, tile_w])
+    tail = _accumulator_tail(sch, conv)
+    sch.reorder(batch, chunk, row, col_o, kh, kw, col_i, lane)
+    _store_tile_at(sch, tail, col_o)
+    _parallel_if_worth_it(sch, conv, sch.fuse(batch, chunk, row))
+    sch.unroll(col_i)
+    sch.vectorize(lane)
+    _split_init(sch, conv, kh)
+    return "depthwise_conv2d_nchwc"
+
+
+def _is_vectorizable_matmul(sch, block, spec) -> bool:
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    loops = sch.get_loops(block)
+    return (len(kinds) == len(loops) >= 3 and kinds[-1] == tirx.IterVar.CommReduce
+            and all(k == tirx.IterVar.DataPar for k in kinds[:-1])
+            and _extent(sch, loops[-2]) % (_packed_weight_lanes(sch, block) or vector_lanes(spec)) == 0)
+
+
+def _schedule_matmul(sch, block, spec: TargetSpec) -> str:
+    """out[i, j] += x[i, k] * w[k, j]: a tile of rows x vectors of j, w read along j (contiguous; an int8
+    weight packed for the dot intrinsic and unpacked inline), the epilogue (bias, activation, requantize)
+    on the tile, parallel over row and column tiles."""
+    packed = _packed_weight_lanes(sch, block)
+    lanes = packed or vector_lanes(spec)
+    *outer, row, col, red = sch.get_loops(block)
+    rows, vectors = _register_tile(_extent(sch, row), _extent(sch, col) // lanes, vector_lanes(spec))
+    tail = _accumulator_tail(sch, block)
+    col_o, col_v, col_l = sch.split(col, [None, vectors, lanes])
+    row_o, row_i = sch.split(row, [None, rows])
+    intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed else None
+    if intrinsic is not None:
+        red, group = sch.split(red, [None, INT8_GROUP])
+        sch.reorder(*outer, row_o, col_o, red, row_i, col_v, col_l, group)
+    else:
+        sch.reorder(*outer, row_o, col_o, red, row_i, col_v, col_l)
+    _store_tile_at(sch, tail, col_o)
+    _parallel_prefix(sch, [*outer, row_o, col_o], spec, block)
+    sch.unroll(row_i)
+    sch.unroll(col_v)
+    if intrinsic is None:
+        sch.vectorize(col_l)
+    _split_init(sch, block, red)
+    if intrinsic is not None:
+        sch.tensorize(col_l, intrinsic)
+        return f"matmul_int8[{intrinsic}]"
+    return "matmul"
+
+
+def _packed_weight_lanes(sch, block) -> int | None:
+    """The lane block of an int8 weight packed [N/lanes, K/4, lanes, 4] (targets.layout), if one is read."""
+    for region in sch.get(block).reads:
+        if str(region.source.dtype) == "int8" and len(region.region) == 4:
+            return int(region.source.shape[2])
+    return None
+
+
+def _matmul_intrinsic(sch, block, lanes: int, spec) -> str | None:
+    activations = "uint8" if any(str(r.source.dtype) == "uint8" for r in sch.get(block).reads) else "int8"
+    return int8_dot_intrinsic(spec, lanes, activations)
+
+
+def _schedule_generic(sch, spec: TargetSpec) -> str:
+    """Parallel outer spatial loops and a vectorized inner one, for each top-level block."""
+    scheduled = sum(_schedule_spatial_block(sch, block, spec) for block in _all_blocks(sch))
+    return "generic" if scheduled else "none"
+
+
+def _schedule_spatial_block(sch, block, spec: TargetSpec) -> bool:
+    """Parallel outer spatial loops and, when the whole nest is spatial, a vectorized inner one."""
+    lanes = vector_lanes(spec)
+    loops = sch.get_loops(block)
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    spatial = _leading_spatial_loops(loops, kinds)
+    if not spatial:
+        return False
+    if len(spatial) == len(loops) and _extent(sch, spatial[-1]) % lanes == 0:
+        *spatial, inner = spatial
+        vec_o, vec_i = sch.split(inner, [None, lanes])
+        sch.vectorize(vec_i)
+        spatial.append(vec_o)
+    _parallel_prefix(sch, spatial, spec, block)
+    return True
+
+
+def _leading_spatial_loops(loops, kinds):
+    """The outermost loops that bind only spatial block iterators (those may run in parallel).
+    TE-lowered blocks have one loop per iterator, in order; anything else is left alone."""
+    if len(kinds) != len(loops):
+        return []
+    result = []
+    for loop, kind in zip(loops, kinds):
+        if kind != tirx.IterVar.DataPar:
+            break
+        result.append(loop)
+    return result
+
+
+def _parallel_if_worth_it(sch, block, loop):
+    if _work(sch, block) >= MIN_PARALLEL_WORK:
+        sch.parallel(loop)
+
+
+def _work(sch, block) -> int:
+    """Iterations of the block's loop nest: multiply-adds for a conv or matmul, elements otherwise."""
+    work = 1
+    for loop in sch.get_loops(block):
+        work *= _extent(sch, loop)
+    return work
+
+
+def _parallel_prefix(sch, spatial, spec: TargetSpec, block=None):
+    """Fuse outer spatial loops until there is enough work for every core, and run them in parallel."""
+    if block is not None and _work(sch, block) < MIN_PARALLEL_WORK:
+        return
+    cores = spec.num_cores or 2
+    take, work = 0, 1
+    for loop in spatial:
+        take += 1
+        work *= _extent(sch, loop)
+        if work >= cores * CHUNKS_PER_CORE:
+            break
+    if take == 0 or work < 2:
+        return
+    fused = sch.fuse(*spatial[:take]) if take > 1 else spatial[0]
+    sch.parallel(fused)

@@ -1,0 +1,243 @@
+"""Every scheduled kernel family against numpy, on each target this host can run, and the AVX-512 ones
+compiled and read as assembly.
+
+The kernels are built the way a model's are: the blocked compute from targets.conv2d, an epilogue, and
+targets.schedules choosing the schedule from the shape and the target.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from targets import resolve_target
+from targets.conv2d import conv2d_nchwc
+from targets.schedules import ScheduleLog, schedule_module
+
+HOST_TARGETS = ["avx2", "znver3", "native"]
+
+# (batch, in channels, size, out channels, kernel, stride, pad): 1x1, 3x3, strided, a 7x7 stem, odd sizes
+CONV_SHAPES = [
+    (1, 16, 14, 32, 1, 1, 0),
+    (2, 32, 9, 16, 3, 1, 1),
+    (1, 16, 15, 32, 3, 2, 1),
+    (1, 16, 17, 16, 7, 2, 3),
+    (3, 32, 7, 64, 1, 1, 0),
+]
+
+
+def _block(x: np.ndarray, lanes: int) -> np.ndarray:
+    """NCHW -> NCHW{lanes}c."""
+    n, c, h, w = x.shape
+    return np.ascontiguousarray(x.reshape(n, c // lanes, lanes, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def _unblock(x: np.ndarray) -> np.ndarray:
+    n, chunks, h, w, lanes = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(n, chunks * lanes, h, w)
+
+
+def _pack_weight(weight: np.ndarray, lanes: int, int8: bool) -> np.ndarray:
+    o, i, kh, kw = weight.shape
+    if int8:  # [O/b, I/4, KH, KW, b(o), 4(i)]
+        return np.ascontiguousarray(weight.reshape(o // lanes, lanes, i // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+    return np.ascontiguousarray(weight.reshape(o // lanes, lanes, i // lanes, lanes, kh, kw)
+                                .transpose(0, 2, 4, 5, 3, 1))
+
+
+def _reference_conv(x, weight, stride, pad, groups=1, acc=np.float64):
+    """Direct NCHW convolution in wide arithmetic."""
+    x = np.pad(x.astype(acc), [(0, 0), (0, 0), (pad, pad), (pad, pad)])
+    n, c, h, w = x.shape
+    o, i, kh, kw = weight.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = np.zeros((n, o, oh, ow), acc)
+    per_group = o // groups
+    for y in range(kh):
+        for z in range(kw):
+            window = x[:, :, y:y + stride * oh:stride, z:z + stride * ow:stride]
+            for g in range(groups):
+                out[:, g * per_group:(g + 1) * per_group] += np.einsum(
+                    "nchw,oc->nohw", window[:, g * i:(g + 1) * i], weight[g * per_group:(g + 1) * per_group, :, y, z]
+                    .astype(acc))
+    return out
+
+
+def _build(tensors, spec):
+    """Schedule (as a model's kernel would be) and build the te function; return it and the rule used."""
+    func = te.create_prim_func(tensors)
+    log = ScheduleLog()
+    mod = schedule_module(tvm.IRModule({"main": func}), spec, log)
+    assert not log.failed, log.failed
+    return tvm.compile(mod, target=spec.tvm_target()), log.applied["main"]
+
+
+def _run(lib, arrays, out_shape, out_dtype):
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+def _conv_with_bias_relu(shape, lanes, data_dtype):
+    n, c, size, o, k, stride, pad = shape
+    int8 = data_dtype != "float32"
+    data = te.placeholder((n, c // lanes, size, size, lanes), data_dtype, name="data")
+    wshape = (o // lanes, c // 4, k, k, lanes, 4) if int8 else (o // lanes, c // lanes, k, k, lanes, lanes)
+    weight = te.placeholder(wshape, "int8" if int8 else "float32", name="weight")
+    acc_dtype = "int32" if int8 else "float32"
+    conv = conv2d_nchwc(data, weight, [stride, stride], [pad] * 4, [1, 1], 1, acc_dtype)
+    bias = te.placeholder((1, o // lanes, 1, 1, lanes), acc_dtype, name="bias")
+    out = te.compute(conv.shape, lambda b, q, y, x, l: te.max(conv[b, q, y, x, l] + bias[0, q, 0, 0, l],
+                                                              tirx.const(0, acc_dtype)), name="epilogue")
+    return [data, weight, bias, out]
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_conv_matches_numpy(target, shape):
+    spec = resolve_target(target)
+    lanes = 8 if not spec.has("avx512f") else 16
+    if shape[1] % lanes or shape[3] % lanes:
+        pytest.skip(f"{shape} has channels that are not a multiple of this target's {lanes}-wide block")
+    rng = np.random.default_rng(1)
+    n, c, size, o, k, stride, pad = shape
+    x = rng.standard_normal((n, c, size, size)).astype("float32")
+    weight = rng.standard_normal((o, c, k, k)).astype("float32")
+    bias = rng.standard_normal(o).astype("float32")
+    lib, rule = _build(_conv_with_bias_relu(shape, lanes, "float32"), spec)
+    assert rule == "conv2d_nchwc"
+    expected = np.maximum(_reference_conv(x, weight, stride, pad) + bias[None, :, None, None], 0)
+    out_shape = (n, o // lanes, expected.shape[2], expected.shape[3], lanes)
+    got = _run(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
+               out_shape, "float32")
+    np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def _full_range(rng, shape, dtype):
+    """Random values over the whole range of `dtype`, with its extremes present."""
+    info = np.iinfo(dtype)
+    values = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+    values.flat[:32] = info.max
+    values.flat[32:64] = info.min
+    return values
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_int8_conv_is_exact_over_the_full_range(target, data_dtype, shape):
+    """Activations at 255 (or -128) against weights at -128: a saturating int16 step would show here."""
+    spec = resolve_target(target)
+    lanes = 8
+    rng = np.random.default_rng(2)
+    n, c, size, o, k, stride, pad = shape
+    x = _full_range(rng, (n, c, size, size), data_dtype)
+    weight = _full_range(rng, (o, c, k, k), "int8")
+    bias = rng.integers(-1000, 1000, o).astype("int32")
+    lib, rule = _build(_conv_with_bias_relu(shape, lanes, data_dtype), spec)
+    assert rule == f"conv2d_nchwc_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_avx2]"
+    expected = np.maximum(_reference_conv(x, weight, stride, pad, acc=np.int64) + bias[None, :, None, None], 0)
+    out_shape = (n, o // lanes, expected.shape[2], expected.shape[3], lanes)
+    got = _run(lib, [_block(x, lanes), _pack_weight(weight, lanes, True), _block(bias.reshape(1, o, 1, 1), lanes)],
+               out_shape, "int32")
+    np.testing.assert_array_equal(_unblock(got), expected)
+
+
+AVX512_TARGETS = {  # target: (instruction the int8 kernel must use, lanes)
+    "cascadelake": "vpdpbusd",
+    "icelake-server": "vpdpbusd",
+    "sapphirerapids": "vpdpbusd",
+    "skylake-avx512": "vpmaddwd",
+}
+
+
+def _assembly(lib) -> str:
+    return lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("target", sorted(AVX512_TARGETS))
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+def test_avx512_int8_conv_compiles_to_its_dot_instruction(target, data_dtype):
+    """These CPUs are not here: compile, and read the kernel's instructions on 512-bit registers."""
+    spec = resolve_target(target)
+    lib, rule = _build(_conv_with_bias_relu((1, 32, 14, 64, 3, 1, 1), 16, data_dtype), spec)
+    isa = "vnni" if AVX512_TARGETS[target] == "vpdpbusd" else "avx512bw"
+    assert rule == f"conv2d_nchwc_int8[quantvm_dot_16x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{isa}]"
+    instruction = AVX512_TARGETS[target]
+    assert re.search(rf"\b{instruction}\s+[^\n]*%zmm", _assembly(lib)), f"no {instruction} on zmm registers"
+
+
+@pytest.mark.parametrize("target", sorted(AVX512_TARGETS))
+def test_avx512_fp32_conv_uses_512_bit_fma(target):
+    spec = resolve_target(target)
+    lib, rule = _build(_conv_with_bias_relu((1, 32, 14, 64, 3, 1, 1), 16, "float32"), spec)
+    assert rule == "conv2d_nchwc"
+    assert re.search(r"\bvfmadd\w*ps\s+[^\n]*%zmm", _assembly(lib))
+
+
+def _int8_dense(m, k, n, lanes, data_dtype):
+    """x [m, k] . w [k, n] + bias, with w stored packed [n/lanes, k/4, lanes, 4] and unpacked in the
+    kernel, as targets.layout leaves an int8 FC."""
+    data = te.placeholder((m, k), data_dtype, name="x")
+    packed = te.placeholder((n // lanes, k // 4, lanes, 4), "int8", name="packed")
+    weight = te.compute((k, n), lambda i, j: packed[j // lanes, i // 4, j % lanes, i % 4], name="te_layout_transform")
+    red = te.reduce_axis((0, k), name="k")
+    out = te.compute((m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"),
+                                                 axis=red), name="matmul")
+    bias = te.placeholder((n,), "int32", name="bias")
+    return [data, packed, bias, te.compute((m, n), lambda i, j: out[i, j] + bias[j], name="T_add")]
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_int8_dense_is_exact_over_the_full_range(target, data_dtype, m):
+    spec = resolve_target(target)
+    rng = np.random.default_rng(3)
+    k, n, lanes = 64, 40, 8
+    x = _full_range(rng, (m, k), data_dtype)
+    weight = _full_range(rng, (k, n), "int8")
+    bias = rng.integers(-1000, 1000, n).astype("int32")
+    lib, rule = _build(_int8_dense(m, k, n, lanes, data_dtype), spec)
+    assert rule == f"matmul_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_avx2]"
+    packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
+    got = _run(lib, [x, packed, bias], (m, n), "int32")
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_cascadelake_int8_dense_uses_vpdpbusd(lanes):
+    """A 1000-wide FC (ResNet's) is packed in 8-lane blocks: vpdpbusd on ymm registers."""
+    lib, rule = _build(_int8_dense(4, 64, 48, lanes, "uint8"), resolve_target("cascadelake"))
+    assert rule == f"matmul_int8[quantvm_dot_{lanes}x4_u8s8_{'vnni' if lanes == 16 else 'vnni256'}]"
+    register = "zmm" if lanes == 16 else "ymm"
+    assert re.search(rf"\bvpdpbusd\s+[^\n]*%{register}", _assembly(lib))
+
+
+def _assembly_by_kernel(executable) -> dict[str, str]:
+    """Each kernel's assembly: its `<name>_compute_` body and the parallel lambdas LLVM emits after it."""
+    asm = executable.mod.imports[0].inspect_source("asm")
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^(\w+)_compute_:", asm, re.M)]
+    ends = [start for start, _ in starts[1:]] + [len(asm)]
+    return {name: asm[start:end] for (start, name), end in zip(starts, ends)}
+
+
+def test_resnet50_int8_for_cascadelake_has_vpdpbusd_in_every_conv_and_dense_kernel():
+    import compiler
+    from tests.fixtures import resnet50
+
+    rng = np.random.default_rng(4)
+    calib = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32)]
+    built = compiler.compile(resnet50(rng), target="cascadelake", calib=calib, calib_mode="naive")
+    assert built.report["quantization"]["int8_ops"] == {"conv2d": 53, "avg_pool": 1, "dense": 1}
+    kernels = _assembly_by_kernel(built.executable)
+    int8 = {name: body for name, body in kernels.items()
+            if ("conv2d" in name or "matmul" in name) and "astype" in name}  # int8: s32 accumulators cast
+    assert len(int8) == len([n for n in kernels if "conv2d" in n or "matmul" in n])
+    counts = {name: len(re.findall(r"\bvpdpbusd\b", body)) for name, body in int8.items()}
+    assert all(counts.values()), {name: c for name, c in counts.items() if not c}
+    assert any("matmul" in name for name in counts)
