@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import tvm
-from tvm import te, tirx
+from tvm import te, tirx, topi
 
 from targets import resolve_target
 from targets.conv2d import conv2d_nchwc
@@ -115,6 +115,48 @@ def test_fp32_conv_matches_numpy(target, shape):
     got = _run(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
                out_shape, "float32")
     np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv_matches_numpy(target, stride):
+    spec = resolve_target(target)
+    lanes, channels, size = 8, 24, 13
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, channels, size, size)).astype("float32")
+    weight = rng.standard_normal((channels, 1, 3, 3)).astype("float32")
+    data = te.placeholder((2, channels // lanes, size, size, lanes), "float32", name="data")
+    packed = te.placeholder((channels // lanes, 1, 3, 3, 1, lanes), "float32", name="weight")
+    conv = conv2d_nchwc(data, packed, [stride, stride], [1] * 4, [1, 1], channels, "float32")
+    out = te.compute(conv.shape, lambda *i: te.min(te.max(conv(*i), tirx.const(0.0)), tirx.const(6.0)), name="relu6")
+    lib, rule = _build([data, packed, out], spec)
+    assert rule == "depthwise_conv2d_nchwc"
+    expected = np.clip(_reference_conv(x, weight, stride, 1, groups=channels), 0, 6)
+    blocked_weight = np.ascontiguousarray(weight.reshape(channels // lanes, lanes, 1, 3, 3).transpose(0, 2, 3, 4, 1)
+                                          [:, :, :, :, None, :])
+    got = _run(lib, [_block(x, lanes), blocked_weight], (2, channels // lanes) + expected.shape[2:] + (lanes,),
+               "float32")
+    np.testing.assert_allclose(_unblock(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_pooling_matches_numpy(target):
+    """Max pooling 3x3/2 (padded) and a global average, blocked, as the generic rule schedules them."""
+    spec = resolve_target(target)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 16, 15, 15)).astype("float32")
+    data = te.placeholder((2, 2, 15, 15, 8), "float32", name="data")
+    pooled = topi.nn.pool2d(data, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], "max", layout="NCHW8c")
+    mean = topi.nn.global_pool(data, "avg", layout="NCHW8c")
+    lib, rule = _build([data, pooled, mean], spec)
+    assert rule == "generic"
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=-np.inf)
+    expected = np.max([padded[:, :, i:i + 15:2, j:j + 15:2] for i in range(3) for j in range(3)], axis=0)
+    out_pool = tvm.runtime.tensor(np.zeros((2, 2, 8, 8, 8), "float32"))
+    out_mean = tvm.runtime.tensor(np.zeros((2, 2, 1, 1, 8), "float32"))
+    lib["main"](tvm.runtime.tensor(_block(x, 8)), out_pool, out_mean)
+    np.testing.assert_allclose(_unblock(out_pool.numpy()), expected, rtol=1e-6)
+    np.testing.assert_allclose(_unblock(out_mean.numpy())[:, :, 0, 0], x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
 def _full_range(rng, shape, dtype):
