@@ -77,25 +77,17 @@ def _schedule(sch: s_tir.Schedule, spec: TargetSpec) -> str:
         return _schedule_depthwise(sch, depthwise, spec)
     matmul = next((b for n, b in blocks.items() if n.startswith(MATMUL_BLOCK)), None)
     if matmul is not None:
-        for producer in sch.get_producers(matmul):  # a packed weight's unpacking: read the packed one
-            if not _is_reduction(sch, producer):
-                sch.compute_inline(producer)
+        _inline_producers(sch, matmul)  # a packed weight's unpacking: read the packed one directly
         if _is_vectorizable_matmul(sch, matmul, spec):
             return _schedule_matmul(sch, matmul, spec)
     return _schedule_generic(sch, spec)
 
 
 def _all_blocks(sch):
-    root = sch.get_sblock("root") if _has_root(sch) else None
-    return sch.get_child_blocks(root) if root is not None else []
-
-
-def _has_root(sch) -> bool:
     try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+        return sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - a function without a root block has nothing to schedule
+        return []
 
 
 def _extent(sch, loop) -> int:
@@ -117,6 +109,12 @@ def _pad_producers(sch, block, spec):
     for producer in sch.get_producers(block):
         if not _is_reduction(sch, producer):
             _schedule_spatial_block(sch, producer, spec)
+
+
+def _inline_producers(sch, block):
+    for producer in sch.get_producers(block):
+        if not _is_reduction(sch, producer):
+            sch.compute_inline(producer)
 
 
 def _is_reduction(sch, block) -> bool:
@@ -197,9 +195,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec) -> str:
 
 def _schedule_depthwise(sch, conv, spec: TargetSpec) -> str:
     # 9 multiply-adds per output: a padded copy would cost more memory traffic than the bounds checks
-    for producer in sch.get_producers(conv):
-        if not _is_reduction(sch, producer):
-            sch.compute_inline(producer)
+    _inline_producers(sch, conv)
     batch, chunk, row, col, lane, kh, kw = sch.get_loops(conv)
     tile_w, _ = _register_tile(_extent(sch, col), 1, vector_lanes(spec))
     col_o, col_i = sch.split(col, [None, tile_w])
