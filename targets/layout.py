@@ -25,24 +25,44 @@ def vector_lanes(spec: TargetSpec) -> int:
     return 16 if spec.has("avx512f") else 8
 
 
-def conv_layouts(call: relax.Call, lanes: int) -> tuple[str, str] | None:
-    """(data layout, kernel layout) for a conv2d, or None to leave it NCHW (channels not a multiple of
-    the block, grouped convs that are not depthwise)."""
+def channel_block(channels: int, lanes: int, mixed: bool = True) -> int | None:
+    """The channel block of a tensor with `channels` channels: a full vector, else (`mixed`) half of an
+    AVX-512 one (24, 40, 200 channels run on 8-lane ymm code there); None when none divides it.
+
+    It depends only on the channel count, so a conv's output is in the block its consumer reads. With
+    `mixed` False, `lanes` is the one block of the whole graph."""
+    blocks = (lanes, lanes // 2) if mixed else (lanes,)
+    return next((b for b in blocks if b >= 8 and channels % b == 0), None)
+
+
+def stem_block(channels: int, lanes: int, dtype: str) -> int | None:
+    """The data block of a conv reading fewer channels than a vector (an RGB image: 3): all of them in
+    one block, so the stem conv multiplies no padding (int8 reads channels in groups of 4: pad_int8_stem
+    rounds them up first)."""
+    if channels >= lanes or (dtype in ("uint8", "int8") and channels % INT8_GROUP):
+        return None
+    return channels
+
+
+def conv_layouts(call: relax.Call, lanes: int, mixed: bool = True) -> tuple[str, str, str] | None:
+    """(data, kernel, output layout) for a conv2d, or None to leave it NCHW (channels that fit no block,
+    grouped convs that are not depthwise)."""
     attrs = call.attrs
     if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
         return None
     out_channels, in_per_group = (int(d) for d in call.args[1].ty.shape.values[:2])
     in_channels = int(call.args[0].ty.shape.values[1])
-    if in_channels % lanes or out_channels % lanes:
+    dtype = call.args[0].ty.dtype
+    out_block = channel_block(out_channels, lanes, mixed)
+    if out_block is None:
         return None
-    block = f"NCHW{lanes}c"
     if attrs.groups == in_channels == out_channels and in_per_group == 1:
-        return block, f"OIHW1i{lanes}o"
-    if attrs.groups != 1:
+        return f"NCHW{out_block}c", f"OIHW1i{out_block}o", f"NCHW{out_block}c"
+    in_block = channel_block(in_channels, lanes, mixed) or stem_block(in_channels, lanes, dtype)
+    if attrs.groups != 1 or in_block is None:
         return None
-    if call.args[0].ty.dtype in ("uint8", "int8"):
-        return block, f"OIHW{lanes}o{INT8_GROUP}i"
-    return block, f"OIHW{lanes}i{lanes}o"
+    kernel = f"OIHW{out_block}o{INT8_GROUP}i" if dtype in ("uint8", "int8") else f"OIHW{in_block}i{out_block}o"
+    return f"NCHW{in_block}c", kernel, f"NCHW{out_block}c"
 
 
 # Elementwise ops (their other arguments are scalars) that TVM 0.27 gives no layout rule.
@@ -87,10 +107,10 @@ def _has_per_channel_quantize(mod: tvm.IRModule) -> bool:
 
 
 @relax.expr_functor.mutator
-class _PadInputChannels(relax.PyExprMutator):
-    """A conv reading too few channels for a block (an RGB image: 3) reads them zero-padded to one block,
-    with zero weights for the padding: a little more work on one small conv, and no plain-layout kernel
-    in the middle of the network."""
+class _PadInt8Stem(relax.PyExprMutator):
+    """An int8 conv reading too few channels for a block (an RGB image: 3) reads them zero-padded to a
+    multiple of the dot intrinsics' group of 4, with zero weights for the padding (so the padded values,
+    and any zero point, never count)."""
 
     def __init__(self, mod, lanes):
         super().__init__(mod)
@@ -100,11 +120,12 @@ class _PadInputChannels(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d" and call.attrs.groups == 1
                 and call.attrs.data_layout == "NCHW" and call.attrs.kernel_layout == "OIHW"
+                and call.args[0].ty.dtype in ("uint8", "int8")
                 and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
             return call
         weight = call.args[1].value.numpy()
-        extra = -weight.shape[1] % self.lanes
-        if not extra or weight.shape[0] % self.lanes:
+        extra = -weight.shape[1] % INT8_GROUP
+        if not extra or weight.shape[1] >= self.lanes or channel_block(weight.shape[0], self.lanes) is None:
             return call
         data = relax.op.nn.pad(call.args[0], [0, 0, 0, extra, 0, 0, 0, 0])
         weight = relax.const(np.pad(weight, [(0, 0), (0, extra), (0, 0), (0, 0)]))
@@ -118,8 +139,8 @@ def _rewrite_functions(mod: tvm.IRModule, mutator, lanes: int) -> tvm.IRModule:
     return relax.transform.Normalize()(mod)
 
 
-def pad_input_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    return _rewrite_functions(mod, _PadInputChannels, lanes)
+def pad_int8_stem(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    return _rewrite_functions(mod, _PadInt8Stem, lanes)
 
 
 @relax.expr_functor.mutator
@@ -157,17 +178,27 @@ def pack_int8_dense_weights(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     return _rewrite_functions(mod, _PackInt8DenseWeights, lanes)
 
 
+def _convert_conv_layouts(mod: tvm.IRModule, lanes: int, mixed: bool) -> tvm.IRModule:
+    def desired(call):
+        layouts = conv_layouts(call, lanes, mixed) if call.op.name == "relax.nn.conv2d" else None
+        return {"relax.nn.conv2d": list(layouts or ("NCHW", "OIHW", "NCHW"))}
+
+    return relax.transform.ConvertLayout({}, desired)(mod)
+
+
 def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     """Rewrite convs (and the elementwise ops around them) to NCHW{lanes}c with packed, folded weights."""
     lanes = vector_lanes(spec)
-    mod = pad_input_channels(mod, lanes)
-
-    def desired(call):
-        layouts = conv_layouts(call, lanes) if call.op.name == "relax.nn.conv2d" else None
-        return {"relax.nn.conv2d": list(layouts or ("NCHW", "OIHW"))}
-
+    mod = pad_int8_stem(mod, lanes)
     with _scalar_ops_follow_layout(mod):
-        mod = relax.transform.ConvertLayout({}, desired)(mod)
+        try:
+            mod = _convert_conv_layouts(mod, lanes, mixed=True)
+        except tvm.error.InternalError:
+            if lanes == 8:
+                raise
+            # An 8-channel-block tensor reaching a 16-block conv through a concat or a split: TVM cannot
+            # transform between two block sizes, so the whole graph takes the one that fits every tensor.
+            mod = _convert_conv_layouts(mod, lanes // 2, mixed=False)
     mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
                                     relax.transform.DeadCodeElimination()])(mod)
     return pack_int8_dense_weights(mod, lanes)  # after folding, which would unpack them again

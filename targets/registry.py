@@ -39,6 +39,8 @@ LLVM_TO_CPUINFO = {
     "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
     "avx512ifma": "avx512ifma", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
     "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+    # AMD-only: LLVM lowers some shuffles to SSE4A's extrq/insertq on Zen, which Intel CPUs lack
+    "sse4a": "sse4a", "xop": "xop", "fma4": "fma4", "tbm": "tbm",
 }
 
 

@@ -18,7 +18,7 @@ from tvm import s_tir, tirx
 
 from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
-from targets.layout import INT8_GROUP, vector_lanes
+from targets.layout import INT8_GROUP, channel_block, vector_lanes
 from targets.registry import TargetSpec
 
 # Vector registers for a conv tile (AVX2 has 16, AVX-512 32). A tile of w pixels x c channel blocks
@@ -214,7 +214,14 @@ def _is_vectorizable_matmul(sch, block, spec) -> bool:
     loops = sch.get_loops(block)
     return (len(kinds) == len(loops) >= 3 and kinds[-1] == tirx.IterVar.CommReduce
             and all(k == tirx.IterVar.DataPar for k in kinds[:-1])
-            and _extent(sch, loops[-2]) % (_packed_weight_lanes(sch, block) or vector_lanes(spec)) == 0)
+            and _matmul_lanes(sch, block, spec) is not None)
+
+
+def _matmul_lanes(sch, block, spec) -> int | None:
+    """The vector of output columns: a packed int8 weight's block, else the widest that divides them."""
+    columns = _extent(sch, sch.get_loops(block)[-2])
+    packed = _packed_weight_lanes(sch, block)
+    return packed if packed and columns % packed == 0 else channel_block(columns, vector_lanes(spec))
 
 
 def _schedule_matmul(sch, block, spec: TargetSpec) -> str:
@@ -222,7 +229,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec) -> str:
     weight packed for the dot intrinsic and unpacked inline), the epilogue (bias, activation, requantize)
     on the tile, parallel over row and column tiles."""
     packed = _packed_weight_lanes(sch, block)
-    lanes = packed or vector_lanes(spec)
+    lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
     rows, vectors = _register_tile(_extent(sch, row), _extent(sch, col) // lanes, vector_lanes(spec))
     tail = _accumulator_tail(sch, block)

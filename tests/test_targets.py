@@ -26,6 +26,12 @@ def test_skylake_has_avx512_without_vnni_and_avx2_has_neither():
     assert {"amx_int8", "amx_tile"} <= set(resolve_target("sapphirerapids").required_features)
 
 
+def test_zen_targets_need_the_amd_only_extensions_llvm_may_emit():
+    # LLVM lowers some shuffles to SSE4A's extrq/insertq for Zen: such code is an illegal instruction on Intel
+    assert "sse4a" in resolve_target("znver3").required_features
+    assert "sse4a" not in resolve_target("avx2").required_features
+
+
 def test_classic_llvm_string_is_accepted():
     spec = resolve_target("llvm -mcpu=cascadelake -num-cores=4")
     assert spec.name == "cascadelake" and spec.num_cores == 4
