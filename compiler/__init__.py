@@ -2,8 +2,9 @@
 
 from compiler.build import CompiledModel, compile  # noqa: A004 (the API's name)
 from compiler.errors import (ArtifactError, HostMismatchError, InputError, ModelError, QuantvmError,
-                             TargetError)
+                             TargetError, TuningError)
 from compiler.runtime import Predictor, load
+from compiler.tune import tune
 
 __all__ = ["ArtifactError", "CompiledModel", "HostMismatchError", "InputError", "ModelError", "Predictor",
-           "QuantvmError", "TargetError", "compile", "load"]
+           "QuantvmError", "TargetError", "TuningError", "compile", "load", "tune"]

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # (contender, baseline) pairs whose speedup is reported: quantvm against onnxruntime at the same precision,
-# int8 against fp32, fused against unfused.
+# int8 against fp32, fused against unfused, tuned against untuned.
 RATIOS = (("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime int8"),
-          ("quantvm int8", "quantvm fp32"), ("quantvm fp32", "quantvm fp32 --no-fuse"))
+          ("quantvm int8", "quantvm fp32"), ("quantvm fp32", "quantvm fp32 --no-fuse"),
+          ("quantvm fp32 tuned", "quantvm fp32"), ("quantvm int8 tuned", "quantvm int8"),
+          ("quantvm fp32 tuned", "onnxruntime fp32"), ("quantvm int8 tuned", "onnxruntime int8"))
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Settings:
     calib_mode: str = "entropy"
     num_calib_batches: int | None = None
     threads: int = 1
+    tuning_db: str | None = None  # also time the builds this database was tuned for, with its kernels
 
 
 def onnxruntime_contender(model_bytes: bytes, threads: int) -> Contender | None:
@@ -151,16 +154,40 @@ def quantvm_contenders(model_path, shapes: dict | None, settings: Settings) -> t
         return compile(model_path, target=settings.target, input_shapes=shapes, num_threads=settings.threads,
                        **options)
 
+    int8_options = {"calib": [settings.calib], "calib_mode": settings.calib_mode,
+                    "num_calib_batches": settings.num_calib_batches}
     fused = build()
     contenders = [Contender("quantvm fp32", lambda f: fused.run(**f))]
     if settings.calib is not None:
-        int8 = build(calib=[settings.calib], calib_mode=settings.calib_mode,
-                     num_calib_batches=settings.num_calib_batches)
+        int8 = build(**int8_options)
         contenders.insert(0, Contender("quantvm int8", lambda f: int8.run(**f)))
     if settings.compare_unfused:
         unfused = build(fuse=False)
         contenders.append(Contender("quantvm fp32 --no-fuse", lambda f: unfused.run(**f)))
+    if settings.tuning_db is not None:
+        contenders = tuned_contenders(build, int8_options if settings.calib is not None else None,
+                                      settings.tuning_db) + contenders
     return fused, contenders
+
+
+def tuned_contenders(build, int8_options: dict | None, tuning_db) -> list[Contender]:
+    """The builds (fp32, int8) with `tuning_db`'s kernels, for each precision it was tuned for at these
+    shapes; an error when it holds neither."""
+    from compiler.errors import TuningError
+
+    contenders, refusals = [], []
+    for precision, options in (("int8", int8_options), ("fp32", {})):
+        if options is None:
+            continue
+        try:
+            tuned = build(tuning_db=tuning_db, **options)
+        except TuningError as err:
+            refusals.append(str(err))
+            continue
+        contenders.append(Contender(f"quantvm {precision} tuned", lambda f, model=tuned: model.run(**f)))
+    if not contenders:
+        raise TuningError(refusals[0])
+    return contenders
 
 
 def onnxruntime_contenders(model_path, proto, fused, settings: Settings) -> list[Contender]:
@@ -202,10 +229,11 @@ def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> d
 def bench(model_path, target: str = "native", input_shapes: dict | None = None, batches=(None,), rounds: int = 10,
           compare: str = "onnxruntime", compare_unfused: bool = False, calib: dict | None = None,
           calib_mode: str = "entropy", num_calib_batches: int | None = None, threads: int | None = None,
-          command: str | None = None) -> dict:
+          command: str | None = None, tuning_db=None) -> dict:
     """Time quantvm's builds (fp32; int8 when `calib` is given; unfused on request) and onnxruntime's
     (unless `compare` is "none") on the same random inputs and thread count, interleaved, once per batch
-    size in `batches` (None: the shapes as given). `threads`: None is $TVM_NUM_THREADS, else all cores."""
+    size in `batches` (None: the shapes as given). `threads`: None is $TVM_NUM_THREADS, else all cores.
+    `tuning_db`: also time the builds with the kernels of this database (see `tune()`)."""
     import tvm
 
     from compiler.build import quantvm_version
@@ -221,7 +249,8 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
         warnings.warn("onnxruntime is not installed: timing quantvm alone (pip install onnxruntime)", stacklevel=2)
     threads = resolve_num_threads(threads)
     use_threads(threads)  # before onnxruntime starts its threads, which inherit this thread's CPU affinity
-    settings = Settings(target, rounds, compare, compare_unfused, calib, calib_mode, num_calib_batches, threads)
+    settings = Settings(target, rounds, compare, compare_unfused, calib, calib_mode, num_calib_batches, threads,
+                        tuning_db)
     proto, source, _ = read_onnx(model_path)
     sections = [bench_batch(model_path, proto, batch_input_shapes(proto, input_shapes, b), settings) for b in batches]
     return {"command": command, "model": source, "target": sections[0]["target"], "threads": threads,

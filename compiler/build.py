@@ -11,6 +11,8 @@ from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.quantization import QuantizationOptions, output_error, quantize
+from compiler.quiet import tvm_noise_silenced
+from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
                               resolve_num_threads, use_threads)
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
@@ -75,7 +77,7 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
             calib_mode: str = "entropy", num_calib_batches: int | None = None, quantized_dtype: str = "auto",
             exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
             collector: CalibrationCollector | None = None, percentile: float = 99.99,
-            num_threads: int | None = None) -> CompiledModel:
+            num_threads: int | None = None, tuning_db=None) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
@@ -92,31 +94,21 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     `num_threads`: the threads the code is built for and runs on (recorded in the metadata); None: all
     cores for target native, the target's own -num-cores (or none) for the others. Runs in this process use
     it, else $TVM_NUM_THREADS, else the recorded count; see `load()` for an exported model.
+
+    `tuning_db`: a database directory written by `tune()` for this target: its tuned kernels replace the
+    default schedules where it has them (`report["tuning"]` says which).
     """
     start = time.perf_counter()
-    spec = _with_threads(resolve_target(target), num_threads)
-    try:
-        rules = select_rules(fuse)
-    except ValueError as err:
-        raise QuantvmError(str(err)) from None
-    imported = import_onnx(model, input_shapes, constant_inputs)
-    graph = prepare_graph(imported.mod)
-    report: dict = {}
-    first_batch: dict = {}
-    if calib is not None or calib_mode == "none":
-        if calib is not None and calib_mode == "none":
-            warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used",
-                          stacklevel=2)
-        options = QuantizationOptions(calib_mode, num_calib_batches, quantized_dtype, tuple(exclude_layers or ()),
-                                      tuple(exclude_layers_match or ()), tuple(exclude_operators or ()),
-                                      collector, percentile)
-        calibration_started = time.perf_counter()
-        graph, quant_report, first_batch = quantize(graph, imported.onnx_model, imported.inputs, calib, options,
-                                                    lambda mod: _host_runner(mod, rules, imported, num_threads))
-        report["quantization"] = quant_report
-        report["calibration_seconds"] = time.perf_counter() - calibration_started
-    executable, fusion = _build(graph, spec, rules, imported.source)
+    spec = target_with_threads(resolve_target(target), num_threads)
+    tuning = open_tuning_db(tuning_db, spec) if tuning_db is not None else None
+    options = quantization_options(calib_mode, num_calib_batches, quantized_dtype, exclude_layers,
+                                   exclude_layers_match, exclude_operators, collector, percentile)
+    prepared = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads)
+    imported, report, first_batch = prepared.imported, prepared.report, prepared.first_batch
+    executable, fusion = _build(prepared.graph, spec, prepared.rules, imported.source, tuning)
     report.update(fusion)
+    if tuning is not None:
+        report["tuning"] = tuning.check_applied(imported, precision(report), fusion["schedules"])
     compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report,
                              num_threads)
     if first_batch and not missing_features(spec.required_features):
@@ -125,7 +117,54 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     return compiled
 
 
-def _with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
+def quantization_options(calib_mode: str = "entropy", num_calib_batches: int | None = None,
+                         quantized_dtype: str = "auto", exclude_layers=None, exclude_layers_match=None,
+                         exclude_operators=None, collector: CalibrationCollector | None = None,
+                         percentile: float = 99.99) -> QuantizationOptions:
+    """compile()'s INT8 keywords, as the quantizer takes them."""
+    return QuantizationOptions(calib_mode, num_calib_batches, quantized_dtype, tuple(exclude_layers or ()),
+                               tuple(exclude_layers_match or ()), tuple(exclude_operators or ()), collector,
+                               percentile)
+
+
+@dataclasses.dataclass
+class ModelGraph:
+    """An imported model's graph as it will be built: prepared and, with calibration, quantized."""
+    imported: ImportedModel
+    graph: object
+    rules: list
+    report: dict
+    first_batch: dict  # the first calibration batch and its fp32 output, for the int8 output error
+
+
+def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,
+                  num_threads) -> ModelGraph:
+    """Import `model`, prepare its graph and, given calibration data (or calib_mode none), quantize it."""
+    try:
+        rules = select_rules(fuse)
+    except ValueError as err:
+        raise QuantvmError(str(err)) from None
+    imported = import_onnx(model, input_shapes, constant_inputs)
+    graph = prepare_graph(imported.mod)
+    report: dict = {}
+    first_batch: dict = {}
+    if calib is not None or options.calib_mode == "none":
+        if calib is not None and options.calib_mode == "none":
+            warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used",
+                          stacklevel=3)
+        calibration_started = time.perf_counter()
+        graph, quant_report, first_batch = quantize(graph, imported.onnx_model, imported.inputs, calib, options,
+                                                    lambda mod: _host_runner(mod, rules, imported, num_threads))
+        report["quantization"] = quant_report
+        report["calibration_seconds"] = time.perf_counter() - calibration_started
+    return ModelGraph(imported, graph, rules, report, first_batch)
+
+
+def precision(report: dict) -> str:
+    return "int8" if report.get("quantization") else "fp32"
+
+
+def target_with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
     """`spec` with the thread count its code is for (TVM's num-cores): `num_threads`, else the target's own,
     else all cores where the target is this host; a server target named without a count keeps none."""
     if num_threads is not None:
@@ -139,11 +178,17 @@ def _with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
     return dataclasses.replace(spec, num_cores=count)
 
 
-def _build(graph, spec: TargetSpec, rules, source: str):
-    """Fuse and build `graph` for `spec`; return the executable and the fusion report."""
+def fused_graph(graph, spec: TargetSpec, rules):
+    """`graph` in the target's blocked layouts, with the fusion rules applied: what is lowered to kernels."""
+    return fuse_graph(block_channels(graph, spec), rules)
+
+
+def _build(graph, spec: TargetSpec, rules, source: str, tuning=None):
+    """Fuse and build `graph` for `spec` (with `tuning`'s kernels where it has them); return the
+    executable and the fusion report."""
     import tvm
 
-    fused, fusion = fuse_graph(block_channels(graph, spec), rules)
+    fused, fusion = fused_graph(graph, spec, rules)
     result = {**fusion.to_json(), "rules": list(rules)}
     tvm_target = spec.tvm_target()
     schedules = ScheduleLog()
@@ -151,13 +196,17 @@ def _build(graph, spec: TargetSpec, rules, source: str):
     def record_kernels(lowered):
         result.update(count_kernels(lowered))
 
+    schedule = schedule_pass(spec, schedules)
+    if tuning is not None:
+        schedule = tvm.transform.Sequential([tuning.apply_pass(tvm_target), schedule])
     try:
-        pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule_pass(spec, schedules))
-        executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
+        pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule)
+        with tvm_noise_silenced():
+            executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
     except Exception as err:  # TVM raises bare errors; say which model and target failed
         raise QuantvmError(f"{source}: building for target {spec.name!r} failed: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
-    result["schedules"] = {"applied": schedules.applied, "unscheduled": schedules.failed}
+    result["schedules"] = {"applied": schedules.applied, "unscheduled": schedules.failed, "tuned": schedules.tuned}
     return executable, result
 
 

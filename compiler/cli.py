@@ -1,4 +1,4 @@
-"""The `quantvm` command: compile, run, inspect, demo. Errors print one line and exit non-zero."""
+"""The `quantvm` command: compile, tune, run, inspect, bench, demo. Errors print one line and exit non-zero."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import InputError, QuantvmError
+from compiler.tune import DEFAULT_TRIALS
 from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
 
@@ -38,6 +39,12 @@ def _count_arg(text: str) -> int:
     return count
 
 
+def _whole_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _batch_list_arg(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",")]
@@ -60,25 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--target", default="cascadelake",
                    help=f"target name ({targets}) or 'llvm -mcpu=CPU' (default: cascadelake)")
     p.add_argument("-o", "--output", required=True, help="the .so to write")
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
-                   help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
-    fusion = p.add_mutually_exclusive_group()
-    fusion.add_argument("--no-fuse", action="store_true", help="apply no fusion rule (one kernel per op)")
-    fusion.add_argument("--fuse-rules", metavar="RULE,...",
-                        help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
     p.add_argument("--report", metavar="FILE.json", help="write the compile report (fusion, unfused_ops) as JSON")
-    int8 = p.add_argument_group("INT8 (post-training quantization)")
-    int8.add_argument("--calib", metavar="DATA.npz",
-                      help="calibration data: one array per input name, samples on axis 0; enables INT8")
-    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile", "none"],
-                      help="how thresholds are chosen (default entropy); none: INT8 without calibration data, "
-                           "ranges computed at run time (slower)")
-    int8.add_argument("--calib-batches", type=int, metavar="N", help="use at most N batches of calibration data")
-    int8.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default 99.99)")
-    int8.add_argument("--quantized-dtype", default="auto", choices=["auto", "int8", "uint8"])
-    int8.add_argument("--exclude-layers", metavar="NAME,...", help="ONNX node names to keep in fp32")
-    int8.add_argument("--exclude-layers-match", metavar="TEXT,...", help="keep in fp32 the layers whose name contains one")
-    int8.add_argument("--exclude-operators", metavar="OP,...", help="op types to keep in fp32 (Conv, Gemm, MatMul)")
+    p.add_argument("--tuning-db", metavar="DIR", help="apply the kernels tuned into DIR by 'quantvm tune'")
+    _add_build_options(p)
+
+    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule, here or on RPC servers", description=(
+        "Tune the kernels of a model, as 'quantvm compile' with the same options builds them, with MetaSchedule; "
+        "measure on this host, or on the servers behind a TVM RPC tracker (--rpc). Records go to a database "
+        "directory that 'quantvm compile --tuning-db DIR' applies; running again on it continues the search."))
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("-t", "--target", default="cascadelake",
+                   help=f"target name ({targets}) or 'llvm -mcpu=CPU' (default: cascadelake)")
+    p.add_argument("--db", required=True, metavar="DIR", help="the tuning database directory (created if missing)")
+    p.add_argument("--trials", type=_whole_arg, default=DEFAULT_TRIALS, metavar="N",
+                   help=f"measurements in all, beyond one of each kernel's default schedule (default {DEFAULT_TRIALS})")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
+                   help="measure on the servers registered with this key at this RPC tracker (default: this host)")
+    p.add_argument("--threads", type=_count_arg, metavar="N",
+                   help="threads the kernels are built for (default: all cores for native; needed with --rpc "
+                        "unless the target says -num-cores)")
+    p.add_argument("--json", metavar="FILE", help="also write the per-kernel results as JSON")
+    _add_build_options(p)
 
     p = sub.add_parser("run", help="run a compiled .so on .npy inputs", description=(
         "Run a compiled artifact. Only run artifacts you trust: loading one runs its code."))
@@ -111,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA.npz", help="calibration data for --int8 (one array per input name)")
     p.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"])
     p.add_argument("--calib-batches", type=int, metavar="N")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="also time quantvm's builds with the kernels tuned into DIR (the precisions tuned there)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
@@ -118,6 +129,28 @@ def _parser() -> argparse.ArgumentParser:
         "held-out data and check it against the ONNX reference."))
     p.add_argument("--keep", metavar="DIR", help="keep the exported .so files in DIR")
     return parser
+
+
+def _add_build_options(p) -> None:
+    """What decides the kernels of a build: input shapes, fusion, INT8 (compile and tune take the same)."""
+    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
+    fusion = p.add_mutually_exclusive_group()
+    fusion.add_argument("--no-fuse", action="store_true", help="apply no fusion rule (one kernel per op)")
+    fusion.add_argument("--fuse-rules", metavar="RULE,...",
+                        help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
+    int8 = p.add_argument_group("INT8 (post-training quantization)")
+    int8.add_argument("--calib", metavar="DATA.npz",
+                      help="calibration data: one array per input name, samples on axis 0; enables INT8")
+    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile", "none"],
+                      help="how thresholds are chosen (default entropy); none: INT8 without calibration data, "
+                           "ranges computed at run time (slower)")
+    int8.add_argument("--calib-batches", type=int, metavar="N", help="use at most N batches of calibration data")
+    int8.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default 99.99)")
+    int8.add_argument("--quantized-dtype", default="auto", choices=["auto", "int8", "uint8"])
+    int8.add_argument("--exclude-layers", metavar="NAME,...", help="ONNX node names to keep in fp32")
+    int8.add_argument("--exclude-layers-match", metavar="TEXT,...", help="keep in fp32 the layers whose name contains one")
+    int8.add_argument("--exclude-operators", metavar="OP,...", help="op types to keep in fp32 (Conv, Gemm, MatMul)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -157,7 +190,7 @@ def cmd_compile(args) -> int:
 
     fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
     model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse,
-                    **_int8_options(args))
+                    tuning_db=args.tuning_db, **_int8_options(args))
     path = model.export(args.output)
     meta = model.metadata
     print(f"compiled {args.model} for {meta['target']['name']} (mcpu {meta['target']['mcpu']}) "
@@ -292,6 +325,63 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_tune(args) -> int:
+    from compiler.tune import tune
+
+    fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
+    int8 = _int8_options(args)
+    calib = int8.pop("calib", None)
+
+    def progress(line):
+        print(line, file=sys.stderr, flush=True)
+
+    summary = tune(args.model, target=args.target, trials=args.trials, work_dir=args.db, rpc=args.rpc, calib=calib,
+                   num_threads=args.threads, progress=progress, input_shapes=dict(args.input_shape) or None,
+                   fuse=fuse, **int8)
+    print(format_tuning(summary.to_json()))
+    if args.json:
+        from compiler.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return 0
+
+
+def format_tuning(summary: dict) -> str:
+    """Per tuned kernel: calls per run, trials so far, default and best time; then the whole model's kernel
+    time, default against tuned (each kernel's time x its calls)."""
+    lines = [f"{summary['database']}: tuned for {summary['target']}; this run measured {summary['measured']} "
+             f"candidate(s) of a budget of {summary['trials']} (a search stops early where it runs out of new "
+             f"tilings), {summary['seconds']:.0f} s",
+             f"{'kernel':72}{'calls':>6}{'trials':>7}{'default ms':>12}{'best ms':>12}"]
+    default_total = best_total = 0.0
+    for task in summary["tasks"]:
+        default, best = task["default_ms"], task["best_ms"]
+        lines.append(f"{_shorten(task['name'], 71):72}{task['calls']:6}{task['trials']:7}"
+                     f"{_ms_text(default):>12}{_ms_text(best):>12}")
+        if default is not None and best is not None:
+            default_total += default * task["calls"]
+            best_total += best * task["calls"]
+    if best_total:
+        lines.append(f"kernel time of the tuned kernels: default {default_total:.4g} ms, best {best_total:.4g} ms "
+                     f"({default_total / best_total:.3g}x)")
+    reasons: dict = {}
+    for why in summary["skipped"].values():
+        reasons[why] = reasons.get(why, 0) + 1
+    for why, count in reasons.items():
+        lines.append(f"not tuned: {count} kernel(s), {why}")
+    return "\n".join(lines)
+
+
+def _shorten(name: str, width: int) -> str:
+    """Kernel names differ at their ends (..._quantize7): keep both ends."""
+    return name if len(name) <= width else f"{name[:width // 2 - 2]}...{name[-(width - width // 2 - 1):]}"
+
+
+def _ms_text(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 def cmd_bench(args) -> int:
     from compiler.bench import bench, format_table
 
@@ -301,7 +391,8 @@ def cmd_bench(args) -> int:
     result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                    batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
                    compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
-                   num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line)
+                   num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line,
+                   tuning_db=args.tuning_db)
     print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path
@@ -311,7 +402,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
+            "tune": cmd_tune}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,3 +23,7 @@ class HostMismatchError(QuantvmError):
 
 class ArtifactError(QuantvmError):
     """A file is not a readable quantvm artifact, or an artifact cannot be written."""
+
+
+class TuningError(QuantvmError):
+    """Tuning cannot run (no tracker, no server for the key) or a tuning database does not fit the build."""

@@ -1,7 +1,8 @@
-"""Silence one known line of noise from the TVM 0.27 runtime.
+"""Silence known lines of noise TVM 0.27 writes from C++, unconditionally.
 
-Its VM executable logs `Warning: Scope Saving:` / `Scope Loaded:` from C++ for every constant on each
-export and load, unconditionally. Those lines are dropped; anything else written to stderr meanwhile is kept.
+Its VM executable logs `Warning: Scope Saving:` / `Scope Loaded:` for every constant on each export and
+load; applying a tuning database logs `Warning: Creating JSONDatabase` with its paths. Those lines are
+dropped; anything else written to stderr meanwhile is kept.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import re
 import sys
 import tempfile
 
-NOISE = re.compile(rb"executable\.cc:\d+: Warning: Scope (Saving|Loaded):")
+NOISE = re.compile(rb"executable\.cc:\d+: Warning: Scope (Saving|Loaded):|meta_schedule\.cc:\d+: Warning: Creating JSONDatabase")
 
 
 @contextlib.contextmanager
-def tvm_scope_warnings_silenced():
+def tvm_noise_silenced():
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:

@@ -44,21 +44,33 @@ def build_pipeline(target: tvm.target.Target, on_lowered=None, legalize_override
     @tvm.transform.module_pass(opt_level=0, name="quantvm.build_pipeline")
     def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            lowering = [
-                relax.transform.LegalizeOps(legalize_overrides),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseTIR(),
-            ]
+            lowering = _kernel_passes(target, legalize_overrides)
             if schedule is not None:
                 lowering.append(schedule)
-            mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + lowering)(mod)
+            mod = tvm.transform.Sequential(lowering)(mod)
             if on_lowered is not None:
                 on_lowered(mod)
             rest = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(rest)(mod)
 
     return _lower
+
+
+def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target,
+                     legalize_overrides: dict | None = None) -> tvm.IRModule:
+    """The graph as `build_pipeline` hands it to the scheduler: one unscheduled TIR kernel per fused group
+    (what tuning tunes)."""
+    with target:
+        return tvm.transform.Sequential(_kernel_passes(target, legalize_overrides))(mod)
+
+
+def _kernel_passes(target, legalize_overrides) -> list:
+    return cpu.library_dispatch_passes(target) + [
+        relax.transform.LegalizeOps(legalize_overrides),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseTIR(),
+    ]
 
 
 LAYOUT_KERNEL_PREFIX = "te_layout_transform"

@@ -7,6 +7,9 @@
 - Dense/matmul and everything else (pooling, elementwise, layout edges): outer loops parallel, the
   contiguous inner loop vectorized.
 A kernel a rule cannot schedule stays as TVM lowered it (correct, slower) and is named in the report.
+
+Register tiles are the rules' choice (`RULE_TILES`), or with `SampledTiles` MetaSchedule decisions that
+start at the rules' choice, so that tuning (targets.tuning) searches around the default schedule.
 """
 
 from __future__ import annotations
@@ -31,13 +34,37 @@ MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., 
 MIN_PARALLEL_WORK = 1 << 16
 # Aim for this many parallel chunks per core, so uneven rows still balance.
 CHUNKS_PER_CORE = 4
+# What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
+IS_SCHEDULED = "tirx.is_scheduled"
+
+
+class RuleTiles:
+    """Register tiles as the rules choose them."""
+
+    def split(self, sch, loop, inner: int, limit: int):
+        return sch.split(loop, [None, inner])
+
+
+class SampledTiles:
+    """Register tiles as MetaSchedule decisions (any inner factor up to `limit` that divides the loop),
+    the rules' choice first: the design space's trace holds the default schedule, and tuning mutates it."""
+
+    def split(self, sch, loop, inner: int, limit: int):
+        factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=limit,
+                                          decision=[_extent(sch, loop) // inner, inner])
+        return sch.split(loop, factors)
+
+
+RULE_TILES = RuleTiles()
 
 
 @dataclass
 class ScheduleLog:
-    """What each kernel got: the rule's name, or why none applied."""
+    """What each kernel got: the rule's name, or why none applied; `tuned`: kernels scheduled before this
+    pass ran (from a tuning database), left as they were."""
     applied: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    tuned: list = field(default_factory=list)
 
 
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec, log: ScheduleLog | None = None) -> tvm.IRModule:
@@ -45,13 +72,16 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec, log: ScheduleLog | None
     log = log if log is not None else ScheduleLog()
     updates = {}
     for gvar, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs and func.attrs.get("tir.is_scheduled"):
+        if not isinstance(func, tirx.PrimFunc):
             continue
         name = gvar.name_hint
+        if func.attrs and func.attrs.get(IS_SCHEDULED):
+            log.tuned.append(name)
+            continue
         try:
             sch = s_tir.Schedule(func)
-            log.applied[name] = _schedule(sch, spec)
-            updates[gvar] = sch.mod["main"].with_attr("tir.is_scheduled", True)
+            log.applied[name] = schedule_kernel(sch, spec)
+            updates[gvar] = sch.mod["main"].with_attr(IS_SCHEDULED, True)
         except Exception as err:  # noqa: BLE001 - any failure leaves the kernel as lowered, and says so
             log.failed[name] = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
     for gvar, func in updates.items():
@@ -67,19 +97,20 @@ def schedule_pass(spec: TargetSpec, log: ScheduleLog | None = None) -> tvm.trans
     return run
 
 
-def _schedule(sch: s_tir.Schedule, spec: TargetSpec) -> str:
+def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> str:
+    """Schedule the kernel in `sch` by the rule its shape calls for; return the rule's name."""
     blocks = {sch.get(b).name_hint: b for b in _all_blocks(sch)}
     conv = next((b for n, b in blocks.items() if n.startswith(CONV_BLOCK)), None)
     if conv is not None:
-        return _schedule_conv(sch, conv, spec)
+        return _schedule_conv(sch, conv, spec, tiles)
     depthwise = next((b for n, b in blocks.items() if n.startswith(DEPTHWISE_BLOCK)), None)
     if depthwise is not None:
-        return _schedule_depthwise(sch, depthwise, spec)
+        return _schedule_depthwise(sch, depthwise, spec, tiles)
     matmul = next((b for n, b in blocks.items() if n.startswith(MATMUL_BLOCK)), None)
     if matmul is not None:
         _inline_producers(sch, matmul)  # a packed weight's unpacking: read the packed one directly
         if _is_vectorizable_matmul(sch, matmul, spec):
-            return _schedule_matmul(sch, matmul, spec)
+            return _schedule_matmul(sch, matmul, spec, tiles)
     return _schedule_generic(sch, spec)
 
 
@@ -159,14 +190,15 @@ def _split_init(sch, block, loop):
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_conv(sch, conv, spec: TargetSpec) -> str:
+def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     _pad_producers(sch, conv, spec)
     loops = sch.get_loops(conv)
     batch, oc, row, col, lane = loops[:5]
     reduction = loops[5:]
-    tile_w, tile_c = _register_tile(_extent(sch, col), _extent(sch, oc), vector_lanes(spec))
-    col_o, col_i = sch.split(col, [None, tile_w])
-    oc_o, oc_i = sch.split(oc, [None, tile_c])
+    lanes = vector_lanes(spec)
+    tile_w, tile_c = _register_tile(_extent(sch, col), _extent(sch, oc), lanes)
+    col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
+    oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
     tail = _accumulator_tail(sch, conv)
     int8 = len(reduction) == 5
     if int8:
@@ -193,12 +225,13 @@ def _schedule_conv(sch, conv, spec: TargetSpec) -> str:
     return "conv2d_nchwc_int8" if int8 else "conv2d_nchwc"
 
 
-def _schedule_depthwise(sch, conv, spec: TargetSpec) -> str:
+def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
     # 9 multiply-adds per output: a padded copy would cost more memory traffic than the bounds checks
     _inline_producers(sch, conv)
     batch, chunk, row, col, lane, kh, kw = sch.get_loops(conv)
-    tile_w, _ = _register_tile(_extent(sch, col), 1, vector_lanes(spec))
-    col_o, col_i = sch.split(col, [None, tile_w])
+    lanes = vector_lanes(spec)
+    tile_w, _ = _register_tile(_extent(sch, col), 1, lanes)
+    col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
     tail = _accumulator_tail(sch, conv)
     sch.reorder(batch, chunk, row, col_o, kh, kw, col_i, lane)
     _store_tile_at(sch, tail, col_o)
@@ -224,17 +257,19 @@ def _matmul_lanes(sch, block, spec) -> int | None:
     return packed if packed and columns % packed == 0 else channel_block(columns, vector_lanes(spec))
 
 
-def _schedule_matmul(sch, block, spec: TargetSpec) -> str:
+def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     """out[i, j] += x[i, k] * w[k, j]: a tile of rows x vectors of j, w read along j (contiguous; an int8
     weight packed for the dot intrinsic and unpacked inline), the epilogue (bias, activation, requantize)
     on the tile, parallel over row and column tiles."""
     packed = _packed_weight_lanes(sch, block)
     lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
+    registers = TILE_REGISTERS[vector_lanes(spec)]
     rows, vectors = _register_tile(_extent(sch, row), _extent(sch, col) // lanes, vector_lanes(spec))
     tail = _accumulator_tail(sch, block)
-    col_o, col_v, col_l = sch.split(col, [None, vectors, lanes])
-    row_o, row_i = sch.split(row, [None, rows])
+    col_v, col_l = sch.split(col, [None, lanes])
+    col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
+    row_o, row_i = tiles.split(sch, row, rows, registers)
     intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed else None
     if intrinsic is not None:
         red, group = sch.split(red, [None, INT8_GROUP])

@@ -24,7 +24,7 @@ def test_console_script_is_installed():
     assert shutil.which("quantvm"), "pip install should put the quantvm command on PATH"
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "inspect", "bench", "demo"])
+@pytest.mark.parametrize("command", ["compile", "tune", "run", "inspect", "bench", "demo"])
 def test_every_command_has_help(command):
     done = quantvm(command, "--help")
     assert "usage: quantvm " + command in done.stdout
@@ -62,6 +62,8 @@ def test_cascadelake_compile_and_inspect_show_target_and_features(tmp_path, rng)
     (["compile", "m.onnx", "-t", "pentium", "-o", "x.so"], "unknown target 'pentium'"),
     (["inspect", "nothing.so"], "artifact not found: nothing.so"),
     (["run", "nothing.so", "--input", "x.npy"], "artifact not found"),
+    (["tune", "m.onnx", "-t", "native", "--db", "db", "--rpc", "nohost"], "expected TRACKER_HOST:PORT:KEY"),
+    (["compile", "m.onnx", "-t", "native", "-o", "x.so", "--tuning-db", "nothing"], "tuning database nothing: no such"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, args, words):
     (tmp_path / "m.onnx").write_bytes(b"")
@@ -222,3 +224,27 @@ def test_bad_calibration_file_is_one_line(tmp_path, demo_model_path):
                    "image=32,1,8,8", "--calib", bad, check=False)
     assert done.returncode == 1 and "--calib" in done.stderr and done.stderr.count("\n") == 1
     assert not (tmp_path / "x.so").exists()
+
+
+def test_tune_then_compile_and_bench_with_the_database(tmp_path, demo_model_path):
+    import json
+
+    db = tmp_path / "db"
+    shape = ("--input-shape", "image=8,1,8,8")
+    done = quantvm("tune", demo_model_path, "-t", "native", "--trials", "4", "--db", db, *shape,
+                   "--json", tmp_path / "t.json")
+    assert "measuring the default schedule of" in done.stderr and "trials" in done.stderr  # progress
+    assert "kernel time of the tuned kernels: default" in done.stdout
+    tuned = json.loads((tmp_path / "t.json").read_text())
+    assert tuned["tasks"] and all(t["default_ms"] and t["best_ms"] <= t["default_ms"] for t in tuned["tasks"])
+    again = quantvm("tune", demo_model_path, "-t", "native", "--trials", "0", "--db", db, *shape)
+    assert "measuring the default" not in again.stderr  # resumed: the records are there
+    report = tmp_path / "r.json"
+    quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "m.so", "--tuning-db", db, *shape,
+            "--report", report)
+    assert sorted(json.loads(report.read_text())["tuning"]["tuned_kernels"]) == sorted(t["name"] for t in tuned["tasks"])
+    bench = quantvm("bench", demo_model_path, *shape, "--rounds", "2", "--compare", "none", "--tuning-db", db)
+    assert "speedup quantvm fp32 tuned vs quantvm fp32: " in bench.stdout
+    other_batch = quantvm("bench", demo_model_path, "--input-shape", "image=2,1,8,8", "--rounds", "2",
+                          "--compare", "none", "--tuning-db", db, check=False)
+    assert other_batch.returncode == 1 and "image [8, 1, 8, 8]" in other_batch.stderr

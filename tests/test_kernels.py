@@ -266,7 +266,7 @@ def test_cascadelake_int8_dense_uses_vpdpbusd(lanes):
     assert re.search(rf"\bvpdpbusd\s+[^\n]*%{register}", _assembly(lib))
 
 
-def _assembly_by_kernel(executable) -> dict[str, str]:
+def assembly_by_kernel(executable) -> dict[str, str]:
     """Each kernel's assembly: its `<name>_compute_` body and the parallel lambdas LLVM emits after it."""
     asm = executable.mod.imports[0].inspect_source("asm")
     starts = [(m.start(), m.group(1)) for m in re.finditer(r"^(\w+)_compute_:", asm, re.M)]
@@ -282,7 +282,7 @@ def test_resnet50_int8_for_cascadelake_has_vpdpbusd_in_every_conv_and_dense_kern
     calib = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32)]
     built = compiler.compile(resnet50(rng), target="cascadelake", calib=calib, calib_mode="naive")
     assert built.report["quantization"]["int8_ops"] == {"conv2d": 53, "avg_pool": 1, "dense": 1}
-    kernels = _assembly_by_kernel(built.executable)
+    kernels = assembly_by_kernel(built.executable)
     int8 = {name: body for name, body in kernels.items()
             if ("conv2d" in name or "matmul" in name) and "astype" in name}  # int8: s32 accumulators cast
     assert len(int8) == len([n for n in kernels if "conv2d" in n or "matmul" in n])

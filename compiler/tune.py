@@ -1,0 +1,235 @@
+"""`tune()`: MetaSchedule over the kernels of a model exactly as `compile()` builds them (fused, in blocked
+layouts, quantized), measured on this host or on servers behind TVM's RPC tracker. The result is a
+database directory that `compile(..., tuning_db=DIR)` applies.
+
+Each kernel's default schedule is measured first and stored as a record, so the database always holds it:
+the search starts from it and a tuned build never picks a kernel slower than the default as measured.
+A second `tune()` on the same directory continues: measured kernels keep their records, and the search
+starts from the best of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compiler.errors import TuningError
+from compiler.remote import Measurement, RPCAddress, local_measurement, rpc_measurement
+from compiler.tuning_db import add_model, create_database, model_entry, tuning_manifest
+
+DEFAULT_TRIALS = 1000
+TRIALS_PER_ITERATION = 32
+RECORDS_READ = 256  # a kernel's best records looked through for its default schedule's on a resumed run
+
+
+@dataclass
+class TaskState:
+    """One kernel being tuned: its best time so far, against its default schedule's."""
+    name: str
+    weight: int
+    default_seconds: float | None = None
+    best_seconds: float | None = None
+    trials: int = 0
+    default_tiles: list = field(default_factory=list)
+    best_is_default: bool = True  # no candidate measured faster than the default schedule
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "calls": self.weight, "trials": self.trials,
+                "default_ms": _ms(self.default_seconds), "best_ms": _ms(self.best_seconds),
+                "best_is_default": self.best_is_default}
+
+
+@dataclass
+class TuningSummary:
+    database: str
+    target: str
+    trials: int
+    seconds: float
+    tasks: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # kernel -> why it was not tuned
+
+    def to_json(self) -> dict:
+        return {"database": self.database, "target": self.target, "trials": self.trials,
+                "measured": sum(t.trials for t in self.tasks), "seconds": self.seconds,
+                "tasks": [t.to_json() for t in self.tasks], "skipped": self.skipped}
+
+
+def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="quantvm_tuning", rpc: str | None = None,
+         calib=None, num_threads: int | None = None, progress=None, **compile_options) -> TuningSummary:
+    """Tune the kernels of `model` built for `target` with MetaSchedule; write the records to `work_dir`.
+
+    `trials`: measurements in all (MetaSchedule's global budget), spread over the kernels by the gradient
+    task scheduler, beyond one measurement of each kernel's default schedule. `rpc`: "host:port:key" of a
+    TVM RPC tracker and the key its servers registered with; None measures on this host, which must then
+    be able to run `target`. `calib` and `compile_options` (input_shapes, fuse, calib_mode, ...) are as
+    for `compile()`: tuning an int8 build needs the calibration data it will be compiled with. `progress`:
+    a callable given one line of text per measured batch (None: silent).
+    """
+    from compiler.build import target_with_threads
+    from targets import resolve_target
+    from targets.tuning import without_stock_intrinsics
+
+    started = time.perf_counter()
+    if not isinstance(trials, int) or trials < 0:
+        raise TuningError(f"trials must be a whole number >= 0, got {trials!r}")
+    spec = target_with_threads(resolve_target(target), num_threads)
+    measurement = rpc_measurement(RPCAddress.parse(rpc), spec) if rpc else local_measurement(spec)
+    folder = Path(work_dir)
+    manifest = tuning_manifest(folder, spec)  # checked first: calibrating and lowering can take minutes
+    prepared, tasks, skipped = _extract(model, spec, calib, num_threads, compile_options)
+    if manifest is None:
+        manifest = create_database(folder, spec)
+    summary = TuningSummary(str(folder), spec.name, trials, 0.0, [TaskState(t.task_name, t.weight) for t in tasks],
+                            skipped)
+    say = progress or (lambda line: None)
+    if tasks:
+        with without_stock_intrinsics():
+            _search(tasks, spec, folder, trials, measurement, summary, say)
+    add_model(folder, manifest, model_entry(prepared.imported, _precision(prepared)))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _precision(prepared) -> str:
+    from compiler.build import precision
+
+    return precision(prepared.report)
+
+
+def _extract(model, spec, calib, num_threads, compile_options):
+    """The model's kernels as compile() lowers them, as MetaSchedule tasks; kernels whose schedule has
+    nothing to search (elementwise, layout edges, pooling) or that no rule schedules are left out."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from compiler.build import fused_graph, prepare_model, quantization_options
+    from relay_passes import lower_to_kernels
+    from targets import legalize_overrides
+    from targets.tuning import why_not_tunable
+
+    graph = {k: compile_options.pop(k, default) for k, default in
+             (("input_shapes", None), ("constant_inputs", None), ("fuse", True))}
+    options = quantization_options(**compile_options)  # the rest are compile()'s INT8 keywords
+    prepared = prepare_model(model, graph["input_shapes"], graph["constant_inputs"], graph["fuse"], calib, options,
+                             num_threads)
+    fused, _ = fused_graph(prepared.graph, spec, prepared.rules)
+    tvm_target = spec.tvm_target()
+    lowered = lower_to_kernels(fused, tvm_target, legalize_overrides())
+    tasks, skipped = [], {}
+    for task in ms.relax_integration.extract_tasks(lowered, tvm_target):
+        reason = why_not_tunable(task.dispatched[0], spec)
+        if reason is None:
+            tasks.append(task)
+        else:
+            skipped[task.task_name] = reason
+    return prepared, tasks, skipped
+
+
+def _search(tasks, spec, folder: Path, trials: int, measurement: Measurement, summary: TuningSummary, say):
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tuning import tile_decisions
+
+    database = ms.database.JSONDatabase(work_dir=str(folder))
+    states = summary.tasks
+    _measure_defaults(tasks, spec, database, measurement, states, say)
+    if trials > 0:
+        _evolve(tasks, spec, folder, trials, measurement, database, states, say)
+    for task, state in zip(tasks, states):
+        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)[0]
+        state.best_seconds = _seconds(best.run_secs)
+        state.best_is_default = tile_decisions(best.trace) == state.default_tiles
+
+
+def _evolve(tasks, spec, folder: Path, trials: int, measurement: Measurement, database, states, say):
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tuning import design_space
+
+    contexts = [ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=design_space(spec),
+                               search_strategy=search_strategy(), task_name=task.task_name,
+                               num_threads=spec.num_cores or 1).clone() for task in tasks]
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(states, trials, say)]
+    ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=str(folder),
+                  max_trials_global=trials, num_trials_per_iter=min(TRIALS_PER_ITERATION, trials),
+                  builder=measurement.builder, runner=measurement.runner, database=database,
+                  cost_model=ms.cost_model.XGBModel(num_tuning_cores=spec.num_cores or 1),
+                  measure_callbacks=callbacks, task_scheduler="gradient")
+
+
+def search_strategy():
+    """Evolution over the tile decisions. A kernel has tens of tilings, not MetaSchedule's usual millions of
+    schedules: a population of 512 only replays the same few traces for minutes per round."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
+
+
+def _measure_defaults(tasks, spec, database, measurement: Measurement, states, say):
+    """Measure the default schedule of every kernel the database has no record for, and store it."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.schedules import SampledTiles, schedule_kernel
+    from targets.tuning import tile_decisions
+
+    todo = []
+    for task, state in zip(tasks, states):
+        mod = task.dispatched[0]
+        sch = s_tir.Schedule(mod)
+        schedule_kernel(sch, spec, SampledTiles())  # the traced default: its decisions are the rules' tiles
+        state.default_tiles = tile_decisions(sch.trace)
+        records = database.get_top_k(database.commit_workload(mod), RECORDS_READ) if database.has_workload(mod) else []
+        if records:  # tuned before: the best so far, and the default's time if it is among the records read
+            state.default_seconds = next((_seconds(r.run_secs) for r in records
+                                          if tile_decisions(r.trace) == state.default_tiles), None)
+        else:
+            todo.append((task, state, sch))
+    if not todo:
+        return
+    say(f"measuring the default schedule of {len(todo)} kernel(s)")
+    results = measurement.measure([sch.mod for _, _, sch in todo], spec.tvm_target())
+    for (task, state, sch), (run_secs, error) in zip(todo, results):
+        if error:
+            raise TuningError(f"measuring kernel {task.task_name} failed: {error}")
+        workload = database.commit_workload(task.dispatched[0])
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs, task.target, ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
+        state.default_seconds = state.best_seconds = _seconds(run_secs)
+
+
+def _progress_callback(states, trials: int, say):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            super().__init__()
+            self.measured = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if not runner_results:
+                return
+            state = states[task_id]
+            state.trials += len(runner_results)
+            self.measured += len(runner_results)
+            times = [_seconds(r.run_secs) for r in runner_results if r.run_secs and not r.error_msg]
+            if times and (state.best_seconds is None or min(times) < state.best_seconds):
+                state.best_seconds = min(times)
+            done = sum(1 for s in states if s.trials)
+            default = f" (default {_ms(state.default_seconds):.4g} ms)" if state.default_seconds else ""
+            best = f"best {_ms(state.best_seconds):.4g} ms{default}" if state.best_seconds else "no valid candidate yet"
+            say(f"[{self.measured}/{trials} trials, {done}/{len(states)} kernels searched] "
+                f"{state.name}: {state.trials} trials, {best}")
+
+    return Progress()
+
+
+def _seconds(run_secs) -> float:
+    values = [float(v) for v in run_secs]
+    return sum(values) / len(values)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3

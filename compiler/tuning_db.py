@@ -1,0 +1,158 @@
+"""Tuning databases: a directory holding MetaSchedule's JSON database (workloads and tuning records) and
+quantvm's manifest, which says the target and the models it was tuned for.
+
+MetaSchedule's records carry no check of their own: queried for one CPU, a database returns records tuned
+for another. The manifest is that check, made before anything is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.atomic import atomic_path
+from compiler.errors import TargetError, TuningError
+
+MANIFEST = "quantvm_tuning.json"
+FORMAT = "quantvm-tuning-db"
+FORMAT_VERSION = 1
+# MetaSchedule's JSONDatabase files in a work_dir
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+
+
+def target_entry(spec) -> dict:
+    return {"name": spec.name, "mcpu": spec.mcpu, "mattr": list(spec.mattr), "num_threads": spec.num_cores}
+
+
+def model_entry(imported, precision: str) -> dict:
+    """What a build's kernels depend on: the model, its precision and its input shapes."""
+    return {"source": imported.source, "sha256": imported.sha256, "precision": precision,
+            "inputs": {spec.name: list(spec.shape) for spec in imported.inputs}}
+
+
+def describe(entry: dict) -> str:
+    shapes = ", ".join(f"{name} {shape}" for name, shape in entry["inputs"].items())
+    return f"{entry['source']} ({entry['precision']}, {shapes})"
+
+
+@dataclass
+class TuningDB:
+    path: Path
+    manifest: dict
+
+    def apply_pass(self, target):
+        """The pass that swaps in the database's best schedule for each kernel it has (marking it scheduled,
+        so the default scheduler leaves it alone)."""
+        from tvm import relax
+
+        with target:  # the pass reads its target from the context it is made in
+            return relax.transform.MetaScheduleApplyDatabase(str(self.path))
+
+    def has_model(self, entry: dict) -> bool:
+        """Whether `entry` (model_entry) was tuned here; where it came from does not matter."""
+        key = ("sha256", "precision", "inputs")
+        return any(all(m.get(k) == entry[k] for k in key) for m in self.manifest["models"])
+
+    def check_applied(self, imported, precision: str, schedules: dict) -> dict:
+        """After a build: refuse a database none of whose kernels this model has when it was tuned for other
+        models (or for this model at another precision); warn when it was tuned for others but some match."""
+        tuned = schedules["tuned"]
+        this = model_entry(imported, precision)
+        if not self.has_model(this):
+            tuned_for = "; ".join(describe(m) for m in self.manifest["models"]) or "no model yet"
+            if not tuned:
+                raise TuningError(f"tuning database {self.path} was tuned for {tuned_for}, not for "
+                                  f"{describe(this)}: none of its kernels are in it; run `quantvm tune` on this "
+                                  f"model (same precision and input shapes) with --db {self.path}")
+            warnings.warn(f"tuning database {self.path} was tuned for {tuned_for}, not for {describe(this)}; "
+                          f"applying the {len(tuned)} kernel(s) this build shares with it", stacklevel=3)
+        return {"database": str(self.path), "tuned_kernels": sorted(tuned),
+                "default_kernels": sorted(schedules["applied"])}
+
+
+def open_tuning_db(path, spec) -> TuningDB:
+    """Open `path` for `spec`'s build; refuse a directory that is not a tuning database or was tuned for
+    another CPU (the thread count may differ: schedules stay valid, with a warning)."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise TuningError(f"tuning database {folder}: not a quantvm tuning database (no {MANIFEST} in it; "
+                          "`quantvm tune` writes one)")
+    for name in (WORKLOADS, RECORDS):
+        if not (folder / name).is_file():
+            raise TuningError(f"tuning database {folder}: {name} is missing")
+    tuned = manifest["target"]
+    if (tuned["mcpu"], tuned["mattr"]) != (spec.mcpu, list(spec.mattr)):
+        raise TargetError(f"tuning database {folder} was tuned for target {tuned['name']!r} (mcpu {tuned['mcpu']}"
+                          f"{_mattr(tuned['mattr'])}), not for {spec.name!r} (mcpu {spec.mcpu}"
+                          f"{_mattr(spec.mattr)}): compile for that target, or tune for this one in another folder")
+    if tuned["num_threads"] != spec.num_cores:
+        warnings.warn(f"tuning database {folder} was tuned for {tuned['num_threads']} thread(s); this build is "
+                      f"for {spec.num_cores}: its schedules still apply, but may not be the fastest", stacklevel=3)
+    return TuningDB(folder, manifest)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of `folder`, None when it has none; an error for one that is not ours or is damaged."""
+    if folder.exists() and not folder.is_dir():
+        raise TuningError(f"tuning database {folder}: it is a file, not a directory")
+    path = folder / MANIFEST
+    if not path.is_file():
+        if not folder.is_dir():
+            raise TuningError(f"tuning database {folder}: no such directory")
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TuningError(f"tuning database {folder}: cannot read {MANIFEST} ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TuningError(f"tuning database {folder}: {MANIFEST} is not a quantvm tuning manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TuningError(f"tuning database {folder}: manifest version {manifest.get('format_version')}, "
+                          f"this quantvm reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def tuning_manifest(folder: Path, spec) -> dict | None:
+    """The manifest of the database `folder` that tuning for `spec` would add to; None for a folder to
+    create. Refuses another CPU's database: one CPU's records must not land in another's."""
+    if folder.exists() and not folder.is_dir():
+        raise TuningError(f"tuning database {folder}: it is a file, not a directory")
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        if folder.is_dir() and any((folder / name).exists() for name in (WORKLOADS, RECORDS)):
+            raise TuningError(f"tuning database {folder}: holds MetaSchedule records without a {MANIFEST}: "
+                              "their target is unknown; use another folder")
+        return None
+    tuned = manifest["target"]
+    if (tuned["mcpu"], tuned["mattr"], tuned["num_threads"]) != (spec.mcpu, list(spec.mattr), spec.num_cores):
+        raise TargetError(f"tuning database {folder} holds tuning for target {tuned['name']!r} (mcpu "
+                          f"{tuned['mcpu']}{_mattr(tuned['mattr'])}, {tuned['num_threads']} thread(s)), not "
+                          f"{spec.name!r} (mcpu {spec.mcpu}{_mattr(spec.mattr)}, {spec.num_cores} thread(s)): "
+                          "one folder per target")
+    return manifest
+
+
+def create_database(folder: Path, spec) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target_entry(spec), "models": []}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def add_model(folder: Path, manifest: dict, entry: dict) -> None:
+    if not TuningDB(folder, manifest).has_model(entry):
+        manifest["models"].append(entry)
+        write_manifest(folder, manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _mattr(mattr) -> str:
+    return f", {' '.join(mattr)}" if mattr else ""
