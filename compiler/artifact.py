@@ -12,7 +12,7 @@ from elftools.elf.elffile import ELFFile
 
 from compiler.atomic import atomic_path
 from compiler.errors import ArtifactError
-from compiler.quiet import tvm_noise_silenced
+from compiler.quiet import tvm_scope_warnings_silenced
 
 FORMAT = "quantvm-artifact"
 FORMAT_VERSION = 1
@@ -35,7 +35,7 @@ def export_executable(executable, metadata: dict, path) -> Path:
         addon = Path(work) / "quantvm_metadata.c"
         addon.write_text(metadata_addon_source(metadata))
         try:
-            with tvm_noise_silenced():
+            with tvm_scope_warnings_silenced():
                 executable.export_library(str(tmp), addons=[str(addon)], workspace_dir=work)
         except Exception as err:  # compiler or linker failure: report it, keep nothing
             lines = str(err).strip().splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -11,7 +12,6 @@ from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.quantization import QuantizationOptions, output_error, quantize
-from compiler.quiet import tvm_noise_silenced
 from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
                               resolve_num_threads, use_threads)
@@ -201,7 +201,7 @@ def _build(graph, spec: TargetSpec, rules, source: str, tuning=None):
         schedule = tvm.transform.Sequential([tuning.apply_pass(tvm_target), schedule])
     try:
         pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule)
-        with tvm_noise_silenced():
+        with tuning.database() if tuning is not None else contextlib.nullcontext():
             executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
     except Exception as err:  # TVM raises bare errors; say which model and target failed
         raise QuantvmError(f"{source}: building for target {spec.name!r} failed: "

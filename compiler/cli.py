@@ -237,6 +237,10 @@ def format_report(report: dict) -> str:
     lines.append("unfused: " + (", ".join(f"{op} x{n}" for op, n in unfused.items()) if unfused else "nothing"))
     for refusal in report["rejected"]:
         lines.append(f"not fused by {refusal['rule']} at {refusal['at']}: {refusal['reason']}")
+    tuning = report.get("tuning")
+    if tuning:
+        lines.append(f"tuned:   {len(tuning['tuned_kernels'])} kernel(s) from {tuning['database']}, "
+                     f"{len(tuning['default_kernels'])} with the default schedule")
     quant = report.get("quantization")
     if quant:
         lines.append(f"int8:    {quant['int8_ops']} ({quant['calib_mode']} calibration, "

@@ -1,8 +1,7 @@
-"""Silence known lines of noise TVM 0.27 writes from C++, unconditionally.
+"""Silence one known line of noise from the TVM 0.27 runtime.
 
-Its VM executable logs `Warning: Scope Saving:` / `Scope Loaded:` for every constant on each export and
-load; applying a tuning database logs `Warning: Creating JSONDatabase` with its paths. Those lines are
-dropped; anything else written to stderr meanwhile is kept.
+Its VM executable logs `Warning: Scope Saving:` / `Scope Loaded:` from C++ for every constant on each
+export and load, unconditionally. Those lines are dropped; anything else written to stderr meanwhile is kept.
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ import re
 import sys
 import tempfile
 
-NOISE = re.compile(rb"executable\.cc:\d+: Warning: Scope (Saving|Loaded):|meta_schedule\.cc:\d+: Warning: Creating JSONDatabase")
+NOISE = re.compile(rb"executable\.cc:\d+: Warning: Scope (Saving|Loaded):")
 
 
 @contextlib.contextmanager
-def tvm_noise_silenced():
+def tvm_scope_warnings_silenced():
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:

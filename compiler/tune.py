@@ -66,7 +66,7 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     for `compile()`: tuning an int8 build needs the calibration data it will be compiled with. `progress`:
     a callable given one line of text per measured batch (None: silent).
     """
-    from compiler.build import target_with_threads
+    from compiler.build import precision, target_with_threads
     from targets import resolve_target
     from targets.tuning import without_stock_intrinsics
 
@@ -80,32 +80,27 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     prepared, tasks, skipped = _extract(model, spec, calib, num_threads, compile_options)
     if manifest is None:
         manifest = create_database(folder, spec)
-    summary = TuningSummary(str(folder), spec.name, trials, 0.0, [TaskState(t.task_name, t.weight) for t in tasks],
-                            skipped)
+    summary = TuningSummary(str(folder), spec.name, trials, 0.0,
+                            [TaskState(t.task_name, t.weight) for t, _ in tasks], skipped)
     say = progress or (lambda line: None)
     if tasks:
         with without_stock_intrinsics():
             _search(tasks, spec, folder, trials, measurement, summary, say)
-    add_model(folder, manifest, model_entry(prepared.imported, _precision(prepared)))
+    add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _precision(prepared) -> str:
-    from compiler.build import precision
-
-    return precision(prepared.report)
-
-
 def _extract(model, spec, calib, num_threads, compile_options):
-    """The model's kernels as compile() lowers them, as MetaSchedule tasks; kernels whose schedule has
-    nothing to search (elementwise, layout edges, pooling) or that no rule schedules are left out."""
+    """The model's kernels as compile() lowers them, as MetaSchedule tasks with their traced default
+    schedules; kernels whose schedule has nothing to search (elementwise, layout edges, pooling) or that no
+    rule schedules are left out, with the reason."""
     from tvm.s_tir import meta_schedule as ms
 
     from compiler.build import fused_graph, prepare_model, quantization_options
     from relay_passes import lower_to_kernels
     from targets import legalize_overrides
-    from targets.tuning import why_not_tunable
+    from targets.tuning import default_schedule
 
     graph = {k: compile_options.pop(k, default) for k, default in
              (("input_shapes", None), ("constant_inputs", None), ("fuse", True))}
@@ -117,22 +112,24 @@ def _extract(model, spec, calib, num_threads, compile_options):
     lowered = lower_to_kernels(fused, tvm_target, legalize_overrides())
     tasks, skipped = [], {}
     for task in ms.relax_integration.extract_tasks(lowered, tvm_target):
-        reason = why_not_tunable(task.dispatched[0], spec)
-        if reason is None:
-            tasks.append(task)
+        sch, reason = default_schedule(task.dispatched[0], spec)
+        if sch is not None:
+            tasks.append((task, sch))
         else:
             skipped[task.task_name] = reason
     return prepared, tasks, skipped
 
 
-def _search(tasks, spec, folder: Path, trials: int, measurement: Measurement, summary: TuningSummary, say):
+def _search(tasks_and_defaults, spec, folder: Path, trials: int, measurement: Measurement, summary: TuningSummary,
+            say):
     from tvm.s_tir import meta_schedule as ms
 
     from targets.tuning import tile_decisions
 
     database = ms.database.JSONDatabase(work_dir=str(folder))
     states = summary.tasks
-    _measure_defaults(tasks, spec, database, measurement, states, say)
+    _measure_defaults(tasks_and_defaults, spec, database, measurement, states, say)
+    tasks = [task for task, _ in tasks_and_defaults]
     if trials > 0:
         _evolve(tasks, spec, folder, trials, measurement, database, states, say)
     for task, state in zip(tasks, states):
@@ -165,19 +162,15 @@ def search_strategy():
     return ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
 
 
-def _measure_defaults(tasks, spec, database, measurement: Measurement, states, say):
+def _measure_defaults(tasks_and_defaults, spec, database, measurement: Measurement, states, say):
     """Measure the default schedule of every kernel the database has no record for, and store it."""
-    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from targets.schedules import SampledTiles, schedule_kernel
     from targets.tuning import tile_decisions
 
     todo = []
-    for task, state in zip(tasks, states):
+    for (task, sch), state in zip(tasks_and_defaults, states):
         mod = task.dispatched[0]
-        sch = s_tir.Schedule(mod)
-        schedule_kernel(sch, spec, SampledTiles())  # the traced default: its decisions are the rules' tiles
         state.default_tiles = tile_decisions(sch.trace)
         records = database.get_top_k(database.commit_workload(mod), RECORDS_READ) if database.has_workload(mod) else []
         if records:  # tuned before: the best so far, and the default's time if it is among the records read

@@ -43,9 +43,16 @@ class TuningDB:
     path: Path
     manifest: dict
 
+    def database(self):
+        """MetaSchedule's database of this folder; entered (`with`), it is the one `apply_pass` reads."""
+        from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+        return JSONDatabase(work_dir=str(self.path), allow_missing=False)
+
     def apply_pass(self, target):
         """The pass that swaps in the database's best schedule for each kernel it has (marking it scheduled,
-        so the default scheduler leaves it alone)."""
+        so the default scheduler leaves it alone). Run it inside `with self.database():`: without a current
+        database the pass opens the folder itself, and says so on stderr from C++."""
         from tvm import relax
 
         with target:  # the pass reads its target from the context it is made in

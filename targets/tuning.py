@@ -27,18 +27,19 @@ def design_space(spec: TargetSpec) -> ms.space_generator.SpaceGenerator:
                                          mutator_probs={ms.mutator.MutateTileSize(): 1.0})
 
 
-def why_not_tunable(mod, spec: TargetSpec) -> str | None:
-    """None when the kernel's schedule has tiles to search; else why tuning leaves it alone."""
+def default_schedule(mod, spec: TargetSpec):
+    """(the kernel's default schedule, traced with its tiles as decisions, None) when it has tiles to search;
+    else (None, why tuning leaves it alone)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(mod)
     try:
         schedule_kernel(sch, spec, SampledTiles())
     except Exception as err:  # noqa: BLE001 - such a kernel stays as lowered; the compile report says so
-        return f"no rule schedules it ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
+        return None, f"no rule schedules it ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
     if not any(inst.kind.name == "SamplePerfectTile" for inst in sch.trace.insts):
-        return "its schedule has no tiles to search"
-    return None
+        return None, "its schedule has no tiles to search"
+    return sch, None
 
 
 STOCK_INTRINSICS = "tvm.s_tir.tensor_intrin"

@@ -240,8 +240,9 @@ def test_tune_then_compile_and_bench_with_the_database(tmp_path, demo_model_path
     again = quantvm("tune", demo_model_path, "-t", "native", "--trials", "0", "--db", db, *shape)
     assert "measuring the default" not in again.stderr  # resumed: the records are there
     report = tmp_path / "r.json"
-    quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "m.so", "--tuning-db", db, *shape,
-            "--report", report)
+    compiled = quantvm("compile", demo_model_path, "-t", "native", "-o", tmp_path / "m.so", "--tuning-db", db,
+                       *shape, "--report", report)
+    assert f"kernel(s) from {db}" in compiled.stdout and not compiled.stderr.strip()
     assert sorted(json.loads(report.read_text())["tuning"]["tuned_kernels"]) == sorted(t["name"] for t in tuned["tasks"])
     bench = quantvm("bench", demo_model_path, *shape, "--rounds", "2", "--compare", "none", "--tuning-db", db)
     assert "speedup quantvm fp32 tuned vs quantvm fp32: " in bench.stdout
