@@ -352,12 +352,12 @@ def cmd_tune(args) -> int:
 
 
 def format_tuning(summary: dict) -> str:
-    """Per tuned kernel: calls per run, trials so far, default and best time; then the whole model's kernel
-    time, default against tuned (each kernel's time x its calls)."""
+    """Per tuned kernel: calls per run, trials so far, the times of its default and applied schedules (timed
+    side by side); then the whole model's kernel time, default against applied (each time x its calls)."""
     lines = [f"{summary['database']}: tuned for {summary['target']}; this run measured {summary['measured']} "
              f"candidate(s) of a budget of {summary['trials']} (a search stops early where it runs out of new "
              f"tilings), {summary['seconds']:.0f} s",
-             f"{'kernel':72}{'calls':>6}{'trials':>7}{'default ms':>12}{'best ms':>12}"]
+             f"{'kernel':72}{'calls':>6}{'trials':>7}{'default ms':>12}{'applied ms':>12}"]
     default_total = best_total = 0.0
     for task in summary["tasks"]:
         default, best = task["default_ms"], task["best_ms"]
@@ -367,7 +367,7 @@ def format_tuning(summary: dict) -> str:
             default_total += default * task["calls"]
             best_total += best * task["calls"]
     if best_total:
-        lines.append(f"kernel time of the tuned kernels: default {default_total:.4g} ms, best {best_total:.4g} ms "
+        lines.append(f"kernel time of the tuned kernels: default {default_total:.4g} ms, applied {best_total:.4g} ms "
                      f"({default_total / best_total:.3g}x)")
     reasons: dict = {}
     for why in summary["skipped"].values():

@@ -2,10 +2,10 @@
 layouts, quantized), measured on this host or on servers behind TVM's RPC tracker. The result is a
 database directory that `compile(..., tuning_db=DIR)` applies.
 
-Each kernel's default schedule is measured first and stored as a record, so the database always holds it:
-the search starts from it and a tuned build never picks a kernel slower than the default as measured.
-A second `tune()` on the same directory continues: measured kernels keep their records, and the search
-starts from the best of them.
+Each kernel's default schedule is measured first and the search starts from it. At the end, the default
+and the search's best few are timed again side by side, and only what beats the default there is applied:
+on a shared host, times from different minutes do not compare. A second `tune()` on the same directory
+continues: the search's records are kept, and it starts from the best of them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from pathlib import Path
 
 from compiler.errors import TuningError
 from compiler.remote import Measurement, RPCAddress, local_measurement, rpc_measurement
-from compiler.tuning_db import add_model, create_database, model_entry, tuning_manifest
+from compiler.tuning_db import (SEARCH, add_model, create_database, model_entry, search_database, tuning_manifest,
+                                write_selection)
 
 DEFAULT_TRIALS = 1000
 TRIALS_PER_ITERATION = 32
-RECORDS_READ = 256  # a kernel's best records looked through for its default schedule's on a resumed run
+RECORDS_READ = 256  # a kernel's best records looked through for its finalists
+FINALISTS = 3  # a kernel's fastest distinct schedules in the search, timed again beside its default
+ROUNDS = 3
+MARGIN = 0.02  # how much faster than the default a finalist must time to replace it: less is within noise
 
 
 @dataclass
@@ -122,20 +126,15 @@ def _extract(model, spec, calib, num_threads, compile_options):
 
 def _search(tasks_and_defaults, spec, folder: Path, trials: int, measurement: Measurement, summary: TuningSummary,
             say):
-    from tvm.s_tir import meta_schedule as ms
-
-    from targets.tuning import tile_decisions
-
-    database = ms.database.JSONDatabase(work_dir=str(folder))
+    database = search_database(folder)
     states = summary.tasks
-    _measure_defaults(tasks_and_defaults, spec, database, measurement, states, say)
+    measured = _measure_defaults(tasks_and_defaults, spec, database, measurement, states, say)
     tasks = [task for task, _ in tasks_and_defaults]
     if trials > 0:
-        _evolve(tasks, spec, folder, trials, measurement, database, states, say)
-    for task, state in zip(tasks, states):
-        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)[0]
-        state.best_seconds = _seconds(best.run_secs)
-        state.best_is_default = tile_decisions(best.trace) == state.default_tiles
+        _evolve(tasks, spec, folder / SEARCH, trials, measurement, database, states, say)
+    retimed = [pair for pair, state in zip(tasks_and_defaults, states) if state.trials or state.name in measured]
+    _select(retimed, spec, folder, database, measurement, {s.name: s for s in states}, say)
+    _read_selection(tasks_and_defaults, folder, states)
 
 
 def _evolve(tasks, spec, folder: Path, trials: int, measurement: Measurement, database, states, say):
@@ -162,33 +161,97 @@ def search_strategy():
     return ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16, genetic_num_iters=2)
 
 
-def _measure_defaults(tasks_and_defaults, spec, database, measurement: Measurement, states, say):
-    """Measure the default schedule of every kernel the database has no record for, and store it."""
-    from tvm.s_tir import meta_schedule as ms
-
+def _measure_defaults(tasks_and_defaults, spec, database, measurement: Measurement, states, say) -> set:
+    """Measure the default schedule of every kernel the database has no record for, and store it; return
+    their names."""
     from targets.tuning import tile_decisions
 
     todo = []
     for (task, sch), state in zip(tasks_and_defaults, states):
         mod = task.dispatched[0]
         state.default_tiles = tile_decisions(sch.trace)
-        records = database.get_top_k(database.commit_workload(mod), RECORDS_READ) if database.has_workload(mod) else []
-        if records:  # tuned before: the best so far, and the default's time if it is among the records read
-            state.default_seconds = next((_seconds(r.run_secs) for r in records
-                                          if tile_decisions(r.trace) == state.default_tiles), None)
-        else:
+        if not database.has_workload(mod) or not database.get_top_k(database.commit_workload(mod), 1):
             todo.append((task, state, sch))
-    if not todo:
-        return
-    say(f"measuring the default schedule of {len(todo)} kernel(s)")
-    results = measurement.measure([sch.mod for _, _, sch in todo], spec.tvm_target())
+    if todo:
+        say(f"measuring the default schedule of {len(todo)} kernel(s)")
+    results = measurement.measure([sch.mod for _, _, sch in todo], spec.tvm_target()) if todo else []
     for (task, state, sch), (run_secs, error) in zip(todo, results):
         if error:
             raise TuningError(f"measuring kernel {task.task_name} failed: {error}")
-        workload = database.commit_workload(task.dispatched[0])
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, run_secs, task.target, ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
+        database.commit_tuning_record(_record(sch, database.commit_workload(task.dispatched[0]), run_secs, task))
         state.default_seconds = state.best_seconds = _seconds(run_secs)
+    return {state.name for _, state, _ in todo}
+
+
+def _select(tasks_and_defaults, spec, folder: Path, database, measurement: Measurement, states: dict, say):
+    """Time each kernel's default schedule and its search's FINALISTS side by side, in ROUNDS turns, and make
+    the fastest the kernel's applied record. The search's own times come from other minutes of a
+    shared host (a default's from the start of the run), and its best is the luckiest of hundreds: ranked
+    on them, a tuned build came out slower than the default one. A finalist replaces the default only when
+    it is faster by MARGIN."""
+    from tvm import s_tir
+
+    from targets.tuning import tile_decisions
+
+    if not tasks_and_defaults:
+        write_selection(folder, {})
+        return
+    entries = []
+    for task, default in tasks_and_defaults:
+        mod = task.dispatched[0]
+        schedules, seen = [default], [tile_decisions(default.trace)]
+        for record in database.get_top_k(database.commit_workload(mod), RECORDS_READ):
+            if len(schedules) > FINALISTS:
+                break
+            if tile_decisions(record.trace) not in seen:
+                sch = s_tir.Schedule(mod)
+                record.trace.apply_to_schedule(sch, remove_postproc=False)
+                schedules.append(sch)
+                seen.append(tile_decisions(record.trace))
+        entries.append((task, schedules))
+    count = sum(len(schedules) for _, schedules in entries)
+    say(f"timing {count} finalist schedule(s) of {len(entries)} kernel(s) side by side, {ROUNDS} rounds")
+    results = iter(measurement.measure([sch.mod for _, schedules in entries for sch in schedules],
+                                       spec.tvm_target(), rounds=ROUNDS))
+    selection = {}
+    for task, schedules in entries:
+        timed = [(min(run_secs), sch) for sch, (run_secs, _) in zip(schedules, results) if run_secs]
+        if not timed or timed[0][1] is not schedules[0]:
+            raise TuningError(f"timing the default schedule of kernel {task.task_name} failed")
+        default = timed[0]
+        best = min(timed, key=lambda pair: pair[0] if pair is default else pair[0] / (1 - MARGIN))
+        states[task.task_name].default_seconds = default[0]
+        # the chosen schedule, and the default beside a finalist that beat it: the database's fastest
+        # record is what builds apply, so a finalist that timed faster by less than MARGIN is left out
+        workload = database.commit_workload(task.dispatched[0])
+        selection[task.dispatched[0]] = [_record(sch, workload, [seconds], task)
+                                         for seconds, sch in dict.fromkeys([best, default])]
+    write_selection(folder, selection)
+
+
+def _read_selection(tasks_and_defaults, folder: Path, states):
+    """Each kernel's applied schedule as the folder's selection has it: its time and its default's."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tuning import tile_decisions
+
+    selected = ms.database.JSONDatabase(work_dir=str(folder))
+    for (task, _), state in zip(tasks_and_defaults, states):
+        mod = task.dispatched[0]
+        records = selected.get_top_k(selected.commit_workload(mod), RECORDS_READ) if selected.has_workload(mod) else []
+        if not records:
+            continue
+        state.best_seconds = _seconds(records[0].run_secs)
+        state.best_is_default = tile_decisions(records[0].trace) == state.default_tiles
+        state.default_seconds = next((_seconds(r.run_secs) for r in records
+                                      if tile_decisions(r.trace) == state.default_tiles), state.default_seconds)
+
+
+def _record(sch, workload, run_secs, task):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.TuningRecord(sch.trace, workload, run_secs, task.target,
+                                    ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
 
 
 def _progress_callback(states, trials: int, say):

@@ -1,6 +1,10 @@
 """Tuning databases: a directory holding MetaSchedule's JSON database (workloads and tuning records) and
 quantvm's manifest, which says the target and the models it was tuned for.
 
+The JSON database at the top is what builds apply: per kernel, the schedules timed side by side at the end
+of the last tuning run (its default and the search's finalists), best first. `search/` is another one with
+every candidate the searches measured: where a resumed search starts from.
+
 MetaSchedule's records carry no check of their own: queried for one CPU, a database returns records tuned
 for another. The manifest is that check, made before anything is applied.
 """
@@ -8,6 +12,8 @@ for another. The manifest is that check, made before anything is applied.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +23,11 @@ from compiler.errors import TargetError, TuningError
 
 MANIFEST = "quantvm_tuning.json"
 FORMAT = "quantvm-tuning-db"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the selection at the top, the search's records in SEARCH
 # MetaSchedule's JSONDatabase files in a work_dir
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+SEARCH = "search"
 
 
 def target_entry(spec) -> dict:
@@ -148,6 +155,45 @@ def create_database(folder: Path, spec) -> dict:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target_entry(spec), "models": []}
     write_manifest(folder, manifest)
     return manifest
+
+
+def search_database(folder: Path):
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    (folder / SEARCH).mkdir(exist_ok=True)
+    return JSONDatabase(work_dir=str(folder / SEARCH))
+
+
+def write_selection(folder: Path, selection: dict) -> None:
+    """Make `selection` (kernel module -> its records) the applied records of those kernels, keeping the
+    other kernels' as they are. Workloads keep their order and records point at them by position, so the
+    workloads file goes first: cut short after it, the folder still holds the previous selection."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, Workload
+
+    old = JSONDatabase(work_dir=str(folder)) if (folder / WORKLOADS).is_file() else None
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        new = JSONDatabase(work_dir=scratch)
+        if old is not None:
+            for line in (folder / WORKLOADS).read_text().splitlines():
+                if line.strip():
+                    new.commit_workload(Workload.from_json(json.loads(line)).mod)
+            replaced = [new.commit_workload(mod) for mod in selection]
+            for record in old.get_all_tuning_records():
+                workload = new.commit_workload(record.workload.mod)
+                if not any(workload.same_as(r) for r in replaced):
+                    new.commit_tuning_record(_moved(record, workload))
+        for mod, records in selection.items():
+            workload = new.commit_workload(mod)
+            for record in records:
+                new.commit_tuning_record(_moved(record, workload))
+        for name in (WORKLOADS, RECORDS):
+            os.replace(Path(scratch) / name, folder / name)
+
+
+def _moved(record, workload):
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    return TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
 
 
 def add_model(folder: Path, manifest: dict, entry: dict) -> None:

@@ -201,12 +201,20 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
     tail = _accumulator_tail(sch, conv)
     int8 = len(reduction) == 5
-    if int8:
-        ic_outer, kh, kw, ic_mid, ic_inner = reduction
-        sch.reorder(batch, oc_o, row, col_o, ic_outer, kh, kw, ic_mid, col_i, oc_i, lane, ic_inner)
+    ic_outer, kh, kw, *ic_rest = reduction
+    # Reduction order: input-channel blocks outside the kernel window (the rules' choice), inside it, or
+    # split around it; a knob only where there is a window.
+    if _extent(sch, kh) * _extent(sch, kw) > 1:
+        ic_outer, ic_within = tiles.split(sch, ic_outer, 1, _extent(sch, ic_outer))
+        window = [kh, kw, ic_within]
     else:
-        ic_outer, kh, kw, ic_inner = reduction
-        sch.reorder(batch, oc_o, row, col_o, ic_outer, kh, kw, ic_inner, col_i, oc_i, lane)
+        window = [kh, kw]
+    if int8:
+        ic_mid, ic_inner = ic_rest
+        sch.reorder(batch, oc_o, row, col_o, ic_outer, *window, ic_mid, col_i, oc_i, lane, ic_inner)
+    else:
+        (ic_inner,) = ic_rest
+        sch.reorder(batch, oc_o, row, col_o, ic_outer, *window, ic_inner, col_i, oc_i, lane)
     _store_tile_at(sch, tail, col_o)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, oc_o, row))
     sch.unroll(col_i)
