@@ -20,14 +20,16 @@ from compiler.runtime import host_cores, use_threads
 CONNECT_TIMEOUT = 10.0  # seconds to reach the tracker and hear back from it
 BUILD_TIMEOUT = 300.0  # a builder worker's first build imports TVM: the default 30 s is too short
 RUN_TIMEOUT = 120.0  # one candidate's measurement, upload included
-REPEATS = 7
+REPEATS = 20
 
 
 def evaluator_config():
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
-    # REPEATS timings of at least 10 ms each per candidate, of which fastest_run keeps the fastest
-    return EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=10, enable_cpu_cache_flush=False)
+    # REPEATS single runs per candidate, of which fastest_run keeps the fastest; before each, every argument
+    # but the first (the activations, which the kernel before leaves in cache) is flushed from the CPU's
+    # caches, as a model's weights are when it runs (timed hot, a kernel runs faster than in the model)
+    return EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
 def fastest_run(runner):

@@ -170,7 +170,11 @@ def _measure_defaults(tasks_and_defaults, spec, database, measurement: Measureme
     for (task, sch), state in zip(tasks_and_defaults, states):
         mod = task.dispatched[0]
         state.default_tiles = tile_decisions(sch.trace)
-        if not database.has_workload(mod) or not database.get_top_k(database.commit_workload(mod), 1):
+        records = database.get_top_k(database.commit_workload(mod), RECORDS_READ) if database.has_workload(mod) else []
+        if records:  # searched before: the default's time, for the progress lines, if among the records read
+            state.default_seconds = next((_seconds(r.run_secs) for r in records
+                                          if tile_decisions(r.trace) == state.default_tiles), None)
+        else:
             todo.append((task, state, sch))
     if todo:
         say(f"measuring the default schedule of {len(todo)} kernel(s)")
