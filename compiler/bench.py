@@ -65,12 +65,14 @@ def onnxruntime_contender(model_bytes: bytes, threads: int) -> Contender | None:
 def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: int = 1) -> None:
     """Round by round, each contender runs once untimed, then once timed. The untimed run absorbs the
     previous contender's worker threads, which both runtimes keep spinning for a while after a run; timed
-    straight after another contender, either one measured up to 3x slower here."""
+    straight after another contender, either one measured up to 3x slower here. Each round starts one
+    contender later, so that none always runs straight after the same one."""
     for _ in range(warmup):
         for c in contenders:
             c.run(feeds)
-    for _ in range(rounds):
-        for c in contenders:
+    for turn in range(rounds):
+        first = turn % len(contenders)
+        for c in contenders[first:] + contenders[:first]:
             c.run(feeds)
             start = time.perf_counter()
             c.run(feeds)

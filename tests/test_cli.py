@@ -172,6 +172,17 @@ def test_bench_batch_overrides_the_input_shape_and_compares_with_onnxruntime(tmp
     assert f"speedup quantvm fp32 vs onnxruntime fp32: {ratio['speedup']:.3g}x" in done.stdout
 
 
+def test_bench_rounds_start_with_each_contender_in_turn():
+    from compiler.bench import Contender, interleave
+
+    calls = []
+    contenders = [Contender(name, lambda feeds, name=name: calls.append(name)) for name in "abc"]
+    interleave(contenders, {}, rounds=3, warmup=0)
+    timed = calls[1::2]  # each contender runs untimed, then timed
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(c.seconds) == 3 for c in contenders)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--batch", "1,0"], "batch sizes >= 1"), (["--batch", "1,x"], "batch sizes >= 1"),
     (["--threads", "0"], "whole number >= 1"), (["--compare", "openvino"], "invalid choice"),
