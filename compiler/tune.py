@@ -90,6 +90,8 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     if tasks:
         with without_stock_intrinsics():
             _search(tasks, spec, folder, trials, measurement, summary, say)
+    else:
+        write_selection(folder, {})  # an empty database: builds apply nothing from it
     add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -1,9 +1,9 @@
 """Tuning databases: a directory holding MetaSchedule's JSON database (workloads and tuning records) and
 quantvm's manifest, which says the target and the models it was tuned for.
 
-The JSON database at the top is what builds apply: per kernel, the schedules timed side by side at the end
-of the last tuning run (its default and the search's finalists), best first. `search/` is another one with
-every candidate the searches measured: where a resumed search starts from.
+The JSON database at the top is what builds apply: per kernel, the schedule the last tuning run chose when
+it timed the kernel's default and the search's finalists side by side (and the default, when beaten).
+`search/` is another one with every candidate the searches measured: where a resumed search starts from.
 
 MetaSchedule's records carry no check of their own: queried for one CPU, a database returns records tuned
 for another. The manifest is that check, made before anything is applied.

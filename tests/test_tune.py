@@ -243,3 +243,14 @@ def test_a_folder_that_is_not_a_database_is_refused(tmp_path, block_model):
         compiler.compile(block_model, target="avx2", tuning_db=tmp_path)
     with pytest.raises(TuningError, match="no such directory"):
         compiler.compile(block_model, target="avx2", tuning_db=tmp_path / "missing")
+
+
+def test_a_model_with_nothing_to_tune_gets_a_database_that_applies(tmp_path):
+    g = fixtures.GraphBuilder(np.random.default_rng(8))
+    model = g.model("relu", {"data": (1, 8, 4, 4)}, [g.op("Relu", ["data"], "relu")])
+    summary = compiler.tune(model, target="native", trials=4, work_dir=tmp_path / "db")
+    assert summary.tasks == [] and summary.skipped
+    built = compiler.compile(model, target="native", tuning_db=tmp_path / "db")
+    assert built.report["tuning"]["tuned_kernels"] == []
+    data = np.random.default_rng(9).standard_normal((1, 8, 4, 4)).astype("float32")
+    np.testing.assert_array_equal(built.run(data)[0], np.maximum(data, 0))
