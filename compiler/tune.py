@@ -90,8 +90,6 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     if tasks:
         with without_stock_intrinsics():
             _search(tasks, spec, folder, trials, measurement, summary, say)
-    else:
-        write_selection(folder, {})  # an empty database: builds apply nothing from it
     add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
     summary.seconds = time.perf_counter() - started
     return summary
@@ -200,7 +198,6 @@ def _select(tasks_and_defaults, spec, folder: Path, database, measurement: Measu
     from targets.tuning import tile_decisions
 
     if not tasks_and_defaults:
-        write_selection(folder, {})
         return
     entries = []
     for task, default in tasks_and_defaults:
@@ -221,9 +218,10 @@ def _select(tasks_and_defaults, spec, folder: Path, database, measurement: Measu
                                        spec.tvm_target(), rounds=ROUNDS))
     selection = {}
     for task, schedules in entries:
-        timed = [(min(run_secs), sch) for sch, (run_secs, _) in zip(schedules, results) if run_secs]
-        if not timed or timed[0][1] is not schedules[0]:
-            raise TuningError(f"timing the default schedule of kernel {task.task_name} failed")
+        outcomes = [next(results) for _ in schedules]
+        if outcomes[0][1]:
+            raise TuningError(f"timing the default schedule of kernel {task.task_name} failed: {outcomes[0][1]}")
+        timed = [(min(run_secs), sch) for sch, (run_secs, _) in zip(schedules, outcomes) if run_secs]
         default = timed[0]
         best = min(timed, key=lambda pair: pair[0] if pair is default else pair[0] / (1 - MARGIN))
         states[task.task_name].default_seconds = default[0]

@@ -151,9 +151,14 @@ def tuning_manifest(folder: Path, spec) -> dict | None:
 
 
 def create_database(folder: Path, spec) -> dict:
+    """A new tuning database in `folder`: the manifest and an empty selection, which builds can apply
+    before any kernel is tuned (a model may have none to tune)."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target_entry(spec), "models": []}
     write_manifest(folder, manifest)
+    JSONDatabase(work_dir=str(folder))  # creates its empty files
     return manifest
 
 
@@ -170,18 +175,17 @@ def write_selection(folder: Path, selection: dict) -> None:
     workloads file goes first: cut short after it, the folder still holds the previous selection."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase, Workload
 
-    old = JSONDatabase(work_dir=str(folder)) if (folder / WORKLOADS).is_file() else None
+    old = JSONDatabase(work_dir=str(folder))
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         new = JSONDatabase(work_dir=scratch)
-        if old is not None:
-            for line in (folder / WORKLOADS).read_text().splitlines():
-                if line.strip():
-                    new.commit_workload(Workload.from_json(json.loads(line)).mod)
-            replaced = [new.commit_workload(mod) for mod in selection]
-            for record in old.get_all_tuning_records():
-                workload = new.commit_workload(record.workload.mod)
-                if not any(workload.same_as(r) for r in replaced):
-                    new.commit_tuning_record(_moved(record, workload))
+        for line in (folder / WORKLOADS).read_text().splitlines():
+            if line.strip():
+                new.commit_workload(Workload.from_json(json.loads(line)).mod)
+        replaced = [new.commit_workload(mod) for mod in selection]
+        for record in old.get_all_tuning_records():
+            workload = new.commit_workload(record.workload.mod)
+            if not any(workload.same_as(r) for r in replaced):
+                new.commit_tuning_record(_moved(record, workload))
         for mod, records in selection.items():
             workload = new.commit_workload(mod)
             for record in records:
