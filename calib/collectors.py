@@ -13,10 +13,7 @@ import numpy as np
 
 from calib.entropy import optimal_threshold
 from calib.histogram import SymmetricHistogram
-
-
-class CalibrationError(ValueError):
-    """Calibration data or a collector's result that cannot give thresholds; the message names the tensor."""
+from quantvm.errors import CalibrationError
 
 
 class CalibrationCollector(ABC):
@@ -115,7 +112,7 @@ class PercentileCollector(_HistogramCollector):
     def __init__(self, include_layers=None, percentile: float = 99.99, num_bins: int = 8001):
         super().__init__(include_layers, num_bins)
         if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+            raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
         self.percentile = percentile
 
     def post_collect(self):

@@ -1,10 +1,10 @@
 """quantvm's user-facing package: `compile()`, `load()`, `CompiledModel`, the CLI."""
 
 from compiler.build import CompiledModel, compile  # noqa: A004 (the API's name)
-from compiler.errors import (ArtifactError, HostMismatchError, InputError, ModelError, QuantvmError,
-                             TargetError, TuningError)
+from compiler.errors import (ArtifactError, CalibrationError, HostMismatchError, InputError, ModelError,
+                             QuantvmError, TargetError, TuningError)
 from compiler.runtime import Predictor, load
 from compiler.tune import tune
 
-__all__ = ["ArtifactError", "CompiledModel", "HostMismatchError", "InputError", "ModelError", "Predictor",
+__all__ = ["ArtifactError", "CalibrationError", "CompiledModel", "HostMismatchError", "InputError", "ModelError", "Predictor",
            "QuantvmError", "TargetError", "TuningError", "compile", "load", "tune"]

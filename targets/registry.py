@@ -14,6 +14,7 @@ import tvm
 from tvm.target import codegen
 
 from targets.host import missing_features
+from quantvm.errors import TargetError
 
 TRIPLE = "x86_64-linux-gnu"
 
@@ -83,10 +84,6 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def _target_error(message: str) -> Exception:
-    from compiler.errors import TargetError  # imported here: compiler imports targets
-
-    return TargetError(message)
 
 
 def resolve_target(target: str | TargetSpec) -> TargetSpec:
@@ -94,12 +91,12 @@ def resolve_target(target: str | TargetSpec) -> TargetSpec:
     if isinstance(target, TargetSpec):
         return target
     if not isinstance(target, str) or not target.strip():
-        raise _target_error(f"target must be a name such as 'cascadelake' or 'llvm -mcpu=...', got {target!r}")
+        raise TargetError(f"target must be a name such as 'cascadelake' or 'llvm -mcpu=...', got {target!r}")
     text = target.strip()
     if text.split()[0] == "llvm":
         return _parse_llvm_string(text)
     if text not in NAMED_TARGETS:
-        raise _target_error(f"unknown target {text!r}; known targets: {', '.join(NAMED_TARGETS)} "
+        raise TargetError(f"unknown target {text!r}; known targets: {', '.join(NAMED_TARGETS)} "
                           "(or a classic string such as 'llvm -mcpu=cascadelake')")
     if text == "native":
         return native_target()
@@ -122,23 +119,23 @@ def _parse_llvm_string(text: str) -> TargetSpec:
     for word in shlex.split(text)[1:]:
         key, sep, value = word.lstrip("-").partition("=")
         if not sep or key not in ("mcpu", "mattr", "num-cores", "mtriple"):
-            raise _target_error(f"target {text!r}: cannot use {word!r}; supported options are "
+            raise TargetError(f"target {text!r}: cannot use {word!r}; supported options are "
                               "-mcpu=CPU, -mattr=+feat,..., -num-cores=N")
         options[key] = value
     if options.get("mtriple", TRIPLE).split("-")[0] != "x86_64":
-        raise _target_error(f"target {text!r}: only x86_64 targets are supported")
+        raise TargetError(f"target {text!r}: only x86_64 targets are supported")
     mcpu = options.get("mcpu", "x86-64")
     if mcpu == "native" and "mattr" not in options:
         return native_target()
     if mcpu == "native":
         mcpu = host_cpu()
     if not codegen.llvm_is_valid_cpu(mcpu, TRIPLE):
-        raise _target_error(f"target {text!r}: LLVM does not know the CPU {mcpu!r}")
+        raise TargetError(f"target {text!r}: LLVM does not know the CPU {mcpu!r}")
     mattr = tuple(a for a in options.get("mattr", "").split(",") if a)
     try:
         cores = int(options["num-cores"]) if "num-cores" in options else None
     except ValueError:
-        raise _target_error(f"target {text!r}: -num-cores must be a whole number") from None
+        raise TargetError(f"target {text!r}: -num-cores must be a whole number") from None
     name = next((n for n, (cpu, _) in NAMED_TARGETS.items() if cpu == mcpu and not mattr), mcpu)
     return TargetSpec(name=name, mcpu=mcpu, mattr=mattr, num_cores=cores,
                       required_features=required_features(mcpu, mattr))
