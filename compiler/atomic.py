@@ -12,22 +12,40 @@ from compiler.errors import ArtifactError
 
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ".tmp"):
-    """Yield a temporary path in the destination folder; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path in the destination folder; rename it onto `path` only if the block succeeds.
+
+    Any OSError, here or in the block (a full disk, a read-only folder), becomes an ArtifactError naming
+    `path` and the cause; the temporary file is removed whatever happens.
+    """
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise ArtifactError(f"cannot write {path}: folder {folder} does not exist")
     if path.is_dir():
         raise ArtifactError(f"cannot write {path}: it is a folder")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)  # the data is on disk before the name points at it: a crash leaves the old file or the new
         os.replace(tmp, path)
+    except OSError as err:
+        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # (a read-only folder may refuse even this; nothing to keep then)
+                tmp.unlink(missing_ok=True)
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

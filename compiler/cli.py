@@ -96,10 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="an input (repeatable); a single-input model also takes a bare FILE.npy")
     p.add_argument("--output", help="write the outputs to this .npz (by output name)")
 
-    p = sub.add_parser("inspect", help="print an artifact's metadata without running it", description=(
-        "Print the metadata of a compiled artifact. Reads the file only; runs none of its code."))
+    p = sub.add_parser("inspect", help="check an artifact's digest, print its metadata; runs nothing", description=(
+        "Check that a compiled artifact matches the SHA-256 digest it records (refusing a damaged or modified "
+        "file), then print its metadata. Reads the file only; runs none of its code."))
     p.add_argument("artifact")
-    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    shown.add_argument("--verify", action="store_true",
+                       help="print only the digest check's verdict (exit status 1 if the file fails it)")
 
     p = sub.add_parser("bench", help="time quantvm against onnxruntime (and its own unfused build)", description=(
         "Time quantvm's build and onnxruntime (and with --no-fuse also quantvm's unfused build) on the same "
@@ -313,10 +317,14 @@ def format_metadata(meta: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from compiler.artifact import read_metadata
+    from compiler.artifact import DIGEST_KEY, read_metadata
 
-    meta = read_metadata(args.artifact)
-    print(json.dumps(meta, indent=2, sort_keys=True) if args.json else format_metadata(meta))
+    meta = read_metadata(args.artifact)  # refuses, with ArtifactError, a file that fails its digest
+    verdict = f"integrity: sha256 {meta[DIGEST_KEY]} verified"
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+    else:
+        print(verdict if args.verify else f"{format_metadata(meta)}\n{verdict}")
     return 0
 
 

@@ -154,6 +154,10 @@ def flatten_outputs(result):
 def load(path, num_threads: int | None = None) -> Predictor:
     """Load an artifact written by `CompiledModel.export`. Only load artifacts you trust: it runs their code.
 
+    Before any of its code is loaded, the file must match the SHA-256 digest its metadata records (else
+    ArtifactError: damaged or modified) and this host must have the CPU features it needs (else
+    HostMismatchError).
+
     Runs use `num_threads` threads, else $TVM_NUM_THREADS, else the count it was compiled for (capped at this
     host's cores), else all cores.
     """

@@ -25,3 +25,17 @@ def digits_builds(tmp_path_factory, demo_model_path):
         model = compiler.compile(demo_model_path, target=target, input_shapes={"image": (4, 1, 8, 8)})
         builds[target] = (model, model.export(folder / f"digits_{target}.so"))
     return builds
+
+
+@pytest.fixture(scope="session")
+def foreign_build(digits_builds, tmp_path_factory, demo_model_path):
+    """The demo model built for a target this host lacks features for (tests/host_targets.py chooses it):
+    (target name, missing features, compiled model, exported path)."""
+    import compiler
+    from tests.host_targets import foreign_target
+
+    name, missing = foreign_target()
+    if name in digits_builds:
+        return (name, missing, *digits_builds[name])
+    model = compiler.compile(demo_model_path, target=name, input_shapes={"image": (4, 1, 8, 8)})
+    return name, missing, model, model.export(tmp_path_factory.mktemp("foreign") / f"digits_{name}.so")
