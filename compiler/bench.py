@@ -7,9 +7,12 @@ are noisy, so the contenders take turns round by round instead of running one af
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -286,3 +289,108 @@ def format_section(section: dict) -> list[str]:
         # three significant digits: a far slower build reads 0.004x, not 0.00x
         lines.append(f"speedup {ratio['contender']} vs {ratio['baseline']}: {ratio['speedup']:.3g}x")
     return lines
+
+
+def bench_concurrency(model_path, concurrency: int, target: str = "native", input_shapes: dict | None = None,
+                      batches=(None,), rounds: int = 10, calib: dict | None = None, calib_mode: str = "entropy",
+                      num_calib_batches: int | None = None, command: str | None = None) -> dict:
+    """Time `concurrency` Python threads sharing one quantvm model (fp32; int8 when `calib` is given)
+    against one thread, each run on 1 TVM thread: what a server sharing a model across request threads
+    gets from more threads. Once per batch size in `batches`, in rounds of one block each (see
+    `time_block`), alternating which block goes first."""
+    import tvm
+
+    from compiler.build import compile, quantvm_version
+    from compiler.frontend import read_onnx
+    from compiler.runtime import host_cores
+    from targets import host_model_name
+
+    if concurrency < 2:
+        raise ValueError(f"concurrency must be at least 2 threads to compare with 1, got {concurrency}")
+    proto, source, _ = read_onnx(model_path)
+    int8 = {"calib": [calib], "calib_mode": calib_mode, "num_calib_batches": num_calib_batches} if calib else {}
+    sections = []
+    for batch in batches:
+        model = compile(model_path, target=target, input_shapes=batch_input_shapes(proto, input_shapes, batch),
+                        num_threads=1, **int8)
+        sections.append(concurrency_section(model, concurrency, rounds))
+    return {"command": command, "model": source, "mode": "concurrency", "concurrency": concurrency,
+            "precision": "int8" if calib else "fp32", "target": sections[0]["target"], "rounds": rounds,
+            "host": host_model_name(), "cores": host_cores(),
+            "versions": {"quantvm": quantvm_version(), "tvm": tvm.__version__}, "batches": sections}
+
+
+def concurrency_section(model, concurrency: int, rounds: int, block_seconds: float = 0.2) -> dict:
+    """Rounds of: one thread runs concurrency x `calls` times, and `concurrency` threads run `calls` times
+    each, on the same model and inputs; `calls` makes the single thread's block last ~`block_seconds`."""
+    feeds = random_feeds(model.inputs)
+
+    def run():
+        model.run(**feeds)
+
+    run()
+    start = time.perf_counter()
+    run()
+    calls = max(5, math.ceil(block_seconds / (concurrency * (time.perf_counter() - start))))
+    first = model.metadata["inputs"][0]["shape"]
+    batch = first[0] if first else 1
+    seconds = {1: [], concurrency: []}
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:  # threads kept: each makes its VM and pool once
+        for turn in range(rounds):
+            order = [1, concurrency] if turn % 2 == 0 else [concurrency, 1]
+            for threads in order:
+                seconds[threads].append(time_block(pool, run, threads, concurrency * calls // threads))
+    runs = concurrency * calls  # per block, for both
+    rows = [{"threads": threads, "runs_per_block": runs, "median_block_s": float(np.median(times)),
+             "throughput": runs * batch / float(np.median(times))} for threads, times in seconds.items()]
+    return {"batch": batch, "inputs": model.metadata["inputs"], "target": model.target,
+            "mcpu": model.metadata["target"]["mcpu"], "rows": rows,
+            "speedup": rows[1]["throughput"] / rows[0]["throughput"]}
+
+
+def time_block(pool: ThreadPoolExecutor, run, threads: int, calls: int) -> float:
+    """Seconds for `threads` threads of `pool` to call `run` `calls` times each, all starting together
+    after one untimed call each (which also gives a new thread its VM and TVM pool)."""
+    ready = threading.Barrier(threads + 1)
+
+    def work():
+        try:
+            run()
+        except BaseException:
+            ready.abort()  # release the others and the timer: the error is raised below
+            raise
+        ready.wait()
+        for _ in range(calls):
+            run()
+
+    futures = [pool.submit(work) for _ in range(threads)]
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        errors = [f.exception() for f in futures]
+        raise next(e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError))
+    start = time.perf_counter()
+    for future in futures:
+        future.result()
+    return time.perf_counter() - start
+
+
+def format_concurrency(result: dict) -> str:
+    """The command, the conditions, then per batch size both throughputs and their ratio."""
+    n = result["concurrency"]
+    versions = ", ".join(f"{name} {v}" for name, v in result["versions"].items() if v)
+    lines = [result["command"]] if result.get("command") else []
+    lines += [f"{result['model']}: quantvm {result['precision']}, {n} Python threads sharing one model against "
+              f"1 thread, 1 TVM thread per run, {result['rounds']} rounds of one block each, alternating which "
+              "goes first",
+              f"host {result['host']} ({result['cores']} cores); {versions}"]
+    for section in result["batches"]:
+        inputs = ", ".join(f"{spec['name']} {spec['shape']}" for spec in section["inputs"])
+        lines += ["", f"batch {section['batch']} ({inputs}) on {section['target']} (mcpu {section['mcpu']}); "
+                      f"{section['rows'][0]['runs_per_block']} runs per block",
+                  f"{'':24}{'items/s':>12}{'median block s':>16}"]
+        for row in section["rows"]:
+            label = f"{row['threads']} thread(s)"
+            lines.append(f"{label:24}{row['throughput']:12.1f}{row['median_block_s']:16.3f}")
+        lines.append(f"speedup {n} threads vs 1 thread: {section['speedup']:.3g}x")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ class CompiledModel:
         self.report = report or {}
         self.num_threads = num_threads  # as given to compile(): it overrides TVM_NUM_THREADS in this process
         self._predictor = None
+        self._predictor_lock = threading.Lock()
 
     @property
     def target(self) -> str:
@@ -62,9 +64,12 @@ class CompiledModel:
     __call__ = run
 
     def _runner(self) -> Predictor:
+        """The one Predictor (thread-safe itself), made on first use: threads racing here make it once."""
         if self._predictor is None:
-            check_host_can_run(self.metadata, "this model")
-            self._predictor = Predictor(self.executable, self.metadata, self.num_threads)
+            with self._predictor_lock:
+                if self._predictor is None:
+                    check_host_can_run(self.metadata, "this model")
+                    self._predictor = Predictor(self.executable, self.metadata, self.num_threads)
         return self._predictor
 
     def export(self, path) -> Path:

@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batches", type=int, metavar="N")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also time quantvm's builds with the kernels tuned into DIR (the precisions tuned there)")
+    p.add_argument("--concurrency", type=_count_arg, metavar="N",
+                   help="instead, time N Python threads sharing one quantvm model against 1 thread, each run on "
+                        "1 TVM thread (quantvm alone; with --int8, its int8 build)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
@@ -400,18 +403,38 @@ def cmd_bench(args) -> int:
     if args.int8 and not args.calib:
         raise InputError("--int8 needs --calib DATA.npz (calibration data for both quantvm and onnxruntime)")
     calib = _read_npz(args.calib) if args.int8 else None
-    result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
-                   batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
-                   compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
-                   num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line,
-                   tuning_db=args.tuning_db)
-    print(format_table(result))
+    if args.concurrency is not None:
+        result = _bench_concurrency(args, calib)
+    else:
+        result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
+                       batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
+                       compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
+                       num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line,
+                       tuning_db=args.tuning_db)
+        print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path
 
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _bench_concurrency(args, calib) -> dict:
+    from compiler.bench import bench_concurrency, format_concurrency
+
+    if args.concurrency < 2:
+        raise InputError(f"--concurrency needs at least 2 threads to compare with 1, got {args.concurrency}")
+    unused = [flag for flag, given in (("--threads", args.threads), ("--no-fuse", args.no_fuse),
+                                       ("--tuning-db", args.tuning_db)) if given]
+    if unused:
+        raise InputError(f"--concurrency runs every call on 1 TVM thread, fused and untuned: drop {', '.join(unused)}")
+    result = bench_concurrency(args.model, args.concurrency, target=args.target,
+                               input_shapes=dict(args.input_shape) or None, batches=args.batch or (None,),
+                               rounds=args.rounds, calib=calib, calib_mode=args.calib_mode,
+                               num_calib_batches=args.calib_batches, command=args.command_line)
+    print(format_concurrency(result))
+    return result
 
 
 COMMANDS = {"bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
