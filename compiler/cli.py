@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import InputError, QuantvmError
-from compiler.tune import DEFAULT_TRIALS
+from compiler.tune import DEFAULT_TRIALS, INTERRUPTED
 from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
 
@@ -169,15 +172,54 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["quantvm", *argv])  # as typed: bench prints it, to paste beside its results
     warnings.showwarning = _one_line_warning
+    _sigints.clear()
+    with _sigint_recorded():
+        try:
+            return COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            return _interrupted()
+        except QuantvmError as err:
+            return _interrupted() if _sigints else _fail(args, err)
+        except Exception as err:  # an unexpected failure still gets one line unless --verbose
+            return _interrupted() if _sigints else _fail(args, err, unexpected=True)
+
+
+@contextlib.contextmanager
+def _sigint_recorded():
+    """While a command runs, SIGINT is recorded (and raised as usual). The caller's handler is restored after,
+    so that main() called in-process (tests, scripts) leaves the process as it found it; after an interrupt
+    it is not: a second Ctrl-C while the process exits must not print a traceback."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        return COMMANDS[args.command](args)
-    except QuantvmError as err:
-        return _fail(args, err)
-    except KeyboardInterrupt:
-        print("quantvm: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # an unexpected failure still gets one line unless --verbose
-        return _fail(args, err, unexpected=True)
+        yield
+    finally:
+        if not _sigints:
+            signal.signal(signal.SIGINT, previous)
+
+
+_sigints: list = []  # a KeyboardInterrupt raised in a callback from TVM's C++ comes out of it as another error
+
+
+def _on_sigint(signum, frame):
+    _sigints.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    """Ctrl-C: end the worker processes TVM started (MetaSchedule's builders and runners would run on to the
+    end of their build or measurement), then one line. A second Ctrl-C must not cut that short with a
+    traceback."""
+    import psutil
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    print(INTERRUPTED, file=sys.stderr)
+    return 130
 
 
 def _fail(args, err: BaseException, unexpected=False) -> int:

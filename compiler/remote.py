@@ -124,7 +124,8 @@ def local_measurement(spec) -> Measurement:
     # The runner's worker process would run kernels on TVM's default pool, half the logical CPUs: kernels
     # built for every core would be timed on one of two here, and tiles picked for the wrong machine.
     threads = functools.partial(use_threads, spec.num_cores or host_cores())
-    runner = LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator_config(), initializer=threads)
+    runner = LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator_config(),
+                         initializer=worker_initializer(threads))
     return Measurement(_builder(), fastest_run(runner), "this host")
 
 
@@ -139,7 +140,7 @@ def rpc_measurement(address: RPCAddress, spec) -> Measurement:
     servers = count_servers(address)
     config = RPCConfig(tracker_host=address.host, tracker_port=address.port, tracker_key=address.key,
                        session_priority=1, session_timeout_sec=int(RUN_TIMEOUT))
-    runner = RPCRunner(config, evaluator_config(), max_workers=servers)
+    runner = RPCRunner(config, evaluator_config(), max_workers=servers, initializer=worker_initializer())
     return Measurement(_builder(), fastest_run(runner),
                        f"the {address.key!r} servers of tracker {address.tracker}")
 
@@ -150,7 +151,22 @@ def _builder():
 
     from targets.tuning import stock_intrinsics_stub
 
-    return LocalBuilder(timeout_sec=BUILD_TIMEOUT, initializer=stock_intrinsics_stub())
+    return LocalBuilder(timeout_sec=BUILD_TIMEOUT, initializer=worker_initializer(stock_intrinsics_stub()))
+
+
+def worker_initializer(then=None):
+    """The initializer of MetaSchedule's worker processes: they ignore SIGINT (Ctrl-C at a terminal reaches the
+    whole process group, and each worker would print its own traceback); the process that started them ends
+    them. Nested, the function is pickled by value into the workers; it returns None (see stock_intrinsics_stub)."""
+
+    def initialize() -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if then is not None:
+            then()
+
+    return initialize
 
 
 def count_servers(address: RPCAddress) -> int:

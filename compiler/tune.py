@@ -6,18 +6,25 @@ Each kernel's default schedule is measured first and the search starts from it. 
 and the search's best few are timed again side by side, and only what beats the default there is applied:
 on a shared host, times from different minutes do not compare. A second `tune()` on the same directory
 continues: the search's records are kept, and it starts from the best of them.
+
+A run killed at any moment leaves a valid database that the next run resumes (tuning_db writes only by
+rename). Ctrl-C while it measures stops it within about a second, with its workers, and raises
+KeyboardInterrupt; the database keeps every batch measured before (_ctrl_c_stops says how).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.errors import TuningError
 from compiler.remote import Measurement, RPCAddress, local_measurement, rpc_measurement
-from compiler.tuning_db import (SEARCH, add_model, create_database, model_entry, search_database, tuning_manifest,
-                                write_selection)
+from compiler.tuning_db import (add_model, create_database, model_entry, search_records,
+                                tuning_manifest, tuning_run, write_selection)
 
 DEFAULT_TRIALS = 1000
 TRIALS_PER_ITERATION = 32
@@ -25,6 +32,7 @@ RECORDS_READ = 256  # a kernel's best records looked through for its finalists
 FINALISTS = 3  # a kernel's fastest distinct schedules in the search, timed again beside its default
 ROUNDS = 3
 MARGIN = 0.02  # how much faster than the default a finalist must time to replace it: less is within noise
+INTERRUPTED = "quantvm: interrupted"
 
 
 @dataclass
@@ -87,10 +95,11 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     summary = TuningSummary(str(folder), spec.name, trials, 0.0,
                             [TaskState(t.task_name, t.weight) for t, _ in tasks], skipped)
     say = progress or (lambda line: None)
-    if tasks:
-        with without_stock_intrinsics():
-            _search(tasks, spec, folder, trials, measurement, summary, say)
-    add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
+    with tuning_run(folder):
+        if tasks:
+            with without_stock_intrinsics():
+                _search(tasks, spec, folder, trials, measurement, summary, say)
+        add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -126,31 +135,118 @@ def _extract(model, spec, calib, num_threads, compile_options):
 
 def _search(tasks_and_defaults, spec, folder: Path, trials: int, measurement: Measurement, summary: TuningSummary,
             say):
-    database = search_database(folder)
     states = summary.tasks
-    measured = _measure_defaults(tasks_and_defaults, spec, database, measurement, states, say)
-    tasks = [task for task, _ in tasks_and_defaults]
-    if trials > 0:
-        _evolve(tasks, spec, folder / SEARCH, trials, measurement, database, states, say)
-    retimed = [pair for pair, state in zip(tasks_and_defaults, states) if state.trials or state.name in measured]
-    _select(retimed, spec, folder, database, measurement, {s.name: s for s in states}, say)
+    with _ctrl_c_stops() as interrupted, search_records(folder) as (database, save):
+        measured = _measure_defaults(tasks_and_defaults, spec, database, measurement, states, say)
+        save()
+        tasks = [task for task, _ in tasks_and_defaults]
+        if trials > 0:
+            _evolve(tasks, spec, trials, measurement, database, save, states, say, interrupted)
+        if not interrupted.is_set():  # else _ctrl_c_stops raises KeyboardInterrupt on the way out
+            retimed = [pair for pair, state in zip(tasks_and_defaults, states)
+                       if state.trials or state.name in measured]
+            _select(retimed, spec, folder, database, measurement, {s.name: s for s in states}, say)
     _read_selection(tasks_and_defaults, folder, states)
 
 
-def _evolve(tasks, spec, folder: Path, trials: int, measurement: Measurement, database, states, say):
+def _evolve(tasks, spec, trials: int, measurement: Measurement, database, save, states, say, interrupted):
     from tvm.s_tir import meta_schedule as ms
 
     from targets.tuning import design_space
 
     contexts = [ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=design_space(spec),
-                               search_strategy=search_strategy(), task_name=task.task_name,
+                               search_strategy=_stoppable(search_strategy(), interrupted), task_name=task.task_name,
                                num_threads=spec.num_cores or 1).clone() for task in tasks]
-    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(states, trials, say)]
-    ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=str(folder),
+    # the default callbacks add each batch to `database`; then ours saves it into the folder
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [
+        _progress_callback(states, trials, save, say, interrupted)]
+    ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=None,
                   max_trials_global=trials, num_trials_per_iter=min(TRIALS_PER_ITERATION, trials),
                   builder=measurement.builder, runner=measurement.runner, database=database,
                   cost_model=ms.cost_model.XGBModel(num_tuning_cores=spec.num_cores or 1),
                   measure_callbacks=callbacks, task_scheduler="gradient")
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops():
+    """Ctrl-C while tune() measures stops it, then raises KeyboardInterrupt. Raised in a callback from
+    MetaSchedule's C++ search loop, a KeyboardInterrupt does not come out cleanly (here: std::terminate, a
+    segfault, or a bare RuntimeError), so SIGINT only sets the event yielded. From then on TVM's worker
+    processes are killed as they appear (a pool whose worker died starts another for the batch's next
+    candidate), so the batch at hand ends at once with errors; the search then proposes nothing more
+    (_stoppable), tune_tasks returns normally, and the KeyboardInterrupt is raised here, in plain Python.
+    A second Ctrl-C while stopping is ignored: the stop takes about a second, and ending the process
+    instead would end the notebook or server that called tune()."""
+    interrupted, finished = threading.Event(), threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield interrupted
+        return
+
+    def reap():
+        while not finished.wait(0.05):
+            if interrupted.is_set():
+                _kill_workers()
+
+    reaper = threading.Thread(target=reap, name="quantvm-reaper", daemon=True)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    reaper.start()
+    try:
+        yield interrupted
+    except Exception:
+        if not interrupted.is_set():
+            raise
+        # else a measurement failed because its workers were killed (a default schedule's, a finalist's)
+    finally:
+        finished.set()
+        reaper.join()
+        signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        _kill_workers()  # the runner's idle one too: none outlives tune()
+        raise KeyboardInterrupt
+
+
+def _kill_workers():
+    """Kill TVM's worker processes among ours (its popen pools': MetaSchedule's builders and runners), with
+    what they started; other children of the caller's are left alone."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "tvm.exec.popen_worker" in child.cmdline():
+                for process in [*child.children(recursive=True), child]:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+
+
+def _stoppable(strategy, interrupted):
+    """`strategy`, proposing no more candidates once `interrupted` is set: MetaSchedule then ends each task
+    as when its search space runs out. (Ending the tasks with task_scheduler.terminate_task from the measure
+    callback fails a check in the C++ loop when the callback runs in the loop's final join: InternalError
+    "Check failed: (!task->is_terminated)".)"""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Stoppable(ms.search_strategy.PySearchStrategy):
+        def _initialize_with_tune_context(self, context):
+            strategy._initialize_with_tune_context(context)
+
+        def pre_tuning(self, *args):
+            strategy.pre_tuning(*args)
+
+        def post_tuning(self):
+            strategy.post_tuning()
+
+        def generate_measure_candidates(self):
+            return None if interrupted.is_set() else strategy.generate_measure_candidates()
+
+        def notify_runner_results(self, candidates, results):
+            strategy.notify_runner_results(candidates, results)
+
+        def clone(self):
+            return _stoppable(strategy.clone(), interrupted)
+
+    return Stoppable()
 
 
 def search_strategy():
@@ -258,7 +354,7 @@ def _record(sch, workload, run_secs, task):
                                     ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
 
 
-def _progress_callback(states, trials: int, say):
+def _progress_callback(states, trials: int, save, say, interrupted):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -269,6 +365,10 @@ def _progress_callback(states, trials: int, say):
             self.measured = 0
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if interrupted.is_set():
+                # not saved: MetaSchedule records the candidates whose workers were killed as failures
+                return
+            save()
             if not runner_results:
                 return
             state = states[task_id]

@@ -5,20 +5,27 @@ The JSON database at the top is what builds apply: per kernel, the schedule the 
 it timed the kernel's default and the search's finalists side by side (and the default, when beaten).
 `search/` is another one with every candidate the searches measured: where a resumed search starts from.
 
+Every file is written whole and renamed into place, and a new folder is made beside its path and renamed
+onto it: killed at any moment (even SIGKILL), a run leaves a database that reads and resumes, with at
+most temporary files (LEFTOVERS), which the next run removes.
+
 MetaSchedule's records carry no check of their own: queried for one CPU, a database returns records tuned
 for another. The manifest is that check, made before anything is applied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.atomic import atomic_path
+from compiler.atomic import _umask, atomic_path
 from compiler.errors import TargetError, TuningError
 
 MANIFEST = "quantvm_tuning.json"
@@ -28,6 +35,7 @@ FORMAT_VERSION = 2  # 2: the selection at the top, the search's records in SEARC
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SEARCH = "search"
+LEFTOVERS = ".*.tmp"  # the temporary files and folders of this module and of atomic_path
 
 
 def target_entry(spec) -> dict:
@@ -140,6 +148,9 @@ def tuning_manifest(folder: Path, spec) -> dict | None:
         if folder.is_dir() and any((folder / name).exists() for name in (WORKLOADS, RECORDS)):
             raise TuningError(f"tuning database {folder}: holds MetaSchedule records without a {MANIFEST}: "
                               "their target is unknown; use another folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise TuningError(f"tuning database {folder}: the folder holds other files; a new database goes in a "
+                              "new or empty folder")
         return None
     tuned = manifest["target"]
     if (tuned["mcpu"], tuned["mattr"], tuned["num_threads"]) != (spec.mcpu, list(spec.mattr), spec.num_cores):
@@ -151,32 +162,92 @@ def tuning_manifest(folder: Path, spec) -> dict | None:
 
 
 def create_database(folder: Path, spec) -> dict:
-    """A new tuning database in `folder`: the manifest and an empty selection, which builds can apply
-    before any kernel is tuned (a model may have none to tune)."""
+    """A new tuning database at `folder` (missing or empty): the manifest and an empty selection, which
+    builds can apply before any kernel is tuned (a model may have none to tune). Made beside it and renamed
+    onto it: the folder appears complete or not at all."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    folder.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target_entry(spec), "models": []}
-    write_manifest(folder, manifest)
-    JSONDatabase(work_dir=str(folder))  # creates its empty files
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        JSONDatabase(work_dir=str(new))  # creates its empty files
+        write_manifest(new, manifest)
+        new.chmod(0o777 & ~_umask())  # mkdtemp's is 0o700
+        os.rename(new, folder)  # onto a missing or empty folder only
+    except OSError as err:
+        raise TuningError(f"cannot create tuning database {folder}: {err.strerror or err}") from err
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
     return manifest
 
 
-def search_database(folder: Path):
+@contextlib.contextmanager
+def tuning_run(folder: Path):
+    """Hold `folder` for one tuning run: a second run on it at the same time is refused (both would
+    replace its files), and what in it matches LEFTOVERS is a killed run's, so it is removed."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however the process ends
+        except BlockingIOError:
+            raise TuningError(f"tuning database {folder} is being tuned by another run; wait for it to end, or "
+                              "tune into another folder") from None
+        remove_leftovers(folder)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder: Path) -> None:
+    for path in [*folder.glob(LEFTOVERS), *(folder / SEARCH).glob(LEFTOVERS)]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def search_records(folder: Path):
+    """The search's database, as (MetaSchedule database, save). MetaSchedule appends each measured
+    candidate to its JSON files a line at a time: killed mid-line, a file ends in a torn line, and TVM then
+    refuses the whole file ("Unexpected end of string"; an empty line even segfaults it). So it appends to
+    copies in a scratch folder, and `save()` puts them into SEARCH by rename."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    (folder / SEARCH).mkdir(exist_ok=True)
-    return JSONDatabase(work_dir=str(folder / SEARCH))
+    searched = folder / SEARCH
+    scratch = Path(tempfile.mkdtemp(prefix=".search.", suffix=".tmp", dir=folder))
+    try:
+        for name in (WORKLOADS, RECORDS):
+            if (searched / name).is_file():
+                shutil.copyfile(searched / name, scratch / name)
+        database = JSONDatabase(work_dir=str(scratch))
+
+        def save():
+            searched.mkdir(exist_ok=True)
+            _publish(scratch, searched)
+
+        yield database, save
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _publish(scratch: Path, folder: Path) -> None:
+    """Copy the JSON database in `scratch` onto the one in `folder`, each file by rename. Workloads keep
+    their order and records point at them by position, so the workloads file goes first: cut short after
+    it, the folder holds the new workloads beside the old records, which still point right."""
+    for name in (WORKLOADS, RECORDS):
+        with atomic_path(folder / name) as tmp:
+            shutil.copyfile(scratch / name, tmp)
 
 
 def write_selection(folder: Path, selection: dict) -> None:
     """Make `selection` (kernel module -> its records) the applied records of those kernels, keeping the
-    other kernels' as they are. Workloads keep their order and records point at them by position, so the
-    workloads file goes first: cut short after it, the folder still holds the previous selection."""
+    other kernels' as they are (cut short, the folder still holds the previous selection: see _publish)."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase, Workload
 
     old = JSONDatabase(work_dir=str(folder))
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".selection.", suffix=".tmp", dir=folder) as scratch:
         new = JSONDatabase(work_dir=scratch)
         for line in (folder / WORKLOADS).read_text().splitlines():
             if line.strip():
@@ -190,8 +261,7 @@ def write_selection(folder: Path, selection: dict) -> None:
             workload = new.commit_workload(mod)
             for record in records:
                 new.commit_tuning_record(_moved(record, workload))
-        for name in (WORKLOADS, RECORDS):
-            os.replace(Path(scratch) / name, folder / name)
+        _publish(Path(scratch), folder)
 
 
 def _moved(record, workload):
