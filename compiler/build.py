@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
-from compiler.errors import QuantvmError
+from compiler.errors import ModelError, QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.quantization import QuantizationOptions, output_error, quantize
 from compiler.tuning_db import open_tuning_db
@@ -117,7 +117,8 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report,
                              num_threads)
     if first_batch and not missing_features(spec.required_features):
-        int8_output = compiled.run(**first_batch["inputs"])[0]
+        with compile_phase(imported.source, "running the int8 build on a calibration batch"):
+            int8_output = compiled.run(**first_batch["inputs"])[0]
         report["quantization"]["output_error"] = output_error(first_batch["fp32_output"], int8_output)
     return compiled
 
@@ -150,7 +151,8 @@ def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: Qu
     except ValueError as err:
         raise QuantvmError(str(err)) from None
     imported = import_onnx(model, input_shapes, constant_inputs)
-    graph = prepare_graph(imported.mod)
+    with compile_phase(imported.source, "preparing the graph"):
+        graph = prepare_graph(imported.mod)
     report: dict = {}
     first_batch: dict = {}
     if calib is not None or options.calib_mode == "none":
@@ -158,8 +160,10 @@ def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: Qu
             warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used",
                           stacklevel=3)
         calibration_started = time.perf_counter()
-        graph, quant_report, first_batch = quantize(graph, imported.onnx_model, imported.inputs, calib, options,
-                                                    lambda mod: _host_runner(mod, rules, imported, num_threads))
+        with compile_phase(imported.source, "int8 calibration and quantization"):
+            graph, quant_report, first_batch = quantize(
+                graph, imported.onnx_model, imported.inputs, calib, options,
+                lambda mod: _host_runner(mod, rules, imported, num_threads))
         report["quantization"] = quant_report
         report["calibration_seconds"] = time.perf_counter() - calibration_started
     return ModelGraph(imported, graph, rules, report, first_batch)
@@ -193,7 +197,8 @@ def _build(graph, spec: TargetSpec, rules, source: str, tuning=None):
     executable and the fusion report."""
     import tvm
 
-    fused, fusion = fused_graph(graph, spec, rules)
+    with compile_phase(source, f"laying out and fusing the graph for target {spec.name!r}"):
+        fused, fusion = fused_graph(graph, spec, rules)
     result = {**fusion.to_json(), "rules": list(rules)}
     tvm_target = spec.tvm_target()
     schedules = ScheduleLog()
@@ -204,15 +209,25 @@ def _build(graph, spec: TargetSpec, rules, source: str, tuning=None):
     schedule = schedule_pass(spec, schedules)
     if tuning is not None:
         schedule = tvm.transform.Sequential([tuning.apply_pass(tvm_target), schedule])
-    try:
+    with compile_phase(source, f"building for target {spec.name!r}"):
         pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule)
         with tuning.database() if tuning is not None else contextlib.nullcontext():
             executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
-    except Exception as err:  # TVM raises bare errors; say which model and target failed
-        raise QuantvmError(f"{source}: building for target {spec.name!r} failed: "
-                           f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
     result["schedules"] = {"applied": schedules.applied, "unscheduled": schedules.failed, "tuned": schedules.tuned}
     return executable, result
+
+
+@contextlib.contextmanager
+def compile_phase(source: str, phase: str):
+    """One place per compile phase that turns TVM's bare errors (InternalError, ValueError, TypeError...)
+    into a ModelError naming the model and the phase; quantvm's own errors pass through as they are."""
+    try:
+        yield
+    except QuantvmError:
+        raise
+    except Exception as err:  # noqa: BLE001 (anything else is TVM failing on this model)
+        text = str(err).strip()
+        raise ModelError(f"{source}: {phase} failed: {text.splitlines()[0] if text else type(err).__name__}") from err
 
 
 def _host_runner(graph, rules, imported: ImportedModel, num_threads: int | None):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper
 
 from compiler.errors import InputError, ModelError
-from compiler.importer_fixes import patched_onnx_converters
+from compiler.importer_fixes import NodeConversionError, patched_onnx_converters
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,30 @@ def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
         raise ModelError(f"{source} is not a valid ONNX model: {_first_line(err)}") from err
     if not proto.graph.node:
         raise ModelError(f"{source} has an empty graph (no nodes)")
+    check_initializer_sizes(proto, source)
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
     return proto, source, digest
+
+
+def check_initializer_sizes(proto: onnx.ModelProto, source: str) -> None:
+    """Name a weight whose stored values do not fill its dims (the checker does not look; the importer
+    would fail later with a bare numpy reshape error)."""
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue  # a type numpy has no width for (4-bit, float8): left to the importer
+        expected = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.raw_data:
+            held, unit = len(tensor.raw_data), itemsize
+        else:
+            field = helper.tensor_dtype_to_field(tensor.data_type)
+            held, unit = len(getattr(tensor, field)), 2 if "complex" in field else 1
+        if held != expected * unit:
+            raise ModelError(f"{source}: initializer {tensor.name!r} holds {held // unit} value(s), but its dims "
+                             f"{list(tensor.dims)} need {expected}")
 
 
 def _with_inferred_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -125,6 +150,9 @@ def _unsupported_usage(node: onnx.NodeProto) -> str | None:
         return "has training_mode=1 (batch statistics); quantvm compiles inference graphs"
     if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
         return "asks for the Indices output, which is not supported"
+    epsilon = attrs.get("epsilon")  # normalizations: a NaN or negative one gives NaNs that differ by backend
+    if isinstance(epsilon, float) and not (math.isfinite(epsilon) and epsilon >= 0):
+        return f"has epsilon={epsilon}; it must be a finite number >= 0"
     return None
 
 
@@ -150,7 +178,8 @@ def resolve_input_specs(proto: onnx.ModelProto, input_shapes: dict | None, sourc
     specs, dynamic = [], []
     for value in inputs:
         tensor_type = value.type.tensor_type
-        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        # A negative dim_value is how some exporters (paddle2onnx) write a dynamic dimension.
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or "?")
                     for d in tensor_type.shape.dim]
         has_shape = tensor_type.HasField("shape")
         if value.name in given:
@@ -216,6 +245,83 @@ def freeze_inputs(proto: onnx.ModelProto, constants: dict, source: str) -> onnx.
     return frozen
 
 
+# Integer ops that exporters chain from Shape to a Reshape/Resize/Expand operand.
+_SHAPE_MATH = {"Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Identity",
+               "Constant", "ReduceProd", "Range", "Equal", "Where", "Max", "Min", "Neg", "Floor", "Ceil"}
+
+
+def fold_static_shapes(proto: onnx.ModelProto, inputs: list[TensorSpec], rounds: int = 8) -> onnx.ModelProto:
+    """`_fold_shapes_once` until nothing is left to fold: a folded Reshape shape lets shape inference see
+    the shapes after it, which the next round folds."""
+    for _ in range(rounds):
+        folded = _fold_shapes_once(proto, inputs)
+        if folded is proto:
+            break
+        proto = folded
+    return proto
+
+
+def _fold_shapes_once(proto: onnx.ModelProto, inputs: list[TensorSpec]) -> onnx.ModelProto:
+    """Replace `Shape` of a statically shaped tensor, and the integer math on it, by constants.
+
+    Exporters (paddle2onnx, torch) compute Reshape shapes as Shape -> Slice -> Cast -> Concat; TVM's
+    importer only takes a Reshape shape it can see as a constant or a shape expression, and a Cast breaks
+    that. With every input shape fixed, these are constants: fold them here. Anything unusual (a model
+    that shape inference rejects, an op the reference evaluator refuses) is left for the importer to judge.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    typed = onnx.ModelProto()
+    typed.CopyFrom(proto)
+    static = {s.name: s.shape for s in inputs}
+    for value in typed.graph.input:
+        if value.name in static:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in static[value.name]:
+                dims.add().dim_value = d
+    del typed.graph.value_info[:]  # shapes inferred before the inputs were fixed
+    try:
+        typed = onnx.shape_inference.infer_shapes(typed)
+    except Exception:  # noqa: BLE001 (the checker and importer report what is wrong with the model)
+        return proto
+    shapes = {}
+    for value in [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]:
+        t = value.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in t.shape.dim):
+            shapes[value.name] = [d.dim_value for d in t.shape.dim]
+    opsets = {o.domain or "": o.version for o in proto.opset_import}
+    known = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+             if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= 64}
+    folded = {}
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        try:
+            if node.op_type == "Shape" and node.input[0] in shapes:
+                attrs = {a.name: a.i for a in node.attribute}
+                dims = shapes[node.input[0]]
+                value = np.array(dims[attrs.get("start", 0): attrs.get("end", len(dims))], np.int64)
+            elif node.op_type in _SHAPE_MATH and all(i in known for i in node.input if i):
+                value = ReferenceEvaluator(node, opsets=opsets).run(None, {i: known[i] for i in node.input if i})[0]
+                if value.dtype.kind not in "iub" or value.size > 64:
+                    continue
+            else:
+                continue
+        except Exception:  # noqa: BLE001 (a node the evaluator refuses stays for the importer)
+            continue
+        known[node.output[0]] = folded[node.output[0]] = np.asarray(value)
+    if not folded:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    kept = [n for n in out.graph.node if not (len(n.output) == 1 and n.output[0] in folded)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(onnx.numpy_helper.from_array(v, name) for name, v in folded.items())
+    return out
+
+
 def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict | None = None) -> ImportedModel:
     """Read, check and import an ONNX model into a Relax IRModule with static input shapes."""
     from tvm.relax.frontend.onnx import from_onnx
@@ -224,15 +330,19 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
     if constant_inputs:
         proto = freeze_inputs(proto, constant_inputs, source)
     inputs = resolve_input_specs(proto, input_shapes, source)
-    with warnings.catch_warnings(), patched_onnx_converters():
-        # The importer re-runs the ONNX checker and warns on what read_onnx already accepted.
+    proto = fold_static_shapes(proto, inputs)
+    # The importer re-runs the ONNX checker and warns on what read_onnx already accepted, and prints
+    # to stdout on a failed node: the error below says it in one line instead.
+    with warnings.catch_warnings(), patched_onnx_converters(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", UserWarning)
         try:
             mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
                             dtype_dict={s.name: s.dtype for s in inputs})
+            outputs = _output_specs(mod, proto)
+        except NodeConversionError as err:
+            raise ModelError(f"{source}: {err} cannot be imported: {_first_line(err.__cause__)}") from err
         except Exception as err:  # the importer raises bare TVM/Python errors; name the model
             raise ModelError(f"{source}: the ONNX importer failed: {_first_line(err)}") from err
-    outputs = _output_specs(mod, proto)
     return ImportedModel(mod, proto, inputs, outputs, source, digest)
 
 

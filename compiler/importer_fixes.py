@@ -3,6 +3,9 @@
 Clip: the stock converter emits opaque `call_tir` kernels (via topi) that no dataflow pattern can see, so
 Conv+ReLU6 or FC+BoundedReLU could never fuse. With constant bounds (every exporter's case) it becomes
 `R.clip` / `R.maximum` / `R.minimum` instead; other cases keep the stock conversion.
+
+Errors: the stock importer lets a converter's bare TVM/Python error escape with no node name (it only prints
+the op type to stdout); `NodeConversionError` carries the ONNX node and op type to the frontend's message.
 """
 
 from __future__ import annotations
@@ -62,11 +65,20 @@ def _prim(value, dtype):
     return float(value) if "float" in dtype else int(value)
 
 
+class NodeConversionError(Exception):
+    """Converting one ONNX node failed: `op_type` and `node` (its name) say which, `__cause__` why."""
+
+    def __init__(self, op_type: str, node: str):
+        super().__init__(f"{op_type} node {node!r}")
+        self.op_type, self.node = op_type, node
+
+
 @contextlib.contextmanager
 def patched_onnx_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
+    original_convert = onnx_frontend.ONNXGraphImporter._convert_operator
     clip = _make_clip_converter()
 
     def convert_map():
@@ -74,8 +86,16 @@ def patched_onnx_converters():
         table["Clip"] = clip
         return table
 
+    def convert_operator(self, op_name, inputs, attrs, opset):
+        try:
+            return original_convert(self, op_name, inputs, attrs, opset)
+        except Exception as err:  # noqa: BLE001 (any converter failure is this node's)
+            raise NodeConversionError(op_name, attrs.get("tvm_custom", {}).get("name") or "<unnamed>") from err
+
     onnx_frontend._get_convert_map = convert_map
+    onnx_frontend.ONNXGraphImporter._convert_operator = convert_operator
     try:
         yield
     finally:
         onnx_frontend._get_convert_map = original
+        onnx_frontend.ONNXGraphImporter._convert_operator = original_convert

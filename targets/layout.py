@@ -190,15 +190,17 @@ def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     """Rewrite convs (and the elementwise ops around them) to NCHW{lanes}c with packed, folded weights."""
     lanes = vector_lanes(spec)
     mod = pad_int8_stem(mod, lanes)
+    # An 8-channel-block tensor reaching a 16-block conv through a concat or a split: TVM cannot transform
+    # between two block sizes, so the whole graph then takes the one that fits every tensor. Where TVM's
+    # ConvertLayout fails even so (e.g. a Reshape to a higher rank after a conv), the graph stays NCHW.
+    attempts = [(lanes, True)] + ([(lanes // 2, False)] if lanes > 8 else [])
     with _scalar_ops_follow_layout(mod):
-        try:
-            mod = _convert_conv_layouts(mod, lanes, mixed=True)
-        except tvm.error.InternalError:
-            if lanes == 8:
-                raise
-            # An 8-channel-block tensor reaching a 16-block conv through a concat or a split: TVM cannot
-            # transform between two block sizes, so the whole graph takes the one that fits every tensor.
-            mod = _convert_conv_layouts(mod, lanes // 2, mixed=False)
+        for block, mixed in attempts:
+            try:
+                mod = _convert_conv_layouts(mod, block, mixed=mixed)
+                break
+            except tvm.error.InternalError:
+                continue
     mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
                                     relax.transform.DeadCodeElimination()])(mod)
     return pack_int8_dense_weights(mod, lanes)  # after folding, which would unpack them again

@@ -118,5 +118,81 @@ def test_an_importer_failure_names_the_model(tmp_path):
     model.graph.node[0].op_type = "Reshape"  # a Reshape whose shape input is missing
     path = tmp_path / "bad_reshape.onnx"
     onnx.save(model, path)
-    with pytest.raises(compiler.ModelError, match=r"bad_reshape\.onnx"):
+    with pytest.raises(compiler.ModelError, match=r"bad_reshape\.onnx.*the_node"):
         compiler.compile(path, target="native")
+
+
+def test_an_importer_failure_names_the_node_and_op(tmp_path):
+    """A Reshape whose shape is a run-time input: TVM's converter fails; the error says which node."""
+    node = helper.make_node("Reshape", ["x", "s"], ["y"], name="the_reshape")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                                            helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "runtime_shape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), path)
+    with pytest.raises(compiler.ModelError, match=r"runtime_shape\.onnx: Reshape node 'the_reshape' cannot be "
+                                                  r"imported: .+"):
+        compiler.compile(path, target="native")
+
+
+def test_a_negative_input_dimension_is_dynamic():
+    """paddle2onnx writes a dynamic dimension as dim_value -1: it is not a fixed shape to contradict."""
+    model = _relu_model(shape=(1, 4))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    with pytest.raises(compiler.InputError, match=r"'x' \[\?, 4\]"):
+        compiler.compile(model, target="native")
+    relu = compiler.compile(model, target="native", input_shapes={"x": (3, 4)})
+    assert relu.inputs[0].shape == (3, 4)
+
+
+def test_a_reshape_shape_computed_from_shape_is_folded(rng):
+    """Shape -> Slice -> Cast -> Concat -> Reshape (as exporters write a flatten) compiles with static inputs."""
+    const = lambda name, v: helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(
+        np.array(v, np.int64)))
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), const("zero", [0]), const("one", [1]),
+             const("rest", [-1]),
+             helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+             helper.make_node("Cast", ["batch"], ["batch64"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["batch64", "rest"], ["new_shape"], axis=0),
+             helper.make_node("Reshape", ["x", "new_shape"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])])
+    model = compiler.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+                             target="native", input_shapes={"x": (2, 2, 3)})
+    x = rng.standard_normal((2, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model(x)[0], x.reshape(2, 6))
+
+
+@pytest.mark.parametrize("stage", ["prepare_graph", "fused_graph"])
+def test_a_tvm_failure_after_import_names_the_model_and_phase(monkeypatch, stage):
+    """Passes and builds raise TVM's bare errors: compile() turns them into a ModelError, never lets them out."""
+    import tvm
+
+    import compiler.build
+
+    def fail(*args, **kwargs):
+        raise tvm.error.InternalError("Check failed: something TVM did not expect")
+
+    monkeypatch.setattr(compiler.build, stage, fail)
+    with pytest.raises(compiler.ModelError, match=r"<onnx.ModelProto>: .* failed: Check failed: something"):
+        compiler.compile(_relu_model(), target="native", input_shapes={"x": (1, 4)})
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1.0])
+def test_a_normalization_with_a_bad_epsilon_is_named(rng, epsilon):
+    from tests.fixtures import MODELS
+
+    model = MODELS["depthwise_separable"](rng)
+    bn = next(n for n in model.graph.node if n.name == "pw1.bn")
+    next(a for a in bn.attribute if a.name == "epsilon").f = epsilon
+    with pytest.raises(compiler.ModelError, match=r"BatchNormalization node 'pw1.bn' has epsilon=.*finite"):
+        compiler.compile(model, target="native")
+
+
+def test_a_weight_whose_values_do_not_fill_its_dims_is_named(demo_model_path):
+    model = onnx.load(demo_model_path)
+    weight = next(t for t in model.graph.initializer if t.name == "stem.bn.weight")
+    weight.dims[0] = 8  # raw bytes for 16 values, dims asking for 8 (the checker catches too few, not too many)
+    with pytest.raises(compiler.ModelError, match=r"initializer 'stem.bn.weight' holds 16 value\(s\), but its dims "
+                                                  r"\[8\] need 8"):
+        compiler.compile(model, target="native", input_shapes={"image": (1, 1, 8, 8)})
