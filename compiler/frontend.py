@@ -162,8 +162,16 @@ def graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in proto.graph.input if i.name not in weights]
 
 
-def _dtype_name(elem_type: int) -> str:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+def _dtype_name(elem_type: int, name: str, source: str) -> str:
+    """numpy's name of input `name`'s element type; a ModelError for one with no numpy type (UNDEFINED, an
+    unknown number), which the ONNX checker lets through on graph inputs."""
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        known = elem_type in onnx.TensorProto.DataType.values()
+        label = onnx.TensorProto.DataType.Name(elem_type) if known else "unknown"
+        raise ModelError(f"{source}: input {name!r} has element type {elem_type} ({label}), which quantvm cannot "
+                         "take as an input") from None
 
 
 def resolve_input_specs(proto: onnx.ModelProto, input_shapes: dict | None, source: str) -> list[TensorSpec]:
@@ -189,7 +197,7 @@ def resolve_input_specs(proto: onnx.ModelProto, input_shapes: dict | None, sourc
             continue
         else:
             shape = tuple(declared)
-        specs.append(TensorSpec(value.name, shape, _dtype_name(tensor_type.elem_type)))
+        specs.append(TensorSpec(value.name, shape, _dtype_name(tensor_type.elem_type, value.name, source)))
     if dynamic:
         raise InputError(f"{source} has dynamic input dimensions: {'; '.join(dynamic)}. Fix them with "
                          "input_shapes={name: (1, 3, 224, 224)} (CLI: --input-shape name=1,3,224,224)")
@@ -230,7 +238,7 @@ def freeze_inputs(proto: onnx.ModelProto, constants: dict, source: str) -> onnx.
                              f"its inputs are {', '.join(map(repr, inputs))}")
         array = np.asarray(value)
         tensor_type = inputs[name].type.tensor_type
-        expected = _dtype_name(tensor_type.elem_type)
+        expected = _dtype_name(tensor_type.elem_type, name, source)
         if array.dtype.name != expected:
             raise InputError(f"constant_inputs[{name!r}]: dtype {array.dtype} given, {expected} expected")
         declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]

@@ -196,3 +196,11 @@ def test_a_weight_whose_values_do_not_fill_its_dims_is_named(demo_model_path):
     with pytest.raises(compiler.ModelError, match=r"initializer 'stem.bn.weight' holds 16 value\(s\), but its dims "
                                                   r"\[8\] need 8"):
         compiler.compile(model, target="native", input_shapes={"image": (1, 1, 8, 8)})
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.UNDEFINED, 99])
+def test_an_input_without_a_valid_element_type_is_named(elem_type):
+    model = _relu_model(shape=(1, 4))
+    model.graph.input[0].type.tensor_type.elem_type = elem_type
+    with pytest.raises(compiler.ModelError, match=rf"input 'x' has element type {elem_type} \((UNDEFINED|unknown)\)"):
+        compiler.compile(model, target="native")
