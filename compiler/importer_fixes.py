@@ -4,6 +4,10 @@ Clip: the stock converter emits opaque `call_tir` kernels (via topi) that no dat
 Conv+ReLU6 or FC+BoundedReLU could never fuse. With constant bounds (every exporter's case) it becomes
 `R.clip` / `R.maximum` / `R.minimum` instead; other cases keep the stock conversion.
 
+Split: a Split with one output is the identity, but the stock converter emits `R.split(x, 1)`, which Relax
+types as a tensor while it legalizes to a one-element tuple; the mismatch crashed the process later (a
+segfault, found by fuzzing). It becomes its input.
+
 Errors: the stock importer lets a converter's bare TVM/Python error escape with no node name (it only prints
 the op type to stdout); `NodeConversionError` carries the ONNX node and op type to the frontend's message.
 """
@@ -61,6 +65,25 @@ def _make_clip_converter():
     return ClipWithConstantBounds
 
 
+def _make_split_converter():
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class SplitWithOneOutputAsIdentity(onnx_frontend.Split):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            return inputs[0] if _one_output(attr) else super()._impl_v1(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            return inputs[0] if _one_output(attr) else super()._impl_v13(bb, inputs, attr, params)
+
+    return SplitWithOneOutputAsIdentity
+
+
+def _one_output(attr) -> bool:
+    return attr["tvm_custom"]["num_outputs"] == 1
+
+
 def _prim(value, dtype):
     return float(value) if "float" in dtype else int(value)
 
@@ -79,12 +102,10 @@ def patched_onnx_converters():
 
     original = onnx_frontend._get_convert_map
     original_convert = onnx_frontend.ONNXGraphImporter._convert_operator
-    clip = _make_clip_converter()
+    replaced = {"Clip": _make_clip_converter(), "Split": _make_split_converter()}
 
     def convert_map():
-        table = original()
-        table["Clip"] = clip
-        return table
+        return {**original(), **replaced}
 
     def convert_operator(self, op_name, inputs, attrs, opset):
         try:

@@ -204,3 +204,23 @@ def test_an_input_without_a_valid_element_type_is_named(elem_type):
     model.graph.input[0].type.tensor_type.elem_type = elem_type
     with pytest.raises(compiler.ModelError, match=rf"input 'x' has element type {elem_type} \((UNDEFINED|unknown)\)"):
         compiler.compile(model, target="native")
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_a_split_with_one_output_compiles_and_matches_onnxruntime(rng, opset):
+    """Found by fuzzing: TVM's importer typed a one-output Split wrongly, and laying out the conv that reads it
+    crashed the process."""
+    from tests.fixtures import onnxruntime_outputs
+
+    attrs = {"num_outputs": 1} if opset >= 18 else {}
+    weights = [helper.make_tensor(name, TensorProto.FLOAT, [16, 16, 3, 3],
+                                  rng.standard_normal(16 * 16 * 9).astype(np.float32)) for name in ("w1", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["a"], ["part"], name="whole", axis=0, **attrs),
+             helper.make_node("Conv", ["part", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(compiler.compile(model, target="native")(x)[0],
+                               onnxruntime_outputs(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
