@@ -215,6 +215,7 @@ def _interrupted() -> int:
     import psutil
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _sigints.append(signal.SIGINT)  # (tune() takes the first Ctrl-C itself): _sigint_recorded keeps SIG_IGN
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child.kill()
