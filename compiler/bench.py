@@ -251,7 +251,8 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
     if compare == "onnxruntime" and onnxruntime_version() is None:
         import warnings
 
-        warnings.warn("onnxruntime is not installed: timing quantvm alone (pip install onnxruntime)", stacklevel=2)
+        warnings.warn("onnxruntime is not installed: timing quantvm alone (install quantvm's bench extra, "
+                      "pip install '.[bench]' in its checkout, or onnxruntime and sympy)", stacklevel=2)
     threads = resolve_num_threads(threads)
     use_threads(threads)  # before onnxruntime starts its threads, which inherit this thread's CPU affinity
     settings = Settings(target, rounds, compare, compare_unfused, calib, calib_mode, num_calib_batches, threads,
