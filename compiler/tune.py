@@ -210,12 +210,15 @@ def _kill_workers():
     what they started; other children of the caller's are left alone."""
     import psutil
 
+    killed = []
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if "tvm.exec.popen_worker" in child.cmdline():
                 for process in [*child.children(recursive=True), child]:
                     with contextlib.suppress(psutil.Error):
                         process.kill()
+                        killed.append(process)
+    psutil.wait_procs(killed, timeout=5)  # a kill is not instant: gone before tune() returns or raises
 
 
 def _stoppable(strategy, interrupted):
