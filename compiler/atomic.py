@@ -29,7 +29,7 @@ def atomic_path(path, suffix: str = ".tmp"):
         os.close(fd)
         tmp = Path(tmp_name)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         _fsync(tmp)  # the data is on disk before the name points at it: a crash leaves the old file or the new
         os.replace(tmp, path)
     except OSError as err:
@@ -48,7 +48,7 @@ def _fsync(file: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

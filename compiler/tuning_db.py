@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.atomic import _umask, atomic_path
+from compiler.atomic import atomic_path, current_umask
 from compiler.errors import TargetError, TuningError
 
 MANIFEST = "quantvm_tuning.json"
@@ -173,7 +173,7 @@ def create_database(folder: Path, spec) -> dict:
     try:
         JSONDatabase(work_dir=str(new))  # creates its empty files
         write_manifest(new, manifest)
-        new.chmod(0o777 & ~_umask())  # mkdtemp's is 0o700
+        new.chmod(0o777 & ~current_umask())  # mkdtemp's is 0o700
         os.rename(new, folder)  # onto a missing or empty folder only
     except OSError as err:
         raise TuningError(f"cannot create tuning database {folder}: {err.strerror or err}") from err
