@@ -4,7 +4,7 @@ Knows nothing about TVM kernels: it sees named float tensors and returns {name: 
 """
 
 from calib.collectors import (BUILT_IN_MODES, CalibrationCollector, CalibrationError, EntropyCollector,
-                              NaiveCollector, PercentileCollector, check_thresholds, make_collector)
+                              MSECollector, NaiveCollector, PercentileCollector, check_thresholds, make_collector)
 
-__all__ = ["BUILT_IN_MODES", "CalibrationCollector", "CalibrationError", "EntropyCollector", "NaiveCollector",
-           "PercentileCollector", "check_thresholds", "make_collector"]
+__all__ = ["BUILT_IN_MODES", "CalibrationCollector", "CalibrationError", "EntropyCollector", "MSECollector",
+           "NaiveCollector", "PercentileCollector", "check_thresholds", "make_collector"]

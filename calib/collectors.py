@@ -13,6 +13,7 @@ import numpy as np
 
 from calib.entropy import optimal_threshold
 from calib.histogram import SymmetricHistogram
+from calib.mse import mse_threshold
 from quantvm.errors import CalibrationError
 
 
@@ -105,6 +106,23 @@ class EntropyCollector(_HistogramCollector):
         return self.min_max_dict
 
 
+class MSECollector(_HistogramCollector):
+    """`mse`: per tensor, the threshold with the smallest quantization MSE on its histogram (see
+    calib.mse); u8 over [0, t] for non-negative tensors when they will be stored as u8."""
+
+    def __init__(self, include_layers=None, num_bins: int = 8001, quantized_dtype: str = "auto"):
+        super().__init__(include_layers, num_bins)
+        self.quantized_dtype = quantized_dtype
+        self.mse: dict[str, float] = {}
+
+    def post_collect(self):
+        for name, hist in self.histograms.items():
+            unsigned = hist.min_value >= 0 and self.quantized_dtype in ("auto", "uint8")
+            th, self.mse[name] = mse_threshold(hist.counts, hist.edges, unsigned)
+            self.min_max_dict[name] = (0.0 if unsigned else max(hist.min_value, -th), min(hist.max_value, th))
+        return self.min_max_dict
+
+
 class PercentileCollector(_HistogramCollector):
     """`percentile`: the threshold below which `percentile` % of |x| lies (99.99 by default), from the
     same streaming histogram; the range is then clipped to the values actually seen."""
@@ -129,7 +147,8 @@ class PercentileCollector(_HistogramCollector):
         return self.min_max_dict
 
 
-BUILT_IN_MODES = {"naive": NaiveCollector, "entropy": EntropyCollector, "percentile": PercentileCollector}
+BUILT_IN_MODES = {"mse": MSECollector, "naive": NaiveCollector, "entropy": EntropyCollector,
+                  "percentile": PercentileCollector}
 
 
 def make_collector(mode: str, collector: CalibrationCollector | None = None, **options) -> CalibrationCollector:

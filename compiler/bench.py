@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from compiler.int8_options import QuantizationOptions
+
 # (contender, baseline) pairs whose speedup is reported: quantvm against onnxruntime at the same precision,
 # int8 against fp32, fused against unfused, tuned against untuned.
 RATIOS = (("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime int8"),
@@ -47,8 +49,7 @@ class Settings:
     compare: str = "onnxruntime"  # or "none": quantvm alone
     compare_unfused: bool = False
     calib: dict | None = None  # calibration arrays by input name: enables the int8 contenders
-    calib_mode: str = "entropy"
-    num_calib_batches: int | None = None
+    quantization: QuantizationOptions | None = None  # the int8 contenders' options (None: the defaults)
     threads: int = 1
     tuning_db: str | None = None  # also time the builds this database was tuned for, with its kernels
 
@@ -159,8 +160,7 @@ def quantvm_contenders(model_path, shapes: dict | None, settings: Settings) -> t
         return compile(model_path, target=settings.target, input_shapes=shapes, num_threads=settings.threads,
                        **options)
 
-    int8_options = {"calib": [settings.calib], "calib_mode": settings.calib_mode,
-                    "num_calib_batches": settings.num_calib_batches}
+    int8_options = {"calib": [settings.calib], "quantization": settings.quantization}
     fused = build()
     contenders = [Contender("quantvm fp32", lambda f: fused.run(**f))]
     if settings.calib is not None:
@@ -203,7 +203,8 @@ def onnxruntime_contenders(model_path, proto, fused, settings: Settings) -> list
         return []
     contenders = []
     if settings.calib is not None:
-        batches = list(model_batches([settings.calib], fused.inputs, settings.num_calib_batches))
+        limit = settings.quantization.num_calib_batches if settings.quantization is not None else None
+        batches = list(model_batches([settings.calib], fused.inputs, limit))
         contenders.append(onnxruntime_int8_contender(model_path, batches, settings.threads))
     contenders.append(onnxruntime_contender(proto.SerializeToString(), settings.threads))
     return [c for c in contenders if c is not None]
@@ -233,7 +234,7 @@ def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> d
 
 def bench(model_path, target: str = "native", input_shapes: dict | None = None, batches=(None,), rounds: int = 10,
           compare: str = "onnxruntime", compare_unfused: bool = False, calib: dict | None = None,
-          calib_mode: str = "entropy", num_calib_batches: int | None = None, threads: int | None = None,
+          quantization: QuantizationOptions | None = None, threads: int | None = None,
           command: str | None = None, tuning_db=None) -> dict:
     """Time quantvm's builds (fp32; int8 when `calib` is given; unfused on request) and onnxruntime's
     (unless `compare` is "none") on the same random inputs and thread count, interleaved, once per batch
@@ -255,8 +256,7 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
                       "pip install '.[bench]' in its checkout, or onnxruntime and sympy)", stacklevel=2)
     threads = resolve_num_threads(threads)
     use_threads(threads)  # before onnxruntime starts its threads, which inherit this thread's CPU affinity
-    settings = Settings(target, rounds, compare, compare_unfused, calib, calib_mode, num_calib_batches, threads,
-                        tuning_db)
+    settings = Settings(target, rounds, compare, compare_unfused, calib, quantization, threads, tuning_db)
     proto, source, _ = read_onnx(model_path)
     sections = [bench_batch(model_path, proto, batch_input_shapes(proto, input_shapes, b), settings) for b in batches]
     return {"command": command, "model": source, "target": sections[0]["target"], "threads": threads,
@@ -293,8 +293,8 @@ def format_section(section: dict) -> list[str]:
 
 
 def bench_concurrency(model_path, concurrency: int, target: str = "native", input_shapes: dict | None = None,
-                      batches=(None,), rounds: int = 10, calib: dict | None = None, calib_mode: str = "entropy",
-                      num_calib_batches: int | None = None, command: str | None = None) -> dict:
+                      batches=(None,), rounds: int = 10, calib: dict | None = None,
+                      quantization: QuantizationOptions | None = None, command: str | None = None) -> dict:
     """Time `concurrency` Python threads sharing one quantvm model (fp32; int8 when `calib` is given)
     against one thread, each run on 1 TVM thread: what a server sharing a model across request threads
     gets from more threads. Once per batch size in `batches`, in rounds of one block each (see
@@ -309,7 +309,7 @@ def bench_concurrency(model_path, concurrency: int, target: str = "native", inpu
     if concurrency < 2:
         raise ValueError(f"concurrency must be at least 2 threads to compare with 1, got {concurrency}")
     proto, source, _ = read_onnx(model_path)
-    int8 = {"calib": [calib], "calib_mode": calib_mode, "num_calib_batches": num_calib_batches} if calib else {}
+    int8 = {"calib": [calib], "quantization": quantization} if calib else {}
     sections = []
     for batch in batches:
         model = compile(model_path, target=target, input_shapes=batch_input_shapes(proto, input_shapes, batch),

@@ -12,13 +12,14 @@ from pathlib import Path
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.errors import ModelError, QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
-from compiler.quantization import QuantizationOptions, output_error, quantize
+from compiler.fallback import accuracy_fallback
+from compiler.int8_options import QuantizationOptions
+from compiler.quantization import output_error, quantize
 from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
                               resolve_num_threads, use_threads)
 from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
 from relay_passes import fuse as fuse_graph
-from calib import CalibrationCollector
 from targets import (ScheduleLog, TargetSpec, block_channels, legalize_overrides, missing_features,
                      resolve_target, schedule_pass)
 
@@ -79,22 +80,23 @@ class CompiledModel:
 
 def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa: A001 (the API's name)
             input_shapes: dict | None = None, constant_inputs: dict | None = None, fuse=True,
-            calib_mode: str = "entropy", num_calib_batches: int | None = None, quantized_dtype: str = "auto",
-            exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
-            collector: CalibrationCollector | None = None, percentile: float = 99.99,
-            num_threads: int | None = None, tuning_db=None) -> CompiledModel:
+            num_threads: int | None = None, tuning_db=None, eval_data=None,
+            quantization: QuantizationOptions | None = None, **int8_options) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
     inputs that are really constants (a shape, pads) to arrays; they are then no longer run-time inputs.
     `fuse` is True (every rule of relay_passes.RULES), False (none), or the names of the rules to apply.
 
-    INT8: `calib` is an iterable of batches (dicts name -> array, one array, or tuples in input order);
-    `calib_mode` is naive | entropy | percentile | custom (with `collector`), or none: no calibration data,
-    each batch's ranges computed at run time (slower: an extra pass over every int8 op's input).
-    `quantized_dtype` is auto | int8 | uint8. `exclude_layers` (ONNX node names), `exclude_layers_match`
-    (substrings) and `exclude_operators` (Conv, Gemm, MatMul, AveragePool, GlobalAveragePool) keep layers
-    in fp32.
+    INT8: `calib` is an iterable of batches (dicts name -> array, one array, or tuples in input order).
+    The INT8 options are one `QuantizationOptions` (`quantization=`) or its fields as keywords, which
+    override it: `calib_mode` mse (default) | naive | entropy | percentile | custom (with `collector`) |
+    none (no calibration data: ranges computed at run time); `bias_correction` fast (default) | full | None;
+    `quantized_dtype`; `exclude_layers` (ONNX node names), `exclude_layers_match` (substrings) and
+    `exclude_operators` (Conv, Gemm, MatMul, AveragePool, GlobalAveragePool) keep layers in fp32;
+    `max_drop` with `metric` ((CompiledModel) -> float, higher is better) or, without one, agreement with
+    fp32 on `eval_data` (batches like `calib`'s; default: the calibration batches) reverts the most
+    sensitive layers to fp32 until the drop is within it (`report["quantization"]["fallback"]`).
 
     `num_threads`: the threads the code is built for and runs on (recorded in the metadata); None: all
     cores for target native, the target's own -num-cores (or none) for the others. Runs in this process use
@@ -106,9 +108,8 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     start = time.perf_counter()
     spec = target_with_threads(resolve_target(target), num_threads)
     tuning = open_tuning_db(tuning_db, spec) if tuning_db is not None else None
-    options = quantization_options(calib_mode, num_calib_batches, quantized_dtype, exclude_layers,
-                                   exclude_layers_match, exclude_operators, collector, percentile)
-    prepared = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads)
+    options = QuantizationOptions.from_keywords(quantization, **int8_options)
+    prepared = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads, eval_data)
     imported, report, first_batch = prepared.imported, prepared.report, prepared.first_batch
     executable, fusion = _build(prepared.graph, spec, prepared.rules, imported.source, tuning)
     report.update(fusion)
@@ -123,16 +124,6 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     return compiled
 
 
-def quantization_options(calib_mode: str = "entropy", num_calib_batches: int | None = None,
-                         quantized_dtype: str = "auto", exclude_layers=None, exclude_layers_match=None,
-                         exclude_operators=None, collector: CalibrationCollector | None = None,
-                         percentile: float = 99.99) -> QuantizationOptions:
-    """compile()'s INT8 keywords, as the quantizer takes them."""
-    return QuantizationOptions(calib_mode, num_calib_batches, quantized_dtype, tuple(exclude_layers or ()),
-                               tuple(exclude_layers_match or ()), tuple(exclude_operators or ()), collector,
-                               percentile)
-
-
 @dataclasses.dataclass
 class ModelGraph:
     """An imported model's graph as it will be built: prepared and, with calibration, quantized."""
@@ -144,7 +135,7 @@ class ModelGraph:
 
 
 def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,
-                  num_threads) -> ModelGraph:
+                  num_threads, eval_data=None) -> ModelGraph:
     """Import `model`, prepare its graph and, given calibration data (or calib_mode none), quantize it."""
     try:
         rules = select_rules(fuse)
@@ -155,18 +146,34 @@ def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: Qu
         graph = prepare_graph(imported.mod)
     report: dict = {}
     first_batch: dict = {}
+    _warn_unused(calib, eval_data, options)
     if calib is not None or options.calib_mode == "none":
-        if calib is not None and options.calib_mode == "none":
-            warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used",
-                          stacklevel=3)
         calibration_started = time.perf_counter()
+        host = HostBuilder(imported, rules, num_threads)
         with compile_phase(imported.source, "int8 calibration and quantization"):
-            graph, quant_report, first_batch = quantize(
-                graph, imported.onnx_model, imported.inputs, calib, options,
-                lambda mod: _host_runner(mod, rules, imported, num_threads))
-        report["quantization"] = quant_report
+            quantization = quantize(graph, imported.onnx_model, imported.inputs, calib, options, host.runner)
+        reverted: frozenset = frozenset()
+        if options.max_drop is not None and quantization.planned:
+            with compile_phase(imported.source, "the accuracy fallback"):
+                fallback = accuracy_fallback(quantization, host, eval_data)
+            quantization.extra["fallback"] = fallback.to_json()
+            reverted = frozenset(fallback.reverted)
+        with compile_phase(imported.source, "int8 rewrite"):
+            graph = quantization.graph(reverted)
+        report["quantization"] = quantization.report(reverted)
         report["calibration_seconds"] = time.perf_counter() - calibration_started
+        first_batch = quantization.first
     return ModelGraph(imported, graph, rules, report, first_batch)
+
+
+def _warn_unused(calib, eval_data, options: QuantizationOptions) -> None:
+    if calib is not None and options.calib_mode == "none":
+        warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used", stacklevel=4)
+    if options.calib_mode == "none" and (options.max_drop is not None or options.bias_correction == "full"):
+        raise QuantvmError("max_drop and bias_correction='full' measure the model on calibration data: "
+                           "they need calib data and a calib_mode other than 'none'")
+    if options.max_drop is None and (eval_data is not None or options.metric is not None):
+        warnings.warn("eval_data and metric are only used with max_drop: they are ignored", stacklevel=4)
 
 
 def precision(report: dict) -> str:
@@ -230,21 +237,36 @@ def compile_phase(source: str, phase: str):
         raise ModelError(f"{source}: {phase} failed: {text.splitlines()[0] if text else type(err).__name__}") from err
 
 
-def _host_runner(graph, rules, imported: ImportedModel, num_threads: int | None):
-    """Build `graph` for this host; return batch (dict) -> list of numpy outputs, in model input order."""
-    import tvm
-    from tvm import relax
+class HostBuilder:
+    """Builds graphs of one model for this host, for calibration, the simulator and the fallback's metric."""
 
-    executable, _ = _build(graph, resolve_target("native"), rules, imported.source)
-    main = relax.VirtualMachine(executable, tvm.cpu())["main"]
-    names = [s.name for s in imported.inputs]
-    threads = resolve_num_threads(num_threads)
+    def __init__(self, imported: ImportedModel, rules, num_threads: int | None):
+        self.imported, self.rules, self.num_threads = imported, rules, num_threads
+        self.spec = target_with_threads(resolve_target("native"), num_threads)
 
-    def run(batch: dict) -> list:
-        use_threads(threads)  # calibration starts this thread's TVM pool: size it before it does
-        return [t.numpy() for t in flatten_outputs(main(*(tvm.runtime.tensor(batch[n]) for n in names)))]
+    def runner(self, graph):
+        """Build `graph`; return (batch dict, extra=()) -> list of numpy outputs, the model's inputs taken in
+        order and the `extra` arrays after them."""
+        import tvm
+        from tvm import relax
 
-    return run
+        executable, _ = _build(graph, self.spec, self.rules, self.imported.source)
+        main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+        names = [s.name for s in self.imported.inputs]
+        threads = resolve_num_threads(self.num_threads)
+
+        def run(batch: dict, extra=()) -> list:
+            use_threads(threads)  # calibration starts this thread's TVM pool: size it before it does
+            args = [tvm.runtime.tensor(batch[n]) for n in names] + [tvm.runtime.tensor(a) for a in extra]
+            return [t.numpy() for t in flatten_outputs(main(*args))]
+
+        return run
+
+    def model(self, graph, report: dict | None = None) -> CompiledModel:
+        """`graph` built for this host as a CompiledModel, as a user's metric takes it."""
+        executable, fusion = _build(graph, self.spec, self.rules, self.imported.source)
+        report = {**(report or {}), **fusion}
+        return CompiledModel(executable, _metadata(self.imported, self.spec, report), 0.0, report, self.num_threads)
 
 
 def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import InputError, QuantvmError
+from compiler.int8_options import add_cli_arguments, from_cli
 from compiler.tune import DEFAULT_TRIALS, INTERRUPTED
 from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
@@ -124,15 +125,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count_arg, default=10, help="timed rounds per contender (default 10)")
     p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
     p.add_argument("--int8", action="store_true", help="also time quantvm's and onnxruntime's INT8 (needs --calib)")
-    p.add_argument("--calib", metavar="DATA.npz", help="calibration data for --int8 (one array per input name)")
-    p.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile"])
-    p.add_argument("--calib-batches", type=int, metavar="N")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also time quantvm's builds with the kernels tuned into DIR (the precisions tuned there)")
     p.add_argument("--concurrency", type=_count_arg, metavar="N",
                    help="instead, time N Python threads sharing one quantvm model against 1 thread, each run on "
                         "1 TVM thread (quantvm alone; with --int8, its int8 build)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _add_int8_options(p)
+
+    p = sub.add_parser("analyze", help="per-layer INT8 sensitivity: JSON, and an HTML page with a plot", description=(
+        "Calibrate a model as 'quantvm compile' would, then measure per int8 layer: the SQNR of its quantized "
+        "input, the model output's SQNR with only that layer in int8, and the gain with only that layer in "
+        "fp32. Prints JSON (or writes it with --json); --html writes a self-contained page."))
+    p.add_argument("model", help="the ONNX model file")
+    _add_input_shape(p)
+    p.add_argument("--threads", type=_count_arg, metavar="N", help="threads for the host builds (default: all cores)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON here instead of printing it")
+    p.add_argument("--html", metavar="FILE.html", help="also write the report as one self-contained HTML page")
+    _add_int8_options(p)
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
         "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
@@ -143,24 +153,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_build_options(p) -> None:
     """What decides the kernels of a build: input shapes, fusion, INT8 (compile and tune take the same)."""
-    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
-                   help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
+    _add_input_shape(p)
     fusion = p.add_mutually_exclusive_group()
     fusion.add_argument("--no-fuse", action="store_true", help="apply no fusion rule (one kernel per op)")
     fusion.add_argument("--fuse-rules", metavar="RULE,...",
                         help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
+    _add_int8_options(p)
+
+
+def _add_input_shape(p) -> None:
+    p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's shape (repeatable), e.g. data=1,3,224,224")
+
+
+def _add_int8_options(p) -> None:
+    """--calib, --eval-data and every INT8 option (compile, tune, bench and analyze take the same)."""
     int8 = p.add_argument_group("INT8 (post-training quantization)")
     int8.add_argument("--calib", metavar="DATA.npz",
                       help="calibration data: one array per input name, samples on axis 0; enables INT8")
-    int8.add_argument("--calib-mode", default="entropy", choices=["naive", "entropy", "percentile", "none"],
-                      help="how thresholds are chosen (default entropy); none: INT8 without calibration data, "
-                           "ranges computed at run time (slower)")
-    int8.add_argument("--calib-batches", type=int, metavar="N", help="use at most N batches of calibration data")
-    int8.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default 99.99)")
-    int8.add_argument("--quantized-dtype", default="auto", choices=["auto", "int8", "uint8"])
-    int8.add_argument("--exclude-layers", metavar="NAME,...", help="ONNX node names to keep in fp32")
-    int8.add_argument("--exclude-layers-match", metavar="TEXT,...", help="keep in fp32 the layers whose name contains one")
-    int8.add_argument("--exclude-operators", metavar="OP,...", help="op types to keep in fp32 (Conv, Gemm, MatMul)")
+    int8.add_argument("--eval-data", metavar="DATA.npz",
+                      help="held-out data for --max-drop (default: the calibration data)")
+    add_cli_arguments(int8)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -258,25 +271,22 @@ def _csv(text):
     return [part for part in (text or "").split(",") if part]
 
 
-def _read_npz(path) -> dict:
+def _read_npz(path, flag: str = "--calib") -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except (OSError, ValueError, AttributeError) as err:
-        raise InputError(f"--calib {path}: cannot read it as an .npz of arrays ({err})") from err
+        raise InputError(f"{flag} {path}: cannot read it as an .npz of arrays ({err})") from err
 
 
 def _int8_options(args) -> dict:
-    if args.calib_mode == "none":
-        return {"calib_mode": "none", "exclude_layers": _csv(args.exclude_layers),
-                "exclude_layers_match": _csv(args.exclude_layers_match),
-                "exclude_operators": _csv(args.exclude_operators)}
-    if not args.calib:
+    """compile()'s INT8 keywords from the command line: the data, and the options as one object."""
+    options = from_cli(args)
+    data = {"calib": _read_npz(args.calib, "--calib") if args.calib else None,
+            "eval_data": _read_npz(args.eval_data, "--eval-data") if args.eval_data else None}
+    if data["calib"] is None and options.calib_mode != "none":
         return {}
-    return {"calib": _read_npz(args.calib), "calib_mode": args.calib_mode, "num_calib_batches": args.calib_batches,
-            "percentile": args.percentile, "quantized_dtype": args.quantized_dtype,
-            "exclude_layers": _csv(args.exclude_layers), "exclude_layers_match": _csv(args.exclude_layers_match),
-            "exclude_operators": _csv(args.exclude_operators)}
+    return {**data, "quantization": options}
 
 
 def format_report(report: dict) -> str:
@@ -451,9 +461,8 @@ def cmd_bench(args) -> int:
     else:
         result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                        batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
-                       compare_unfused=args.no_fuse, calib=calib, calib_mode=args.calib_mode,
-                       num_calib_batches=args.calib_batches, threads=args.threads, command=args.command_line,
-                       tuning_db=args.tuning_db)
+                       compare_unfused=args.no_fuse, calib=calib, quantization=from_cli(args),
+                       threads=args.threads, command=args.command_line, tuning_db=args.tuning_db)
         print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path
@@ -474,13 +483,34 @@ def _bench_concurrency(args, calib) -> dict:
         raise InputError(f"--concurrency runs every call on 1 TVM thread, fused and untuned: drop {', '.join(unused)}")
     result = bench_concurrency(args.model, args.concurrency, target=args.target,
                                input_shapes=dict(args.input_shape) or None, batches=args.batch or (None,),
-                               rounds=args.rounds, calib=calib, calib_mode=args.calib_mode,
-                               num_calib_batches=args.calib_batches, command=args.command_line)
+                               rounds=args.rounds, calib=calib, quantization=from_cli(args),
+                               command=args.command_line)
     print(format_concurrency(result))
     return result
 
 
-COMMANDS = {"bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
+def cmd_analyze(args) -> int:
+    from compiler.analysis_html import render_html
+    from compiler.atomic import atomic_path
+    from compiler.sensitivity import analyze
+
+    if not args.calib:
+        raise InputError("analyze needs --calib DATA.npz (the data the layers are calibrated and measured on)")
+    report = analyze(args.model, input_shapes=dict(args.input_shape) or None, num_threads=args.threads,
+                     **_int8_options(args))
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(text)
+    else:
+        print(text, end="")
+    if args.html:
+        with atomic_path(args.html) as tmp:
+            tmp.write_text(render_html(report), encoding="utf-8")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
             "tune": cmd_tune}
 
 if __name__ == "__main__":

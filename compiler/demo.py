@@ -93,10 +93,10 @@ def _show_int8(model_path, shapes, images, labels, fp32_model, fp32_accuracy) ->
 
     calib = np.load(calibration_file())["image"]
     calib = calib[: len(calib) // BATCH * BATCH]  # whole batches only
-    int8 = compile(model_path, target="native", input_shapes=shapes, calib=[calib], calib_mode="entropy")
+    int8 = compile(model_path, target="native", input_shapes=shapes, calib=[calib])
     accuracy = float((predict(int8, images).argmax(1) == labels).mean())
     quant = int8.report["quantization"]
-    print(f"[native int8] {sum(quant['int8_ops'].values())} int8 ops, entropy calibration on {len(calib)} training "
+    print(f"[native int8] {sum(quant['int8_ops'].values())} int8 ops, {quant['calib_mode']} calibration on {len(calib)} training "
           f"images, compiled in {int8.compile_seconds:.1f} s; accuracy {accuracy:.2%} (fp32 {fp32_accuracy:.2%})")
     contenders = [Contender("int8", lambda f: int8.run(**f)), Contender("fp32", lambda f: fp32_model.run(**f))]
     interleave(contenders, {"image": images[:BATCH]}, rounds=20)

@@ -110,16 +110,19 @@ def _extract(model, spec, calib, num_threads, compile_options):
     rule schedules are left out, with the reason."""
     from tvm.s_tir import meta_schedule as ms
 
-    from compiler.build import fused_graph, prepare_model, quantization_options
+    from compiler.build import fused_graph, prepare_model
+    from compiler.int8_options import QuantizationOptions
     from relay_passes import lower_to_kernels
     from targets import legalize_overrides
     from targets.tuning import default_schedule
 
     graph = {k: compile_options.pop(k, default) for k, default in
-             (("input_shapes", None), ("constant_inputs", None), ("fuse", True))}
-    options = quantization_options(**compile_options)  # the rest are compile()'s INT8 keywords
+             (("input_shapes", None), ("constant_inputs", None), ("fuse", True), ("eval_data", None),
+                              ("quantization", None))}
+    # the rest are compile()'s INT8 keywords
+    options = QuantizationOptions.from_keywords(graph["quantization"], **compile_options)
     prepared = prepare_model(model, graph["input_shapes"], graph["constant_inputs"], graph["fuse"], calib, options,
-                             num_threads)
+                             num_threads, graph["eval_data"])
     fused, _ = fused_graph(prepared.graph, spec, prepared.rules)
     tvm_target = spec.tvm_target()
     lowered = lower_to_kernels(fused, tvm_target, legalize_overrides())

@@ -31,14 +31,15 @@ ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul"),
 
 @dataclass(eq=False)
 class QuantizableOp:
-    """One conv2d / dense / average pooling of the graph that can run on int8 data, named after its ONNX
-    node where known."""
+    """One conv2d / dense / matmul / average pooling of the graph that can run on int8 data, named after its
+    ONNX node where known. A `matmul` multiplies two activations (attention's Q.K^T and softmax.V)."""
 
     name: str
-    kind: str  # conv2d | dense | avg_pool
+    kind: str  # conv2d | dense | matmul | avg_pool
     var: relax.Var  # the op's binding
     data: relax.Expr  # its input tensor
     weight: np.ndarray | None
+    other: relax.Expr | None = None  # a matmul's second activation
     bias_var: relax.Var | None = None  # a per-channel bias add folded into the s32 accumulator
     bias: np.ndarray | None = None
     plan: dict = field(default_factory=dict)
@@ -66,7 +67,13 @@ def find_quantizable(mod: tvm.IRModule, proto: onnx.ModelProto | None = None) ->
                 ops.append(QuantizableOp(name, kind, var, data, None))
             continue
         weight = call.args[1]
-        if not isinstance(weight, tvm.ir.expr.GenericConst) or not _is_float_tensor(data):
+        if not _is_float_tensor(data):
+            continue
+        if kind == "dense" and not isinstance(weight, tvm.ir.expr.GenericConst):
+            if _is_float_tensor(weight) and len(data.ty.shape.values) == len(weight.ty.shape.values) >= 3:
+                ops.append(QuantizableOp(name, "matmul", var, data, None, other=weight))
+            continue
+        if not isinstance(weight, tvm.ir.expr.GenericConst):
             continue
         if kind == "conv2d" and (call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW"):
             continue
@@ -135,52 +142,101 @@ def plan_input(lo: float, hi: float, quantized_dtype: str = "auto") -> dict | No
             "range": (lo, hi)}
 
 
-def plan_dynamic(op: QuantizableOp) -> dict:
-    """No calibration (`calib_mode='none'`): s8 input with its scale max|x| / 127 computed at run time, as
-    MXNet does; the bias stays an fp32 add since its s32 scale would depend on each batch."""
-    w_scale = _weight_scales(op)
-    return {"dtype": "int8", "x_scale": None, "w_scale": w_scale, "weight": _quantized_weight(op, w_scale),
-            "bias": None, "range": None}
+def plan_dynamic(op: QuantizableOp, per_token: bool = False, smooth: np.ndarray | None = None) -> dict:
+    """A range computed at run time: s8 input with its scale max|x| / 127 of the whole batch (as MXNet's
+    `calib_mode='none'`) or, `per_token`, of each row of a dense input (one scale per token). The bias stays
+    an fp32 add, since its s32 scale would change with every batch."""
+    w = _channel_first(op, smooth)
+    w_scale = _weight_scales(w)
+    return {"dtype": "int8", "x_scale": None, "w_scale": w_scale, "weight": _quantized_weight(op, w, w_scale),
+            "bias": None, "range": None, "per_token": per_token, "smooth": smooth}
 
 
-def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto") -> dict | None:
-    """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32)."""
+def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto",
+            other: tuple[float, float] | None = None, smooth: np.ndarray | None = None) -> dict | None:
+    """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32).
+    A matmul's second input is stored by `other`'s range; a dense input smoothed (SmoothQuant) is divided
+    by `smooth` per channel, its weight rows multiplied by it."""
     stored = plan_input(lo, hi, quantized_dtype)
     if stored is None or op.kind == "avg_pool":
         return stored
+    if op.kind == "matmul":
+        second = plan_input(*other, quantized_dtype) if other is not None else None
+        return None if second is None else {**stored, "y_dtype": second["dtype"], "y_scale": second["x_scale"],
+                                            "bias": None}
     x_scale = stored["x_scale"]
-    w_scale = _weight_scales(op)
+    w = _channel_first(op, smooth)
+    w_scale = _weight_scales(w)
     if op.bias is not None:  # keep |bias_s32| <= 2^30 by coarsening that channel's weight scale
         w_scale = np.maximum(w_scale, np.abs(op.bias) / (x_scale * BIAS_LIMIT))
     bias_q = None if op.bias is None else np.round(op.bias / (x_scale * w_scale)).astype(np.int32)
-    return {**stored, "w_scale": w_scale, "weight": _quantized_weight(op, w_scale), "bias": bias_q}
+    return {**stored, "w_scale": w_scale, "weight": _quantized_weight(op, w, w_scale), "bias": bias_q,
+            "smooth": smooth}
 
 
-def _channel_first(op: QuantizableOp) -> np.ndarray:
-    """The weight with output channels on axis 0: (O, I, kh, kw) for conv2d, (N, K) for dense."""
+def _channel_first(op: QuantizableOp, smooth: np.ndarray | None = None) -> np.ndarray:
+    """The weight with output channels on axis 0: (O, I, kh, kw) for conv2d, (N, K) for dense; a smoothed
+    dense weight has its input channels multiplied by `smooth`."""
     w = op.weight.astype(np.float64)
-    return w if op.kind == "conv2d" else w.T
+    if op.kind == "conv2d":
+        return w
+    return (w * smooth[:, None]).T if smooth is not None else w.T
 
 
-def _weight_scales(op: QuantizableOp) -> np.ndarray:
-    w = _channel_first(op)
+def _weight_scales(w: np.ndarray) -> np.ndarray:
     w_max = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
     return np.where(w_max > 0, w_max / 127.0, 1.0)
 
 
-def _quantized_weight(op: QuantizableOp, w_scale: np.ndarray) -> np.ndarray:
-    w = _channel_first(op)
+def _quantized_weight(op: QuantizableOp, w: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     q = np.clip(np.round(w / w_scale.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
     return q if op.kind == "conv2d" else np.ascontiguousarray(q.T)
 
 
+def plan_with_shift(op: QuantizableOp, shift: np.ndarray) -> None:
+    """Fold a per-channel correction of the op's fp32 output (bias correction) into its s32 bias; an op
+    without a bias gets one."""
+    plan = op.plan
+    bias = (op.bias if op.bias is not None else 0.0) + shift.astype(np.float64)
+    w_scale = np.maximum(plan["w_scale"], np.abs(bias) / (plan["x_scale"] * BIAS_LIMIT))
+    if not np.array_equal(w_scale, plan["w_scale"]):
+        plan["weight"] = _quantized_weight(op, _channel_first(op, plan.get("smooth")), w_scale)
+    plan["w_scale"] = w_scale
+    plan["bias"] = np.round(bias / (plan["x_scale"] * w_scale)).astype(np.int32)
+
+
+def output_channels(op: QuantizableOp) -> int:
+    """How many output channels a bias correction can shift: a conv2d's or dense's with a calibrated input
+    scale (an s32 bias to fold into); 0 for the rest."""
+    if not op.plan or op.plan["x_scale"] is None or op.kind not in ("conv2d", "dense"):
+        return 0
+    return op.weight.shape[0] if op.kind == "conv2d" else op.weight.shape[1]
+
+
+@dataclass
+class _Simulation:
+    """The run-time parameters of a simulation graph: per op, a 0/1 switch (int8 or fp32), and per output
+    channel of the conv/dense ops, a shift added to their int8 output (a candidate bias correction)."""
+
+    int8_mask: relax.Var
+    bias_shift: relax.Var
+    offsets: dict  # op -> first channel of its shift
+    index: dict  # op -> its switch
+    means: list = field(default_factory=list)  # (op, mean of fp32 output, mean of int8 output) per channel
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, ops):
+    """Rewrites the planned ops to int8. With a `_Simulation`, each op computes both its fp32 and its int8
+    value and passes on one or the other by its switch, and records both values' channel means."""
+
+    def __init__(self, mod, ops, simulation: _Simulation | None = None):
         super().__init__(mod)
         self.by_var = {op.var: op for op in ops}
-        self.by_bias = {op.bias_var: op for op in ops if op.bias_var is not None}
-        self.accumulators = {}
+        # the ops whose bias add joins the s32 accumulator (without a calibrated scale it stays an fp32 add)
+        self.by_bias = {op.bias_var: op for op in ops if op.bias_var is not None and op.plan["bias"] is not None}
+        self.simulation = simulation
+        self.pending = {}  # op -> its int8 value, until the bias add it replaces
 
     def _bind(self, var, value):
         new = self.builder_.emit(value) if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(value)
@@ -189,37 +245,88 @@ class _Rewriter(relax.PyExprMutator):
     def visit_var_binding_(self, binding):
         op = self.by_var.get(binding.var)
         if op is not None:
-            call = binding.value
-            plan = op.plan
             data = self.visit_expr(op.data)
+            int8 = self._int8_value(op, binding.value, data)
+            if op.bias_var in self.by_bias:  # the bias add that reads this op takes its place
+                self.pending[op] = int8
+                if self.simulation is not None:
+                    super().visit_var_binding_(binding)  # the fp32 op, for the fp32 value
+                return
+            self._bind(binding.var, self._result(op, int8, binding.value))
+            return
+        op = self.by_bias.get(binding.var)
+        if op is not None and op in self.pending:
+            self._bind(binding.var, self._result(op, self.pending.pop(op), binding.value))
+            return
+        super().visit_var_binding_(binding)
+
+    def _result(self, op, int8, fp32_value):
+        """What the op passes on: its int8 value, or in a simulation the switched one."""
+        sim = self.simulation
+        if sim is None:
+            return int8
+        fp32 = self.builder_.emit(self.visit_expr(fp32_value))
+        if op in sim.offsets:
+            channels = output_channels(op)
+            start = sim.offsets[op]
+            shift = self.builder_.emit(relax.op.strided_slice(sim.bias_shift, axes=[0], begin=[start],
+                                                              end=[start + channels]))
+            int8 = self.builder_.emit(relax.op.add(int8, relax.op.reshape(shift, _channel_shape(op))))
+            axes = [0, 2, 3] if op.kind == "conv2d" else list(range(len(fp32.ty.shape.values) - 1))
+            sim.means.append((op, self.builder_.emit(relax.op.mean(fp32, axis=axes)),
+                              self.builder_.emit(relax.op.mean(int8, axis=axes))))
+        k = sim.index[op]
+        switch = self.builder_.emit(relax.op.strided_slice(sim.int8_mask, axes=[0], begin=[k], end=[k + 1]))
+        return relax.op.add(fp32, relax.op.multiply(switch, relax.op.subtract(int8, fp32)))
+
+    def _int8_value(self, op, call, data):
+        """The op on int8 data, back in fp32: quantize, int8 op (s32), s32 bias, dequantize."""
+        plan = op.plan
+        if plan.get("smooth") is not None:  # SmoothQuant: the input's channels divided, the weight's multiplied
+            data = self.builder_.emit(relax.op.multiply(data, relax.const((1 / plan["smooth"]).astype(np.float32))))
+        if plan.get("per_token"):
+            q, x_scale = self._quantize_rows(data)
+        else:
             x_scale = relax.const(np.float32(plan["x_scale"])) if plan["x_scale"] is not None else \
                 self.builder_.emit(_run_time_scale(data))
             q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(0, plan["dtype"]), axis=-1,
                                                      out_dtype=plan["dtype"]))
-            if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
-                dq = self.builder_.emit(relax.op.dequantize(q, x_scale, relax.const(0, plan["dtype"]), axis=-1,
-                                                            out_dtype=str(data.ty.dtype)))
-                self._bind(binding.var, relax.Call(call.op, [dq, *call.args[1:]], call.attrs, call.ty_args))
-                return
-            weight = relax.const(plan["weight"])
-            if op.kind == "conv2d":
-                a = call.attrs
-                acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
-                                         groups=a.groups, out_dtype="int32")
-            else:
-                acc = relax.op.matmul(q, weight, out_dtype="int32")
-            acc = self.builder_.emit(acc)
-            if plan["bias"] is not None:
-                shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
-                self.accumulators[op] = self.builder_.emit(relax.op.add(acc, relax.const(plan["bias"].reshape(shape))))
-                return  # the op's own value had one user, the bias add, which takes the accumulator
-            self._bind(binding.var, _dequantize(op, acc, x_scale))
-            return
-        op = self.by_bias.get(binding.var)
-        if op is not None and op in self.accumulators:
-            self._bind(binding.var, _dequantize(op, self.accumulators[op], None))
-            return
-        super().visit_var_binding_(binding)
+        if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
+            dq = self.builder_.emit(relax.op.dequantize(q, x_scale, relax.const(0, plan["dtype"]), axis=-1,
+                                                        out_dtype=str(data.ty.dtype)))
+            return relax.Call(call.op, [dq, *call.args[1:]], call.attrs, call.ty_args)
+        if op.kind == "matmul":
+            y_scale = relax.const(np.float32(plan["y_scale"]))
+            other = self.visit_expr(op.other)
+            qy = self.builder_.emit(relax.op.quantize(other, y_scale, relax.const(0, plan["y_dtype"]), axis=-1,
+                                                      out_dtype=plan["y_dtype"]))
+            acc = self.builder_.emit(relax.op.matmul(q, qy, out_dtype="int32"))
+            scale = relax.const(np.float32(plan["x_scale"] * plan["y_scale"]))
+            return relax.op.multiply(relax.op.astype(acc, "float32"), scale)
+        weight = relax.const(plan["weight"])
+        if op.kind == "conv2d":
+            a = call.attrs
+            acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                     groups=a.groups, out_dtype="int32")
+        else:
+            acc = relax.op.matmul(q, weight, out_dtype="int32")
+        acc = self.builder_.emit(acc)
+        if plan["bias"] is not None:
+            acc = self.builder_.emit(relax.op.add(acc, relax.const(plan["bias"].reshape(_channel_shape(op)))))
+        return _dequantize(op, acc, x_scale)
+
+    def _quantize_rows(self, data):
+        """Per-token s8: each row (last axis) with its own scale max|row| / 127, computed at run time."""
+        peak = relax.op.max(relax.op.abs(data), axis=[-1], keepdims=True)
+        scale = self.builder_.emit(relax.op.divide(relax.op.maximum(peak, relax.const(np.float32(1e-12))),
+                                                   relax.const(np.float32(127.0))))
+        rounded = relax.op.round(relax.op.divide(data, scale))
+        q = self.builder_.emit(relax.op.astype(relax.op.clip(rounded, -127, 127), "int8"))
+        return q, scale
+
+
+def _channel_shape(op: QuantizableOp) -> tuple:
+    return (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
 
 
 def _run_time_scale(data):
@@ -230,8 +337,8 @@ def _run_time_scale(data):
 
 def _dequantize(op: QuantizableOp, accumulator, x_scale):
     plan = op.plan
-    shape = (1, -1, 1, 1) if op.kind == "conv2d" else (-1,)
-    if plan["x_scale"] is None:  # run-time scale: x_scale is a tensor of the graph
+    shape = _channel_shape(op)
+    if plan["x_scale"] is None:  # run-time scale: x_scale is a tensor of the graph (per row: (..., 1))
         scale = relax.op.multiply(x_scale, relax.const(plan["w_scale"].astype(np.float32).reshape(shape)))
     else:
         scale = relax.const((plan["x_scale"] * plan["w_scale"]).astype(np.float32).reshape(shape))
@@ -250,17 +357,50 @@ def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
     return MoveQuantizeUp(relax.transform.Normalize()(out))
 
 
+def simulate_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tuple[tvm.IRModule, list[QuantizableOp]]:
+    """The graph with every planned op computed both in fp32 and in int8, chosen at run time.
+
+    `main` takes two parameters after the model's inputs: `int8_mask` (float32, one 0/1 per planned op, in
+    `ops` order) and `bias_shift` (float32, the channels of every conv/dense op in order, added to its int8
+    output). It returns (per corrected op: its fp32 output's channel means; then their int8 means; then
+    the model's outputs). The second value returned lists the corrected ops, in that order. One build then
+    answers every "what if these layers were int8, with these corrections" question."""
+    planned = [op for op in ops if op.plan]
+    corrected = [op for op in planned if output_channels(op)]
+    offsets = dict(zip(corrected, np.cumsum([0] + [output_channels(op) for op in corrected[:-1]]).tolist()))
+    total = sum(output_channels(op) for op in corrected)
+    sim = _Simulation(relax.Var("int8_mask", relax.TensorType((len(planned),), "float32")),
+                      relax.Var("bias_shift", relax.TensorType((max(total, 1),), "float32")),
+                      offsets, {op: k for k, op in enumerate(planned)})
+    rewritten = _Rewriter(mod, planned, sim).visit_expr(mod["main"])
+    means = {op: (f, q) for op, f, q in sim.means}
+    order = [op for op in corrected if op in means]
+    means = [means[op][0] for op in order] + [means[op][1] for op in order]
+    outputs = [relax.Var(f"mean_{i}", m.ty) for i, m in enumerate(means)]  # non-dataflow: they leave the block
+    (block,) = rewritten.body.blocks
+    bindings = list(block.bindings) + [relax.VarBinding(o, m) for o, m in zip(outputs, means)]
+    body = relax.SeqExpr([relax.DataflowBlock(bindings)], relax.Tuple([*outputs, rewritten.body.body]))
+    attrs = {**{k: v for k, v in rewritten.attrs.items()}, "num_input": len(rewritten.params) + 2}
+    out = tvm.IRModule(dict(mod.functions))
+    ret = relax.TupleType([*(m.ty for m in means), rewritten.ret_ty])
+    out["main"] = relax.Function([*rewritten.params, sim.int8_mask, sim.bias_shift], body, ret, True,
+                                 tvm.ir.DictAttrs(attrs))
+    return relax.transform.Normalize()(out), order
+
+
 def expose_inputs(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
-    """`main` returning (each op's input tensor, then its own result): the graph calibration runs. The
-    inputs come first so that, flattened, they sit at known places whatever the model's outputs are."""
+    """`main` returning (each op's input tensor, then each matmul's second input, then its own result): the
+    graph calibration runs. The inputs come first so that, flattened, they sit at known places whatever the
+    model's outputs are."""
     func = mod["main"]
     if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0], relax.DataflowBlock):
         raise ValueError("calibration needs a graph with one dataflow block")
     block = func.body.blocks[0]
-    outputs = [relax.Var(f"calib_{i}", op.data.ty) for i, op in enumerate(ops)]
-    bindings = list(block.bindings) + [relax.VarBinding(o, op.data) for o, op in zip(outputs, ops)]
+    tensors = [op.data for op in ops] + [op.other for op in ops if op.other is not None]
+    outputs = [relax.Var(f"calib_{i}", t.ty) for i, t in enumerate(tensors)]
+    bindings = list(block.bindings) + [relax.VarBinding(o, t) for o, t in zip(outputs, tensors)]
     body = relax.SeqExpr([relax.DataflowBlock(bindings)], relax.Tuple([*outputs, func.body.body]))
-    ret = relax.TupleType([*[op.data.ty for op in ops], func.ret_ty])
+    ret = relax.TupleType([*[t.ty for t in tensors], func.ret_ty])
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = relax.Function(func.params, body, ret, True, func.attrs)
     return relax.transform.Normalize()(out)
