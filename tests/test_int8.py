@@ -77,7 +77,7 @@ def digits_fp32_accuracy():
     return _accuracy(fp32, images, labels)
 
 
-@pytest.mark.parametrize("mode", ["naive", "entropy", "percentile"])
+@pytest.mark.parametrize("mode", ["mse", "naive", "entropy", "percentile"])
 def test_digits_int8_accuracy_within_half_a_point_of_fp32(mode, digits_fp32_accuracy):
     model_path, images, labels, calib = _digits()
     int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
