@@ -126,8 +126,7 @@ def accuracy_fallback(quantization, host, eval_data) -> FallbackResult:
     from compiler.sensitivity import layer_effects, simulated_outputs
 
     options = quantization.options
-    specs = [s for s in host.imported.inputs]
-    batches = list(Replay(eval_data, specs, None, "eval_data") if eval_data is not None else quantization.batches)
+    batches = list(Replay(eval_data, host.imported.inputs, None, "eval_data") if eval_data is not None else quantization.batches)
     simulator = quantization.simulator(host.runner)
     proxy = ProxyMetric(simulated_outputs(simulator, batches, set()))
     effects = layer_effects(simulator, batches, proxy)

@@ -51,15 +51,7 @@ class Quantization:
 
     def graph(self, fp32_layers=frozenset()):
         """The int8 graph with the planned ops, except `fp32_layers` (names), in int8."""
-        kept = [op for op in self.ops if op.plan and op.name not in fp32_layers]
-        saved = {op: op.plan for op in self.ops if op not in kept}
-        for op in saved:
-            op.plan = {}
-        try:
-            return quantize_graph(self.prepared, kept)
-        finally:
-            for op, plan in saved.items():
-                op.plan = plan
+        return quantize_graph(self.prepared, [op for op in self.planned if op.name not in fp32_layers])
 
     @property
     def planned(self) -> list[QuantizableOp]:

@@ -1,9 +1,6 @@
 """INT8 accuracy machinery: the MSE threshold search, graph bounds, bias correction, the accuracy-aware
 fallback and its bad inputs, the options object. Numerics are checked against numpy and onnxruntime."""
 
-import math
-import warnings
-
 import numpy as np
 import pytest
 
@@ -258,7 +255,7 @@ def test_analyze_writes_json_and_a_self_contained_html_page(tmp_path, rng):
     assert all(name in (tmp_path / "a.html").read_text() for name in names)
 
 
-def attention_block(rng, tokens=8, width=16, heads=2) -> "onnx.ModelProto":
+def attention_block(rng, tokens=8, width=16, heads=2):
     """One self-attention layer as exporters write it: Q, K, V dense, heads split by Reshape/Transpose,
     softmax(Q.K^T / sqrt(d)).V, heads merged, output dense. Channel 3 of the input carries outliers, as
     LayerNorm outputs of trained transformers do."""
