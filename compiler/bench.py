@@ -6,38 +6,26 @@ are noisy, so the contenders take turns round by round instead of running one af
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from compiler.int8_options import QuantizationOptions
+from compiler.peers import (PEERS, Contender, onnxruntime_contender, onnxruntime_int8_contender,
+                            openvino_contenders, peer_version)
 
 # (contender, baseline) pairs whose speedup is reported: quantvm against onnxruntime at the same precision,
 # int8 against fp32, fused against unfused, tuned against untuned.
 RATIOS = (("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime int8"),
           ("quantvm int8", "quantvm fp32"), ("quantvm fp32", "quantvm fp32 --no-fuse"),
           ("quantvm fp32 tuned", "quantvm fp32"), ("quantvm int8 tuned", "quantvm int8"),
-          ("quantvm fp32 tuned", "onnxruntime fp32"), ("quantvm int8 tuned", "onnxruntime int8"))
-
-
-@dataclass
-class Contender:
-    name: str
-    run: object  # callable(feeds) -> outputs
-    seconds: list = field(default_factory=list)
-
-    def summary(self, batch: int) -> dict:
-        times = np.array(self.seconds)
-        median = float(np.median(times))
-        return {"name": self.name, "median_ms": median * 1e3, "p90_ms": float(np.percentile(times, 90)) * 1e3,
-                "throughput": batch / median}
+          ("quantvm fp32 tuned", "onnxruntime fp32"), ("quantvm int8 tuned", "onnxruntime int8"),
+          ("quantvm fp32", "openvino fp32"), ("quantvm int8", "openvino int8"))
+COMPARE = ("onnxruntime", "openvino", "none")
 
 
 @dataclass(frozen=True)
@@ -46,24 +34,12 @@ class Settings:
 
     target: str = "native"
     rounds: int = 10
-    compare: str = "onnxruntime"  # or "none": quantvm alone
+    compare: str = "onnxruntime"  # "openvino": onnxruntime and OpenVINO; "none": quantvm alone
     compare_unfused: bool = False
     calib: dict | None = None  # calibration arrays by input name: enables the int8 contenders
     quantization: QuantizationOptions | None = None  # the int8 contenders' options (None: the defaults)
     threads: int = 1
     tuning_db: str | None = None  # also time the builds this database was tuned for, with its kernels
-
-
-def onnxruntime_contender(model_bytes: bytes, threads: int) -> Contender | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return Contender("onnxruntime fp32", lambda feeds: session.run(None, feeds))
 
 
 def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: int = 1) -> None:
@@ -81,48 +57,6 @@ def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: in
             start = time.perf_counter()
             c.run(feeds)
             c.seconds.append(time.perf_counter() - start)
-
-
-def onnxruntime_int8_contender(model_path, batches: list[dict], threads: int) -> Contender | None:
-    """onnxruntime's own INT8: quant_pre_process, then quantize_static to QDQ, u8 activations, s8 per-channel
-    weights, calibrated (MinMax) on the same batches quantvm calibrates on."""
-    try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError:
-        return None
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(batches)
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its quantizer logs advice on the root logger
-    try:
-        with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
-            prepared, quantized = os.path.join(work, "prepared.onnx"), os.path.join(work, "int8.onnx")
-            quant_pre_process(str(model_path), prepared)
-            quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            with open(quantized, "rb") as f:
-                model_bytes = f.read()
-    finally:
-        root.setLevel(level)
-    contender = onnxruntime_contender(model_bytes, threads)
-    contender.name = "onnxruntime int8"
-    return contender
-
-
-def onnxruntime_version() -> str | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime.__version__
 
 
 def batch_input_shapes(proto, input_shapes: dict | None, batch: int | None) -> dict | None:
@@ -147,9 +81,12 @@ def batch_input_shapes(proto, input_shapes: dict | None, batch: int | None) -> d
 
 
 def random_feeds(specs) -> dict:
-    """The same random inputs for every contender (seeded: the same across runs too)."""
+    """The same random inputs for every contender (seeded: the same across runs too). Integer and boolean
+    inputs (token ids, token types, attention masks) are all ones: a valid index and an unmasked position
+    in any model, where random values could index out of bounds."""
     rng = np.random.default_rng(0)
-    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in specs}
+    return {s.name: (rng.standard_normal(s.shape) if np.issubdtype(np.dtype(s.dtype), np.floating)
+                     else np.ones(s.shape)).astype(s.dtype) for s in specs}
 
 
 def quantvm_contenders(model_path, shapes: dict | None, settings: Settings) -> tuple[object, list[Contender]]:
@@ -195,18 +132,22 @@ def tuned_contenders(build, int8_options: dict | None, tuning_db) -> list[Conten
     return contenders
 
 
-def onnxruntime_contenders(model_path, proto, fused, settings: Settings) -> list[Contender]:
-    """onnxruntime on the same model (int8 too, calibrated on the same batches as quantvm's int8)."""
+def peer_contenders(model_path, proto, fused, settings: Settings) -> list[Contender]:
+    """The peers (compiler.peers) on the same model; their int8 calibrated on the same batches as quantvm's."""
     from compiler.calib_data import model_batches
 
     if settings.compare == "none":
         return []
-    contenders = []
+    batches = None
     if settings.calib is not None:
         limit = settings.quantization.num_calib_batches if settings.quantization is not None else None
         batches = list(model_batches([settings.calib], fused.inputs, limit))
-        contenders.append(onnxruntime_int8_contender(model_path, batches, settings.threads))
+    contenders = []
+    if batches is not None:
+        contenders.append(onnxruntime_int8_contender(model_path, proto, batches, settings.threads))
     contenders.append(onnxruntime_contender(proto.SerializeToString(), settings.threads))
+    if settings.compare == "openvino":
+        contenders += openvino_contenders(model_path, proto, batches, settings.threads)
     return [c for c in contenders if c is not None]
 
 
@@ -220,7 +161,7 @@ def speedups(rows: list[dict]) -> list[dict]:
 def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> dict:
     """Compile and time every contender at one set of input shapes; one section of the results."""
     fused, contenders = quantvm_contenders(model_path, shapes, settings)
-    contenders += onnxruntime_contenders(model_path, proto, fused, settings)
+    contenders += peer_contenders(model_path, proto, fused, settings)
     interleave(contenders, random_feeds(fused.inputs), settings.rounds)
     first = fused.metadata["inputs"][0]["shape"]
     batch = first[0] if first else 1
@@ -247,9 +188,12 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
     from compiler.runtime import host_cores, resolve_num_threads, use_threads
     from targets import host_model_name
 
-    if compare not in ("onnxruntime", "none"):
-        raise ValueError(f"compare must be 'onnxruntime' or 'none', got {compare!r}")
-    if compare == "onnxruntime" and onnxruntime_version() is None:
+    if compare not in COMPARE:
+        raise ValueError(f"compare must be one of {', '.join(COMPARE)}, got {compare!r}")
+    if compare == "openvino" and peer_version("openvino") is None:
+        raise ValueError("--compare openvino: openvino is not installed (pip install '.[peers]' in quantvm's "
+                         "checkout, or openvino and nncf)")
+    if compare != "none" and peer_version("onnxruntime") is None:
         import warnings
 
         warnings.warn("onnxruntime is not installed: timing quantvm alone (install quantvm's bench extra, "
@@ -262,7 +206,8 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
     return {"command": command, "model": source, "target": sections[0]["target"], "threads": threads,
             "rounds": rounds, "compare": compare, "host": host_model_name(), "cores": host_cores(),
             "versions": {"quantvm": quantvm_version(), "tvm": tvm.__version__,
-                         "onnxruntime": onnxruntime_version() if compare == "onnxruntime" else None},
+                         **{peer: peer_version(peer) for peer in PEERS if compare in (peer, "openvino")},
+                         "nncf": peer_version("nncf") if compare == "openvino" else None},
             "batches": sections}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -10,7 +9,8 @@ import warnings
 from pathlib import Path
 
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
-from compiler.errors import ModelError, QuantvmError
+from compiler.diagnose import compile_phase
+from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx
 from compiler.fallback import accuracy_fallback
 from compiler.int8_options import QuantizationOptions
@@ -18,10 +18,9 @@ from compiler.quantization import output_error, quantize
 from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
                               resolve_num_threads, use_threads)
-from relay_passes import build_pipeline, count_kernels, prepare_graph, select_rules
-from relay_passes import fuse as fuse_graph
-from targets import (ScheduleLog, TargetSpec, block_channels, legalize_overrides, missing_features,
-                     resolve_target, schedule_pass)
+from relay_passes import GraphBuild, run_phases, select_rules
+from relay_passes.pipeline import PHASE_NAMES
+from targets import TargetSpec, missing_features, resolve_target
 
 
 def quantvm_version() -> str:
@@ -109,61 +108,94 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     spec = target_with_threads(resolve_target(target), num_threads)
     tuning = open_tuning_db(tuning_db, spec) if tuning_db is not None else None
     options = QuantizationOptions.from_keywords(quantization, **int8_options)
-    prepared = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads, eval_data)
-    imported, report, first_batch = prepared.imported, prepared.report, prepared.first_batch
-    executable, fusion = _build(prepared.graph, spec, prepared.rules, imported.source, tuning)
-    report.update(fusion)
+    job = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads, eval_data,
+                        spec=spec, tuning=tuning)
+    build = job.run(start="layout")
+    imported, report = job.imported, job.report
+    report.update(build.report())
     if tuning is not None:
-        report["tuning"] = tuning.check_applied(imported, precision(report), fusion["schedules"])
-    compiled = CompiledModel(executable, _metadata(imported, spec, report), time.perf_counter() - start, report,
-                             num_threads)
-    if first_batch and not missing_features(spec.required_features):
-        with compile_phase(imported.source, "running the int8 build on a calibration batch"):
-            int8_output = compiled.run(**first_batch["inputs"])[0]
-        report["quantization"]["output_error"] = output_error(first_batch["fp32_output"], int8_output)
+        report["tuning"] = tuning.check_applied(imported, precision(report), report["schedules"])
+    compiled = CompiledModel(build.executable, _metadata(imported, spec, report), time.perf_counter() - start,
+                             report, num_threads)
+    if job.first_batch and not missing_features(spec.required_features):
+        with compile_phase(imported.source, "running the int8 build on a calibration batch", imported):
+            int8_output = compiled.run(**job.first_batch["inputs"])[0]
+        report["quantization"]["output_error"] = output_error(job.first_batch["fp32_output"], int8_output)
     return compiled
 
 
-@dataclasses.dataclass
-class ModelGraph:
-    """An imported model's graph as it will be built: prepared and, with calibration, quantized."""
-    imported: ImportedModel
-    graph: object
-    rules: list
-    report: dict
-    first_batch: dict  # the first calibration batch and its fp32 output, for the int8 output error
+class ModelJob:
+    """One model through relay_passes.PIPELINE: the compiler's side of it (the import and quantize hooks, the
+    error translation) and what it reports; `run()` runs the phases on `build`."""
+
+    def __init__(self, model, input_shapes, constant_inputs, build: GraphBuild, calib,
+                 options: QuantizationOptions, num_threads, eval_data):
+        self.model, self.input_shapes, self.constant_inputs = model, input_shapes, constant_inputs
+        self.calib, self.options, self.num_threads, self.eval_data = calib, options, num_threads, eval_data
+        self.build = build
+        self.imported: ImportedModel | None = None
+        self.report: dict = {}
+        self.first_batch: dict = {}  # the first calibration batch and its fp32 output, for the int8 output error
+        build.importer = self._import
+        if calib is not None or options.calib_mode == "none":
+            build.quantizer = self._quantize
+
+    @property
+    def source(self) -> str:
+        return self.imported.source if self.imported is not None else _model_name(self.model)
+
+    def run(self, start: str = PHASE_NAMES[0], stop: str = PHASE_NAMES[-1]) -> GraphBuild:
+        return run_phases(self.build, start, stop, guard=self._guard)
+
+    def _guard(self, phase):
+        where = f" for target {self.build.spec.name!r}" if PHASE_NAMES.index(phase.name) >= LAYOUT else ""
+        return compile_phase(self.source, phase.describe + where, self.imported)
+
+    def _import(self):
+        self.imported = import_onnx(self.model, self.input_shapes, self.constant_inputs)
+        return self.imported.mod
+
+    def _quantize(self, graph):
+        """Calibrate, plan (with the accuracy fallback when asked) and rewrite to int8."""
+        calibration_started = time.perf_counter()
+        host = HostBuilder(self.imported, self.build.rules, self.num_threads)
+        quantization = quantize(graph, self.imported.onnx_model, self.imported.inputs, self.calib, self.options,
+                                host.runner)
+        reverted: frozenset = frozenset()
+        if self.options.max_drop is not None and quantization.planned:
+            with compile_phase(self.source, "the accuracy fallback", self.imported):
+                fallback = accuracy_fallback(quantization, host, self.eval_data)
+            quantization.extra["fallback"] = fallback.to_json()
+            reverted = frozenset(fallback.reverted)
+        with compile_phase(self.source, "int8 rewrite", self.imported):
+            graph = quantization.graph(reverted)
+        self.report["quantization"] = quantization.report(reverted)
+        self.report["calibration_seconds"] = time.perf_counter() - calibration_started
+        self.first_batch = quantization.first
+        return graph
+
+
+LAYOUT = PHASE_NAMES.index("layout")
+
+
+def _model_name(model) -> str:
+    return str(model) if isinstance(model, (str, Path)) else f"<{type(model).__name__}>"
 
 
 def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,
-                  num_threads, eval_data=None) -> ModelGraph:
-    """Import `model`, prepare its graph and, given calibration data (or calib_mode none), quantize it."""
+                  num_threads, eval_data=None, spec: TargetSpec | None = None, tuning=None) -> ModelJob:
+    """Run the phases up to and including `quantize` (with calibration data, or calib_mode none) on `model`:
+    its graph as the target-specific phases take it, in `job.build.mod`."""
     try:
         rules = select_rules(fuse)
     except ValueError as err:
         raise QuantvmError(str(err)) from None
-    imported = import_onnx(model, input_shapes, constant_inputs)
-    with compile_phase(imported.source, "preparing the graph"):
-        graph = prepare_graph(imported.mod)
-    report: dict = {}
-    first_batch: dict = {}
     _warn_unused(calib, eval_data, options)
-    if calib is not None or options.calib_mode == "none":
-        calibration_started = time.perf_counter()
-        host = HostBuilder(imported, rules, num_threads)
-        with compile_phase(imported.source, "int8 calibration and quantization"):
-            quantization = quantize(graph, imported.onnx_model, imported.inputs, calib, options, host.runner)
-        reverted: frozenset = frozenset()
-        if options.max_drop is not None and quantization.planned:
-            with compile_phase(imported.source, "the accuracy fallback"):
-                fallback = accuracy_fallback(quantization, host, eval_data)
-            quantization.extra["fallback"] = fallback.to_json()
-            reverted = frozenset(fallback.reverted)
-        with compile_phase(imported.source, "int8 rewrite"):
-            graph = quantization.graph(reverted)
-        report["quantization"] = quantization.report(reverted)
-        report["calibration_seconds"] = time.perf_counter() - calibration_started
-        first_batch = quantization.first
-    return ModelGraph(imported, graph, rules, report, first_batch)
+    spec = spec or target_with_threads(resolve_target("native"), num_threads)
+    job = ModelJob(model, input_shapes, constant_inputs, GraphBuild(spec, rules, tuning=tuning), calib, options,
+                   num_threads, eval_data)
+    job.run(stop="quantize")
+    return job
 
 
 def _warn_unused(calib, eval_data, options: QuantizationOptions) -> None:
@@ -194,49 +226,6 @@ def target_with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
     return dataclasses.replace(spec, num_cores=count)
 
 
-def fused_graph(graph, spec: TargetSpec, rules):
-    """`graph` in the target's blocked layouts, with the fusion rules applied: what is lowered to kernels."""
-    return fuse_graph(block_channels(graph, spec), rules)
-
-
-def _build(graph, spec: TargetSpec, rules, source: str, tuning=None):
-    """Fuse and build `graph` for `spec` (with `tuning`'s kernels where it has them); return the
-    executable and the fusion report."""
-    import tvm
-
-    with compile_phase(source, f"laying out and fusing the graph for target {spec.name!r}"):
-        fused, fusion = fused_graph(graph, spec, rules)
-    result = {**fusion.to_json(), "rules": list(rules)}
-    tvm_target = spec.tvm_target()
-    schedules = ScheduleLog()
-
-    def record_kernels(lowered):
-        result.update(count_kernels(lowered))
-
-    schedule = schedule_pass(spec, schedules)
-    if tuning is not None:
-        schedule = tvm.transform.Sequential([tuning.apply_pass(tvm_target), schedule])
-    with compile_phase(source, f"building for target {spec.name!r}"):
-        pipeline = build_pipeline(tvm_target, record_kernels, legalize_overrides(), schedule)
-        with tuning.database() if tuning is not None else contextlib.nullcontext():
-            executable = tvm.compile(fused, tvm_target, relax_pipeline=pipeline)
-    result["schedules"] = {"applied": schedules.applied, "unscheduled": schedules.failed, "tuned": schedules.tuned}
-    return executable, result
-
-
-@contextlib.contextmanager
-def compile_phase(source: str, phase: str):
-    """One place per compile phase that turns TVM's bare errors (InternalError, ValueError, TypeError...)
-    into a ModelError naming the model and the phase; quantvm's own errors pass through as they are."""
-    try:
-        yield
-    except QuantvmError:
-        raise
-    except Exception as err:  # noqa: BLE001 (anything else is TVM failing on this model)
-        text = str(err).strip()
-        raise ModelError(f"{source}: {phase} failed: {text.splitlines()[0] if text else type(err).__name__}") from err
-
-
 class HostBuilder:
     """Builds graphs of one model for this host, for calibration, the simulator and the fallback's metric."""
 
@@ -250,8 +239,7 @@ class HostBuilder:
         import tvm
         from tvm import relax
 
-        executable, _ = _build(graph, self.spec, self.rules, self.imported.source)
-        main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+        main = relax.VirtualMachine(self._build(graph).executable, tvm.cpu())["main"]
         names = [s.name for s in self.imported.inputs]
         threads = resolve_num_threads(self.num_threads)
 
@@ -264,9 +252,17 @@ class HostBuilder:
 
     def model(self, graph, report: dict | None = None) -> CompiledModel:
         """`graph` built for this host as a CompiledModel, as a user's metric takes it."""
-        executable, fusion = _build(graph, self.spec, self.rules, self.imported.source)
-        report = {**(report or {}), **fusion}
-        return CompiledModel(executable, _metadata(self.imported, self.spec, report), 0.0, report, self.num_threads)
+        build = self._build(graph)
+        report = {**(report or {}), **build.report()}
+        return CompiledModel(build.executable, _metadata(self.imported, self.spec, report), 0.0, report,
+                             self.num_threads)
+
+    def _build(self, graph) -> GraphBuild:
+        """`graph` (canonicalised and folded, maybe int8) through the target phases, for this host."""
+        imported = self.imported
+        return run_phases(GraphBuild(self.spec, self.rules, mod=graph), start="layout",
+                          guard=lambda phase: compile_phase(imported.source, f"{phase.describe} for this host",
+                                                            imported))
 
 
 def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:

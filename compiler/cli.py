@@ -118,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", type=_shape_arg, default=[], metavar="NAME=D0,D1,...")
     p.add_argument("--batch", type=_batch_list_arg, metavar="N,...",
                    help="batch sizes to time, e.g. 1,8: dim 0 of every input (overrides --input-shape's)")
-    p.add_argument("--compare", default="onnxruntime", choices=["onnxruntime", "none"],
-                   help="time onnxruntime too (default), or quantvm alone")
+    p.add_argument("--compare", default="onnxruntime", choices=["onnxruntime", "openvino", "none"],
+                   help="time onnxruntime too (default); openvino: onnxruntime and OpenVINO (int8: NNCF's defaults); "
+                        "none: quantvm alone")
     p.add_argument("--threads", type=_count_arg, metavar="N",
                    help="threads for every contender (default: TVM_NUM_THREADS if set, else all cores)")
     p.add_argument("--rounds", type=_count_arg, default=10, help="timed rounds per contender (default 10)")

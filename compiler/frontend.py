@@ -8,7 +8,7 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,10 @@ import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 from onnx import helper
 
+from compiler.diagnose import OnnxNode, default_opset, first_line, node_error, trace_origins
 from compiler.errors import InputError, ModelError
 from compiler.importer_fixes import NodeConversionError, patched_onnx_converters
+from compiler.importer_rnn import RNN_OP_TYPES
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ImportedModel:
     outputs: list[TensorSpec]
     source: str  # where the model came from, for messages
     sha256: str
+    origins: dict = field(default_factory=dict)  # Relax Var of mod["main"] -> the OnnxNode it came from
 
 
 def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
@@ -68,7 +71,7 @@ def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as err:
-        raise ModelError(f"{source} is not a valid ONNX model: {_first_line(err)}") from err
+        raise ModelError(f"{source} is not a valid ONNX model: {first_line(err)}") from err
     if not proto.graph.node:
         raise ModelError(f"{source} has an empty graph (no nodes)")
     check_initializer_sizes(proto, source)
@@ -112,31 +115,30 @@ def _parse(data: bytes, source: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
-        raise ModelError(f"{source} is not an ONNX model (it does not parse as one: {_first_line(err)}); "
+        raise ModelError(f"{source} is not an ONNX model (it does not parse as one: {first_line(err)}); "
                          "a truncated or corrupted download looks like this") from err
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"{source} is not an ONNX model (no graph or no opset in it)")
     return proto
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def check_supported_ops(proto: onnx.ModelProto, source: str) -> None:
     """Name the first node whose op type the Relax ONNX importer cannot convert, before trying to."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = _get_convert_map()
+    known = {*_get_convert_map(), *RNN_OP_TYPES}  # quantvm's converters for ops the stock importer lacks
     unsupported = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in known]
     if unsupported:
         node = unsupported[0]
-        domain = f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else ""
+        custom = node.domain not in ("", "ai.onnx")
+        opsets = {o.domain or "": o.version for o in proto.opset_import}
+        op = f"{node.domain}.{node.op_type}" if custom else node.op_type
         others = sorted({n.op_type for n in unsupported} - {node.op_type})
         more = f"; also unsupported: {', '.join(others)}" if others else ""
-        raise ModelError(f"{source}: op {node.op_type}{domain} of node {node.name or '<unnamed>'!r} "
-                         f"is not supported{more}")
+        reason = (f"quantvm compiles the standard ONNX domain only, not {node.domain!r}" if custom
+                  else f"TVM's ONNX importer has no converter for {node.op_type}")
+        raise node_error(source, OnnxNode(node.name, op, opsets.get(node.domain, default_opset(proto))),
+                         "compiled", reason + more)
     for node in proto.graph.node:
         problem = _unsupported_usage(node)
         if problem:
@@ -341,17 +343,32 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
     proto = fold_static_shapes(proto, inputs)
     # The importer re-runs the ONNX checker and warns on what read_onnx already accepted, and prints
     # to stdout on a failed node: the error below says it in one line instead.
-    with warnings.catch_warnings(), patched_onnx_converters(), contextlib.redirect_stdout(io.StringIO()):
+    with (warnings.catch_warnings(), patched_onnx_converters() as converted,
+          contextlib.redirect_stdout(io.StringIO())):
         warnings.simplefilter("ignore", UserWarning)
         try:
             mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
                             dtype_dict={s.name: s.dtype for s in inputs})
             outputs = _output_specs(mod, proto)
         except NodeConversionError as err:
-            raise ModelError(f"{source}: {err} cannot be imported: {_first_line(err.__cause__)}") from err
-        except Exception as err:  # the importer raises bare TVM/Python errors; name the model
-            raise ModelError(f"{source}: the ONNX importer failed: {_first_line(err)}") from err
-    return ImportedModel(mod, proto, inputs, outputs, source, digest)
+            raise node_error(source, err.node, "imported", first_line(err.__cause__)) from err
+        except Exception as err:  # the importer raises bare TVM/Python errors; name the model, the node if known
+            pending = _node_being_imported(proto, converted)
+            if pending is not None:
+                raise node_error(source, pending, "imported", first_line(err)) from err
+            raise ModelError(f"{source}: the ONNX importer failed (opset {default_opset(proto)}): "
+                             f"{first_line(err)}") from err
+    return ImportedModel(mod, proto, inputs, outputs, source, digest, trace_origins(mod["main"], converted))
+
+
+def _node_being_imported(proto: onnx.ModelProto, converted: list) -> OnnxNode | None:
+    """The node the importer failed on outside its converter (e.g. checking the node's inputs): the first
+    one not converted yet. Unknown with subgraphs (their nodes are converted too) or past the last node."""
+    nodes = proto.graph.node
+    if len(converted) >= len(nodes) or any(n.op_type in ("If", "Loop", "Scan") for n in nodes):
+        return None
+    node = nodes[len(converted)]
+    return OnnxNode(node.name, node.op_type, default_opset(proto))
 
 
 def _output_specs(mod, proto: onnx.ModelProto) -> list[TensorSpec]:

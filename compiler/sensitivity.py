@@ -107,7 +107,7 @@ def analyze(model, calib, eval_data=None, input_shapes: dict | None = None, cons
         raise QuantvmError("analyze needs calibration data (calib) and a calib_mode other than 'none'")
     imported = import_onnx(model, input_shapes, constant_inputs)
     host = HostBuilder(imported, select_rules(True), num_threads)
-    with compile_phase(imported.source, "int8 calibration and the sensitivity analysis"):
+    with compile_phase(imported.source, "int8 calibration and the sensitivity analysis", imported):
         graph = prepare_graph(imported.mod)
         quant = quantize(graph, imported.onnx_model, imported.inputs, calib, options, host.runner)
         if not quant.planned:

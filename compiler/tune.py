@@ -110,10 +110,8 @@ def _extract(model, spec, calib, num_threads, compile_options):
     rule schedules are left out, with the reason."""
     from tvm.s_tir import meta_schedule as ms
 
-    from compiler.build import fused_graph, prepare_model
+    from compiler.build import prepare_model
     from compiler.int8_options import QuantizationOptions
-    from relay_passes import lower_to_kernels
-    from targets import legalize_overrides
     from targets.tuning import default_schedule
 
     graph = {k: compile_options.pop(k, default) for k, default in
@@ -122,10 +120,10 @@ def _extract(model, spec, calib, num_threads, compile_options):
     # the rest are compile()'s INT8 keywords
     options = QuantizationOptions.from_keywords(graph["quantization"], **compile_options)
     prepared = prepare_model(model, graph["input_shapes"], graph["constant_inputs"], graph["fuse"], calib, options,
-                             num_threads, graph["eval_data"])
-    fused, _ = fused_graph(prepared.graph, spec, prepared.rules)
+                             num_threads, graph["eval_data"], spec=spec)
+    # the kernels as compile() schedules them: MetaSchedule searches from there
+    lowered = prepared.run(start="layout", stop="kernels").mod
     tvm_target = spec.tvm_target()
-    lowered = lower_to_kernels(fused, tvm_target, legalize_overrides())
     tasks, skipped = [], {}
     for task in ms.relax_integration.extract_tasks(lowered, tvm_target):
         sch, reason = default_schedule(task.dispatched[0], spec)

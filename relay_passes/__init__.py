@@ -2,7 +2,7 @@
 
 from relay_passes.fuse import FusionReport, fuse, select_rules
 from relay_passes.patterns import RULE_NAMES, RULES
-from relay_passes.pipeline import build_pipeline, count_kernels, lower_to_kernels, prepare_graph
+from relay_passes.pipeline import PIPELINE, GraphBuild, count_kernels, prepare_graph, run_phases
 
-__all__ = ["RULES", "RULE_NAMES", "FusionReport", "build_pipeline", "count_kernels", "fuse", "lower_to_kernels",
-           "prepare_graph", "select_rules"]
+__all__ = ["PIPELINE", "RULES", "RULE_NAMES", "FusionReport", "GraphBuild", "count_kernels", "fuse",
+           "prepare_graph", "run_phases", "select_rules"]

@@ -3,6 +3,8 @@
 Each match becomes one Relax function (attribute `Composite` = the rule name) that lowers to one kernel.
 A match is refused, and the refusal recorded, when fusing would hide a value another op reads, when the
 bias is not per channel, when the summed tensor would be broadcast, or when a clip does not start at 0.
+Then, when any rule is given, the chains of elementwise and injective ops left over are fused into their
+producer's group or into kernels of their own (relay_passes.fuse_elementwise, `report.elementwise`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tvm.relax.backend.utils import has_leaking_intermediate_variables
 from tvm.relax.transform import FusionPattern, PatternCheckContext
 
 from relay_passes.analysis import channel_vector
+from relay_passes.fuse_elementwise import ElementwiseReport, fuse_elementwise
 from relay_passes.patterns import RULE_NAMES, RULES
 
 
@@ -25,9 +28,11 @@ class FusionReport:
     fusion: dict[str, int] = field(default_factory=dict)  # rule name -> matches
     unfused_ops: dict[str, int] = field(default_factory=dict)  # op type -> count outside any fused group
     rejected: list[dict] = field(default_factory=list)  # {rule, at, reason}
+    elementwise: ElementwiseReport = field(default_factory=ElementwiseReport)  # the chains fused after the rules
 
     def to_json(self) -> dict:
-        return {"fusion": dict(self.fusion), "unfused_ops": dict(self.unfused_ops), "rejected": list(self.rejected)}
+        return {"fusion": dict(self.fusion), "unfused_ops": dict(self.unfused_ops), "rejected": list(self.rejected),
+                "elementwise": self.elementwise.to_json()}
 
 
 def select_rules(fuse) -> tuple[str, ...]:
@@ -100,9 +105,16 @@ def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionRepor
                 patterns.append(FusionPattern(rule.name, pattern, parts, _check(rule.name, report.rejected)))
     if patterns:
         mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False)(mod)
+    # A refusal at a value that some other match then fused (an inner op of a longer activation, say)
+    # explains nothing: keep those about values no rule fused (an elementwise chain may still take them).
+    standalone = {var.name for var, value in relax.analysis.get_var2val(mod["main"]).items()
+                  if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)}
+    refusals = [r for r in report.rejected if r["at"] in standalone]
+    report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in refusals)]
+    if rules:
+        mod, report.elementwise = fuse_elementwise(mod, _composites(mod))
     report.fusion = {name: 0 for name in rules}
-    composite = {gv.name_hint: str(func.attrs["Composite"]) for gv, func in mod.functions.items()
-                 if isinstance(func, relax.Function) and func.attrs and "Composite" in func.attrs}
+    composite = _composites(mod)
     unfused = Counter()
 
     def visit(expr):
@@ -115,13 +127,13 @@ def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionRepor
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
     report.unfused_ops = dict(sorted(unfused.items()))
-    # A refusal at a value that some other match then fused (an inner op of a longer activation, say)
-    # explains nothing: keep those about values still computed by a standalone op.
-    standalone = {var.name for var, value in relax.analysis.get_var2val(mod["main"]).items()
-                  if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)}
-    refusals = [r for r in report.rejected if r["at"] in standalone]
-    report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in refusals)]
     return mod, report
+
+
+def _composites(mod) -> dict[str, str]:
+    """{function name: rule name} of the rules' groups in `mod`."""
+    return {gv.name_hint: str(func.attrs["Composite"]) for gv, func in mod.functions.items()
+            if isinstance(func, relax.Function) and func.attrs and "Composite" in func.attrs}
 
 
 def op_type(call: relax.Call) -> str:

@@ -45,7 +45,7 @@ def _hardsigmoid(x):  # clip(alpha * x + beta, 0, 1)
                                wildcard(), wildcard())
 
 
-def _hardswish(x):  # x * clip(x + 3, 0, 6) / 6 (ONNX HardSwish), or x * HardSigmoid(x) (torch's export)
+def _hardswish(x):  # x * HardSigmoid(x), relay_passes.canonicalize's form; also x * (clip(x + 3, 0, 6) / 6)
     gate = is_op("relax.divide")(is_op("relax.clip")(_either("relax.add", x, is_const()), wildcard(), wildcard()), is_const())
     return _either("relax.multiply", x, gate | _hardsigmoid(x))
 
@@ -81,6 +81,10 @@ CONV_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
     "hardsigmoid": _hardsigmoid,
 }
 FC_ACTIVATIONS: dict[str, Callable[[DFPattern], DFPattern]] = {
+    # relay_passes.canonicalize leaves SiLU as one op and HardSwish / HardSigmoid in the form matched here
+    "silu": _silu,  # contains sigmoid
+    "hardswish": _hardswish,  # contains hardsigmoid
+    "hardsigmoid": _hardsigmoid,  # contains clip
     "elu": _elu,  # contains exp and relu
     "softrelu": _softrelu,  # contains abs and exp
     **{k: CONV_ACTIVATIONS[k] for k in ("relu", "gelu", "gelu_tanh", "leaky_relu", "sigmoid", "tanh",
@@ -110,7 +114,7 @@ def _producer(kind: str):
     """The conv/FC and its optional bias, in fp32 or in the int8 form relay_passes.quantize writes:
     `multiply(astype(conv2d(q, W) [+ s32 bias], f32), scale)`. `op` is the conv/FC call either way."""
     # A weight is a constant, or for an int8 FC a constant packed for the target's dot instruction
-    # and unpacked inside the kernel (targets.layout.pack_int8_dense_weights).
+    # and unpacked inside the kernel (targets.layout.pack_dense_weights).
     weight = is_const() if kind == "conv" else is_const() | is_op("relax.layout_transform")(is_const())
     op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), weight)
     accumulator = op | is_op("relax.add")(op, is_const())

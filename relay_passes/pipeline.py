@@ -1,76 +1,174 @@
-"""The order of passes from an imported graph to VM-ready code.
+"""The pass order, written once: every phase from an ONNX model to VM code, in the order they run.
 
-`prepare_graph` cleans the imported fp32 graph (inference-only decompositions, constant folding, dead code),
-the stage later steps (fusion, calibration, int8 rewrite) start from. `build_pipeline` lowers a prepared
-graph to TIR and VM code; it is TVM's CPU pipeline, spelled out so that later stages can be slotted in.
+    import → canonicalise → fold → quantize → layout → fuse → kernels → schedule → lower
+
+`PIPELINE` is that list. compile() runs all of it; tune() stops after `kernels` (MetaSchedule searches the
+kernels as they are before `schedule`); the int8 calibration and the simulator build their host graphs from
+`layout` on; analyze() stops after `fold`. Two phases need the compiler rather than a pass: `import` (the ONNX
+fixes and TVM's importer) and `quantize` (calibration data, host builds); a `GraphBuild` carries them as hooks.
+
+TVM's own FuseOps is left out: the only fusion is ours (relay_passes.fuse), so an unfused build is really
+unfused and the compile report tells the truth.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-from relay_passes.canonicalize import CanonicalizeGelu
+from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
+from relay_passes.fuse import FusionReport, fuse
+from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
+from targets.layout import LayoutReport
 
 
-def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
-    """Inference form of the graph: BatchNorm folded into the conv/FC before it (elsewhere a scale and
-    shift), constants folded, unused values removed."""
-    passes = tvm.transform.Sequential([
-        # The ONNX importer leaves unused BatchNorm outputs (running mean/var) behind.
-        relax.transform.DeadCodeElimination(),
+@dataclass
+class GraphBuild:
+    """One graph on its way through the phases, and what each phase reports.
+
+    `importer` (the import phase) returns the imported IRModule; `quantizer` (the quantize phase) returns the
+    int8 graph, None keeps fp32. `tuning` is an open tuning database whose kernels replace the default
+    schedules where it has them."""
+    spec: TargetSpec
+    rules: tuple[str, ...]
+    mod: tvm.IRModule | None = None
+    importer: Callable[[], tvm.IRModule] | None = None
+    quantizer: Callable[[tvm.IRModule], tvm.IRModule] | None = None
+    tuning: object | None = None
+    layout: LayoutReport | None = None
+    fusion: FusionReport | None = None
+    kernels: dict = field(default_factory=dict)  # count_kernels of the lowered graph
+    schedules: ScheduleLog = field(default_factory=ScheduleLog)
+    executable: object | None = None
+
+    def report(self) -> dict:
+        """The compile report's fusion, layout and kernel entries."""
+        result = {**(self.fusion.to_json() if self.fusion else {}), "rules": list(self.rules), **self.kernels}
+        if self.layout is not None:
+            result["layout"] = self.layout.to_json()
+        result["schedules"] = {"applied": self.schedules.applied, "unscheduled": self.schedules.failed,
+                               "tuned": self.schedules.tuned}
+        return result
+
+
+def _import(build: GraphBuild) -> None:
+    if build.importer is not None:
+        build.mod = build.importer()
+
+
+def _canonicalise(build: GraphBuild) -> None:
+    """Inference form with one op per activation: BatchNorm decomposed, GELU/HardSwish/SiLU/LayerNorm... as
+    single ops (relay_passes.canonicalize)."""
+    build.mod = tvm.transform.Sequential([
+        relax.transform.DeadCodeElimination(),  # the importer leaves unused BatchNorm outputs behind
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
-        CanonicalizeGelu,
+        Canonicalize,
+    ])(build.mod)
+
+
+def _fold(build: GraphBuild) -> None:
+    """BatchNorm folded into the conv/FC before it (elsewhere a scale and shift), constants folded."""
+    build.mod = tvm.transform.Sequential([
         FoldAffineIntoProducer,
-        relax.transform.DeadCodeElimination(),
-    ])
-    return passes(mod)
-
-
-def build_pipeline(target: tvm.target.Target, on_lowered=None, legalize_overrides: dict | None = None,
-                   schedule: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
-    """Lower a prepared (and fused) Relax graph to TIR kernels and VM code for `target`.
-
-    TVM's own FuseOps is left out: the only fusion is ours (relay_passes.fuse), so an unfused build is
-    really unfused and the compile report tells the truth. `on_lowered(mod)` sees the graph once every
-    op is a kernel call, e.g. to count kernels. `legalize_overrides` ({op name: legalize function}) and
-    `schedule` (a pass over the fused kernels) come from the target (targets/).
-    """
-
-    @tvm.transform.module_pass(opt_level=0, name="quantvm.build_pipeline")
-    def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            lowering = _kernel_passes(target, legalize_overrides)
-            if schedule is not None:
-                lowering.append(schedule)
-            mod = tvm.transform.Sequential(lowering)(mod)
-            if on_lowered is not None:
-                on_lowered(mod)
-            rest = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-            return tvm.transform.Sequential(rest)(mod)
-
-    return _lower
-
-
-def lower_to_kernels(mod: tvm.IRModule, target: tvm.target.Target,
-                     legalize_overrides: dict | None = None) -> tvm.IRModule:
-    """The graph as `build_pipeline` hands it to the scheduler: one unscheduled TIR kernel per fused group
-    (what tuning tunes)."""
-    with target:
-        return tvm.transform.Sequential(_kernel_passes(target, legalize_overrides))(mod)
-
-
-def _kernel_passes(target, legalize_overrides) -> list:
-    return cpu.library_dispatch_passes(target) + [
-        relax.transform.LegalizeOps(legalize_overrides),
-        relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
-        relax.transform.FuseTIR(),
-    ]
+        relax.transform.DeadCodeElimination(),
+    ])(build.mod)
+
+
+def _quantize(build: GraphBuild) -> None:
+    if build.quantizer is not None:
+        build.mod = build.quantizer(build.mod)
+
+
+def _layout(build: GraphBuild) -> None:
+    build.mod, build.layout = block_channels(build.mod, build.spec)
+
+
+def _fuse(build: GraphBuild) -> None:
+    build.mod, build.fusion = fuse(build.mod, build.rules)
+
+
+def _kernels(build: GraphBuild) -> None:
+    """Every op (and fused group) becomes one unscheduled TIR kernel."""
+    target = build.spec.tvm_target()
+    with target:
+        build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
+            relax.transform.LegalizeOps(legalize_overrides()),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseTIR(),
+        ])(build.mod)
+    build.kernels = count_kernels(build.mod)
+
+
+def _schedule(build: GraphBuild) -> None:
+    """The tuning database's kernels where it has them, the target's rules (targets.schedules) for the rest."""
+    target = build.spec.tvm_target()
+    passes = [schedule_pass(build.spec, build.schedules)]
+    database = contextlib.nullcontext()
+    if build.tuning is not None:
+        passes.insert(0, build.tuning.apply_pass(target))
+        database = build.tuning.database()
+    with target, database:
+        build.mod = tvm.transform.Sequential(passes)(build.mod)
+
+
+def _lower(build: GraphBuild) -> None:
+    """TVM's CPU pipeline from kernels to VM code, then the build itself."""
+    target = build.spec.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name="quantvm.lower")
+    def lower(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+    build.executable = tvm.compile(build.mod, target, relax_pipeline=lower)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    describe: str  # for error messages: "<model>: <describe> failed: ..."
+    run: Callable[[GraphBuild], None]
+
+
+PIPELINE: tuple[Phase, ...] = (
+    Phase("import", "importing the model", _import),
+    Phase("canonicalise", "preparing the graph", _canonicalise),
+    Phase("fold", "folding the graph", _fold),
+    Phase("quantize", "int8 calibration and quantization", _quantize),
+    Phase("layout", "laying out the graph", _layout),
+    Phase("fuse", "fusing the graph", _fuse),
+    Phase("kernels", "lowering the graph to kernels", _kernels),
+    Phase("schedule", "scheduling the kernels", _schedule),
+    Phase("lower", "building", _lower),
+)
+PHASE_NAMES = tuple(p.name for p in PIPELINE)
+
+
+def run_phases(build: GraphBuild, start: str = PHASE_NAMES[0], stop: str = PHASE_NAMES[-1],
+               guard: Callable[[Phase], contextlib.AbstractContextManager] | None = None) -> GraphBuild:
+    """Run the phases from `start` to `stop` (both included) on `build`, each inside `guard(phase)` (the
+    compiler's error translation)."""
+    first, last = PHASE_NAMES.index(start), PHASE_NAMES.index(stop)
+    for phase in PIPELINE[first:last + 1]:
+        with guard(phase) if guard is not None else contextlib.nullcontext():
+            phase.run(build)
+    return build
+
+
+def prepare_graph(mod: tvm.IRModule) -> tvm.IRModule:
+    """An imported graph in the form calibration and the int8 rewrite start from (canonicalise and fold)."""
+    build = GraphBuild(spec=None, rules=(), mod=mod)
+    return run_phases(build, "canonicalise", "fold").mod
 
 
 LAYOUT_KERNEL_PREFIX = "te_layout_transform"

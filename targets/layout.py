@@ -8,12 +8,17 @@ at compile time.
 
 from __future__ import annotations
 
-import contextlib
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from targets.layout_fallback import (CONVERSION_ERRORS, LayoutFallback, convert_pinning_failures, error_reason,
+                                     plain_layout_readers)
+from targets.layout_rules import (INFER_LAYOUT, layout_friendly_forms, blocked_rules, channel_block_of,
+                                  override_layout_rules)
 from targets.registry import TargetSpec
 
 # The int8 dot intrinsics read 4 consecutive input channels per output lane (vpdpbusd's u8x4 . s8x4).
@@ -44,9 +49,11 @@ def stem_block(channels: int, lanes: int, dtype: str) -> int | None:
     return channels
 
 
-def conv_layouts(call: relax.Call, lanes: int, mixed: bool = True) -> tuple[str, str, str] | None:
+def conv_layouts(call: relax.Call, lanes: int, mixed: bool = True,
+                 data_block: int | None = None) -> tuple[str, str, str] | None:
     """(data, kernel, output layout) for a conv2d, or None to leave it NCHW (channels that fit no block,
-    grouped convs that are not depthwise)."""
+    grouped convs that are not depthwise). `data_block`: the block its input already has (a concat of
+    narrower tensors), which it then reads as it is."""
     attrs = call.attrs
     if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
         return None
@@ -57,53 +64,13 @@ def conv_layouts(call: relax.Call, lanes: int, mixed: bool = True) -> tuple[str,
     if out_block is None:
         return None
     if attrs.groups == in_channels == out_channels and in_per_group == 1:
-        return f"NCHW{out_block}c", f"OIHW1i{out_block}o", f"NCHW{out_block}c"
-    in_block = channel_block(in_channels, lanes, mixed) or stem_block(in_channels, lanes, dtype)
+        block = data_block or out_block
+        return f"NCHW{block}c", f"OIHW1i{block}o", f"NCHW{block}c"
+    in_block = data_block or channel_block(in_channels, lanes, mixed) or stem_block(in_channels, lanes, dtype)
     if attrs.groups != 1 or in_block is None:
         return None
     kernel = f"OIHW{out_block}o{INT8_GROUP}i" if dtype in ("uint8", "int8") else f"OIHW{in_block}i{out_block}o"
     return f"NCHW{in_block}c", kernel, f"NCHW{out_block}c"
-
-
-# Elementwise ops (their other arguments are scalars) that TVM 0.27 gives no layout rule.
-ELEMENTWISE_WITHOUT_LAYOUT_RULE = ("relax.clip", "relax.nn.leakyrelu", "relax.nn.softplus")
-
-
-@contextlib.contextmanager
-def _scalar_ops_follow_layout(mod: tvm.IRModule):
-    """Let clip, leaky ReLU, softplus and per-tensor (de)quantize keep their input's layout in ConvertLayout.
-
-    TVM 0.27 gives them no layout rule, so every ReLU6 or requantize would transform back to NCHW. The
-    (de)quantizes act elementwise when their scale is a scalar, which is all the int8 rewrite emits; a
-    graph with a per-channel (de)quantize on activations keeps the conservative behaviour for those.
-    """
-    unary = tvm.ir.Op.get("relax.nn.relu").get_attr("FRelaxInferLayout")
-    names = list(ELEMENTWISE_WITHOUT_LAYOUT_RULE)
-    if not _has_per_channel_quantize(mod):
-        names += ["relax.quantize", "relax.dequantize"]
-    for name in names:
-        tvm.ir.register_op_attr(name, "FRelaxInferLayout", unary)
-    try:
-        yield
-    finally:
-        for name in names:
-            tvm.ir.Op.get(name).reset_attr("FRelaxInferLayout")
-
-
-def _has_per_channel_quantize(mod: tvm.IRModule) -> bool:
-    found = False
-
-    def visit(expr):
-        nonlocal found
-        if (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
-                and expr.op.name in ("relax.quantize", "relax.dequantize")
-                and any(len(arg.ty.shape.values) for arg in expr.args[1:3])):
-            found = True
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return found
 
 
 @relax.expr_functor.mutator
@@ -144,63 +111,127 @@ def pad_int8_stem(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
 
 
 @relax.expr_functor.mutator
-class _PackInt8DenseWeights(relax.PyExprMutator):
-    """An int8 FC's weight [K, N] stored as [N/lanes, K/4, lanes, 4], the block the dot intrinsics read,
-    behind a layout_transform back to [K, N] that the FC's kernel inlines (its reads then index the
-    packed constant directly)."""
+class _PackDenseWeights(relax.PyExprMutator):
+    """An FC's constant weight [K, N] stored in the block its kernel reads (`packing`), behind a
+    layout_transform back to [K, N] that the FC's kernel inlines (its reads then index the packed constant
+    directly)."""
 
-    def __init__(self, mod, lanes):
+    def __init__(self, mod, lanes, packing):
         super().__init__(mod)
-        self.lanes = lanes
+        self.lanes, self.packing = lanes, packing
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"
-                and isinstance(call.args[1], tvm.ir.expr.GenericConst)
-                and call.args[0].ty.dtype in ("uint8", "int8")):
+                and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
             return call
-        weight = call.args[1].value.numpy()
-        if weight.ndim != 2 or weight.dtype != np.int8 or weight.shape[0] % INT8_GROUP:
-            return call
-        # the target's block, or half of it for widths like 1000 (AVX-512 has 256-bit dot forms too)
-        lanes = next((b for b in (self.lanes, self.lanes // 2) if b >= 8 and weight.shape[1] % b == 0), None)
-        if lanes is None:
-            return call
-        k, n = weight.shape
-        packed = weight.reshape(k // INT8_GROUP, INT8_GROUP, n // lanes, lanes).transpose(2, 0, 3, 1)
-        unpack = relax.op.layout_transform(
-            relax.const(np.ascontiguousarray(packed)),
-            index_map=lambda block, group, lane, i: (group * INT8_GROUP + i, block * lanes + lane))
-        return relax.Call(call.op, [call.args[0], unpack], call.attrs)
+        unpack = self.packing(call.args[0], call.args[1].value.numpy(), self.lanes)
+        return call if unpack is None else relax.Call(call.op, [call.args[0], unpack], call.attrs)
 
 
-def pack_int8_dense_weights(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    return _rewrite_functions(mod, _PackInt8DenseWeights, lanes)
+def _int8_packing(data, weight: np.ndarray, lanes: int):
+    """[N/lanes, K/4, lanes, 4]: the block the dot intrinsics read."""
+    if (data.ty.dtype not in ("uint8", "int8") or weight.ndim != 2 or weight.dtype != np.int8
+            or weight.shape[0] % INT8_GROUP):
+        return None
+    # the target's block, or half of it for widths like 1000 (AVX-512 has 256-bit dot forms too)
+    lanes = next((b for b in (lanes, lanes // 2) if b >= 8 and weight.shape[1] % b == 0), None)
+    if lanes is None:
+        return None
+    k, n = weight.shape
+    packed = weight.reshape(k // INT8_GROUP, INT8_GROUP, n // lanes, lanes).transpose(2, 0, 3, 1)
+    return relax.op.layout_transform(
+        relax.const(np.ascontiguousarray(packed)),
+        index_map=lambda block, group, lane, i: (group * INT8_GROUP + i, block * lanes + lane))
 
 
-def _convert_conv_layouts(mod: tvm.IRModule, lanes: int, mixed: bool) -> tvm.IRModule:
-    def desired(call):
-        layouts = conv_layouts(call, lanes, mixed) if call.op.name == "relax.nn.conv2d" else None
-        return {"relax.nn.conv2d": list(layouts or ("NCHW", "OIHW", "NCHW"))}
+def _fp32_packing(data, weight: np.ndarray, lanes: int):
+    """[N/lanes, K, lanes]: a register tile's column block then walks K through one contiguous panel, not a
+    strided row of the whole weight per k. A width no vector block divides stays [K, N] (the generic rule)."""
+    if data.ty.dtype != "float32" or data.ty.ndim < 2 or weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    lanes = channel_block(weight.shape[1], lanes)
+    if lanes is None:
+        return None
+    k, n = weight.shape
+    packed = weight.reshape(k, n // lanes, lanes).transpose(1, 0, 2)
+    return relax.op.layout_transform(relax.const(np.ascontiguousarray(packed)),
+                                     index_map=lambda block, row, lane: (row, block * lanes + lane))
 
-    return relax.transform.ConvertLayout({}, desired)(mod)
+
+def pack_dense_weights(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Every int8 and fp32 FC weight in its kernel's block."""
+    for packing in (_int8_packing, _fp32_packing):
+        mod = _rewrite_functions(mod, lambda m, n, p=packing: _PackDenseWeights(m, n, p), lanes)
+    return mod
 
 
-def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
-    """Rewrite convs (and the elementwise ops around them) to NCHW{lanes}c with packed, folded weights."""
-    lanes = vector_lanes(spec)
-    mod = pad_int8_stem(mod, lanes)
-    # An 8-channel-block tensor reaching a 16-block conv through a concat or a split: TVM cannot transform
-    # between two block sizes, so the whole graph then takes the one that fits every tensor. Where TVM's
-    # ConvertLayout fails even so (e.g. a Reshape to a higher rank after a conv), the graph stays NCHW.
+def _conv_rule(lanes: int, mixed: bool):
+    """conv2d's layout rule for one conversion: TVM's, given the layouts `conv_layouts` chooses for the
+    call and the block its input has by then."""
+    tvm_rule = tvm.ir.Op.get("relax.nn.conv2d").get_attr(INFER_LAYOUT)
+
+    def rule(call, _desired_layouts, var_layout_map):
+        layouts = conv_layouts(call, lanes, mixed, data_block=channel_block_of(var_layout_map, call.args[0]))
+        return tvm_rule(call, {"relax.nn.conv2d": list(layouts or ("NCHW", "OIHW", "NCHW"))}, var_layout_map)
+
+    return rule
+
+
+def _convert_conv_layouts(mod: tvm.IRModule) -> tvm.IRModule:
+    return relax.transform.ConvertLayout({})(mod)
+
+
+@dataclass
+class LayoutReport:
+    """What the layout phase did: the channel block chosen, and each op left in NCHW with the reason."""
+    block: int | None = None  # None: the whole graph stayed NCHW
+    fallbacks: list[LayoutFallback] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"block": self.block, "fallbacks": [f.to_json() for f in self.fallbacks]}
+
+
+# Op attributes are process-wide: one layout conversion at a time.
+_CONVERSION_LOCK = threading.Lock()
+# Ops pinned to NCHW one at a time before the whole graph is given up on.
+MAX_PINNED_OPS = 64
+
+
+def _convert_with_fallbacks(mod: tvm.IRModule, lanes: int, report: LayoutReport) -> tvm.IRModule:
+    """The graph in blocked layouts; ops ConvertLayout fails on stay NCHW, and if even that fails, all do.
+
+    An 8-channel-block tensor reaching a 16-block conv through a concat or a split: TVM cannot transform
+    between two block sizes, so the whole graph then takes the one block that fits every tensor, before
+    any op is pinned to NCHW."""
     attempts = [(lanes, True)] + ([(lanes // 2, False)] if lanes > 8 else [])
-    with _scalar_ops_follow_layout(mod):
+    error = None
+    for max_pins in (0, MAX_PINNED_OPS):
         for block, mixed in attempts:
             try:
-                mod = _convert_conv_layouts(mod, block, mixed=mixed)
-                break
-            except tvm.error.InternalError:
+                with override_layout_rules({"relax.nn.conv2d": _conv_rule(block, mixed)}):
+                    converted, fallbacks = convert_pinning_failures(mod, _convert_conv_layouts, max_pins)
+            except CONVERSION_ERRORS as err:
+                error = err
                 continue
+            report.block = block
+            pinned = {(f.at, f.op) for f in fallbacks}
+            report.fallbacks += fallbacks + [f for f in plain_layout_readers(converted) if (f.at, f.op) not in pinned]
+            return converted
+    report.fallbacks.append(LayoutFallback("graph", "*", error_reason(error)))
+    return mod
+
+
+def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, LayoutReport]:
+    """Rewrite convs (and the ops around them) to NCHW{lanes}c with packed, folded weights."""
+    report = LayoutReport()
+    lanes = vector_lanes(spec)
+    mod = layout_friendly_forms(pad_int8_stem(mod, lanes))
+    with _CONVERSION_LOCK, override_layout_rules(blocked_rules(mod)):
+        mod = _convert_with_fallbacks(mod, lanes, report)
     mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
+                                    # one transform of a value read blocked by several ops, not one each
+                                    relax.transform.EliminateCommonSubexpr(),
                                     relax.transform.DeadCodeElimination()])(mod)
-    return pack_int8_dense_weights(mod, lanes)  # after folding, which would unpack them again
+    # after folding, which would unpack them again
+    return pack_dense_weights(mod, lanes), report

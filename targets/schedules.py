@@ -106,6 +106,10 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
     depthwise = next((b for n, b in blocks.items() if n.startswith(DEPTHWISE_BLOCK)), None)
     if depthwise is not None:
         return _schedule_depthwise(sch, depthwise, spec, tiles)
+    from targets.transformer import schedule_transformer_kernel  # it imports this module's helpers
+    transformer_rule = schedule_transformer_kernel(sch, spec, tiles)
+    if transformer_rule is not None:
+        return transformer_rule
     matmul = next((b for n, b in blocks.items() if n.startswith(MATMUL_BLOCK)), None)
     if matmul is not None:
         _inline_producers(sch, matmul)  # a packed weight's unpacking: read the packed one directly
@@ -153,7 +157,32 @@ def _is_reduction(sch, block) -> bool:
 
 
 def _epilogue(sch, block):
-    """Fold the chain of elementwise consumers into its last block; return that block (or None)."""
+    """Fold the elementwise blocks after `block` into the last one; return that block (or None). They may
+    read a value twice (x * clip(x + 3, 0, 6) / 6): all are inlined as long as they end in one block."""
+    after = _downstream_blocks(sch, block)
+    sinks = [b for b in after if not sch.get_consumers(b)]
+    if len(sinks) == 1 and not any(_is_reduction(sch, b) for b in after):
+        for b in after[:-1]:
+            sch.compute_inline(b)
+        return sinks[0]
+    return _epilogue_chain(sch, block)
+
+
+def _downstream_blocks(sch, block) -> list:
+    """The blocks that read `block`'s result, directly or not, in program order (the sink last)."""
+    names = set()
+    frontier = [block]
+    while frontier:
+        for consumer in sch.get_consumers(frontier.pop()):
+            name = sch.get(consumer).name_hint
+            if name not in names:
+                names.add(name)
+                frontier.append(consumer)
+    return [b for b in _all_blocks(sch) if sch.get(b).name_hint in names]
+
+
+def _epilogue_chain(sch, block):
+    """Fold the chain of single elementwise consumers into its last block; return that block (or None)."""
     consumers = sch.get_consumers(block)
     tail = None
     while len(consumers) == 1:
@@ -266,9 +295,10 @@ def _matmul_lanes(sch, block, spec) -> int | None:
 
 
 def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
-    """out[i, j] += x[i, k] * w[k, j]: a tile of rows x vectors of j, w read along j (contiguous; an int8
-    weight packed for the dot intrinsic and unpacked inline), the epilogue (bias, activation, requantize)
-    on the tile, parallel over row and column tiles."""
+    """out[i, j] += x[i, k] * w[k, j]: a tile of rows x vectors of j, w read along j (contiguous; a constant
+    weight packed by targets.layout and unpacked inline), the epilogue (bias, activation, requantize) on the
+    tile, parallel over row and column tiles. A packed fp32 weight's column tiles are outermost: each one's
+    panel of w is read from cache by every row tile, not streamed from memory once per row tile."""
     packed = _packed_weight_lanes(sch, block)
     lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
@@ -278,14 +308,16 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = tiles.split(sch, row, rows, registers)
-    intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed else None
+    int8 = _reads_int8_weight(sch, block)
+    intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed and int8 else None
+    tile_order = [row_o, col_o] if int8 or not packed else [col_o, row_o]
     if intrinsic is not None:
         red, group = sch.split(red, [None, INT8_GROUP])
-        sch.reorder(*outer, row_o, col_o, red, row_i, col_v, col_l, group)
+        sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l, group)
     else:
-        sch.reorder(*outer, row_o, col_o, red, row_i, col_v, col_l)
-    _store_tile_at(sch, tail, col_o)
-    _parallel_prefix(sch, [*outer, row_o, col_o], spec, block)
+        sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l)
+    _store_tile_at(sch, tail, tile_order[-1])
+    _parallel_prefix(sch, [*outer, *tile_order], spec, block)
     sch.unroll(row_i)
     sch.unroll(col_v)
     if intrinsic is None:
@@ -298,11 +330,18 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
 
 
 def _packed_weight_lanes(sch, block) -> int | None:
-    """The lane block of an int8 weight packed [N/lanes, K/4, lanes, 4] (targets.layout), if one is read."""
+    """The lane block of a weight packed by targets.layout, if one is read: int8 [N/lanes, K/4, lanes, 4],
+    or fp32 [N/lanes, K, lanes], told from a 3-D activation by its index j // lanes."""
     for region in sch.get(block).reads:
-        if str(region.source.dtype) == "int8" and len(region.region) == 4:
+        dtype, dims = str(region.source.dtype), region.region
+        if (dtype == "int8" and len(dims) == 4) or (
+                dtype == "float32" and len(dims) == 3 and isinstance(dims[0].min, tirx.FloorDiv)):
             return int(region.source.shape[2])
     return None
+
+
+def _reads_int8_weight(sch, block) -> bool:
+    return any(str(r.source.dtype) == "int8" for r in sch.get(block).reads)
 
 
 def _matmul_intrinsic(sch, block, lanes: int, spec) -> str | None:
@@ -311,9 +350,25 @@ def _matmul_intrinsic(sch, block, lanes: int, spec) -> str | None:
 
 
 def _schedule_generic(sch, spec: TargetSpec) -> str:
-    """Parallel outer spatial loops and a vectorized inner one, for each top-level block."""
+    """Parallel outer spatial loops and a vectorized inner one, for each top-level block, once a fused
+    chain's elementwise blocks are inlined into the blocks that read them."""
+    _inline_elementwise(sch)
     scheduled = sum(_schedule_spatial_block(sch, block, spec) for block in _all_blocks(sch))
     return "generic" if scheduled else "none"
+
+
+def _inline_elementwise(sch) -> None:
+    """Inline each spatial block read only by spatial blocks (a fused chain's intermediates): one pass over
+    memory instead of one per op. A block feeding a reduction (a pooling's padding) stays: inlined, its
+    bounds checks would sit in the reduction's inner loop."""
+    for block in _all_blocks(sch):
+        consumers = sch.get_consumers(block)
+        if not consumers or _is_reduction(sch, block) or any(_is_reduction(sch, c) for c in consumers):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - not inlinable (e.g. an opaque block): it runs as a pass of its own
+            continue
 
 
 def _schedule_spatial_block(sch, block, spec: TargetSpec) -> bool:

@@ -1,5 +1,7 @@
 """Bad input gets an error that names the file, node or input at fault."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -48,12 +50,14 @@ def test_a_model_that_fails_the_onnx_checker():
 @pytest.mark.parametrize("op_type", ["Celu", "NoSuchOp"])
 def test_unsupported_op_names_op_type_and_node(op_type):
     model = _relu_model(op_type)
-    with pytest.raises(compiler.ModelError, match=f"op {op_type} of node 'the_node' is not supported"):
+    with pytest.raises(compiler.ModelError, match=rf"<bytes>: node 'the_node' \({op_type}, opset 17\) cannot be "
+                                                  rf"compiled: TVM's ONNX importer has no converter for {op_type}$"):
         compiler.compile(model.SerializeToString(), target="native", input_shapes={"x": (1, 4)})
 
 
 def test_custom_domain_op_is_named():
-    with pytest.raises(compiler.ModelError, match="Relu \\(domain 'com.example'\\) of node 'the_node'"):
+    with pytest.raises(compiler.ModelError, match=r"node 'the_node' \(com.example.Relu, opset 1\) cannot be compiled: "
+                                                  r"quantvm compiles the standard ONNX domain only"):
         compiler.compile(_relu_model(domain="com.example"), target="native", input_shapes={"x": (1, 4)})
 
 
@@ -130,8 +134,8 @@ def test_an_importer_failure_names_the_node_and_op(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     path = tmp_path / "runtime_shape.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), path)
-    with pytest.raises(compiler.ModelError, match=r"runtime_shape\.onnx: Reshape node 'the_reshape' cannot be "
-                                                  r"imported: .+"):
+    with pytest.raises(compiler.ModelError, match=r"runtime_shape\.onnx: node 'the_reshape' \(Reshape, opset 14\) "
+                                                  r"cannot be imported: [^\n]+$"):
         compiler.compile(path, target="native")
 
 
@@ -163,17 +167,17 @@ def test_a_reshape_shape_computed_from_shape_is_folded(rng):
     np.testing.assert_array_equal(model(x)[0], x.reshape(2, 6))
 
 
-@pytest.mark.parametrize("stage", ["prepare_graph", "fused_graph"])
+@pytest.mark.parametrize("stage", ["block_channels", "fuse", "schedule_pass"])
 def test_a_tvm_failure_after_import_names_the_model_and_phase(monkeypatch, stage):
     """Passes and builds raise TVM's bare errors: compile() turns them into a ModelError, never lets them out."""
     import tvm
 
-    import compiler.build
+    import relay_passes.pipeline
 
     def fail(*args, **kwargs):
         raise tvm.error.InternalError("Check failed: something TVM did not expect")
 
-    monkeypatch.setattr(compiler.build, stage, fail)
+    monkeypatch.setattr(relay_passes.pipeline, stage, fail)
     with pytest.raises(compiler.ModelError, match=r"<onnx.ModelProto>: .* failed: Check failed: something"):
         compiler.compile(_relu_model(), target="native", input_shapes={"x": (1, 4)})
 
@@ -224,3 +228,36 @@ def test_a_split_with_one_output_compiles_and_matches_onnxruntime(rng, opset):
     x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(compiler.compile(model, target="native")(x)[0],
                                onnxruntime_outputs(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def _any_positive_model():
+    """Relu, then ReduceMax over booleans (opset 20 allows it): TVM imports it, then fails to lower it."""
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [helper.make_node("Relu", ["x"], ["act"], name="act"),
+             helper.make_node("Greater", ["act", "zero"], ["positive"], name="positive"),
+             helper.make_node("ReduceMax", ["positive"], ["any"], name="any_positive", keepdims=0),
+             helper.make_node("Cast", ["any"], ["y"], name="as_float", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [zero])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_a_failure_after_import_names_the_onnx_node_op_and_opset():
+    with pytest.raises(compiler.ModelError) as caught:
+        compiler.compile(_any_positive_model(), target="native")
+    message = str(caught.value)
+    assert re.fullmatch(r"<onnx.ModelProto>: node 'any_positive' \(ReduceMax, opset 20\) cannot be compiled: "
+                        r"[^\n]*bool[^\n]* \(while [^\n]+\)", message), message
+
+
+def test_the_cli_names_the_node_and_writes_nothing(tmp_path, capsys):
+    from compiler.cli import main
+
+    path, output = tmp_path / "any_positive.onnx", tmp_path / "out.so"
+    onnx.save(_any_positive_model(), path)
+    assert main(["compile", path, "--target", "native", "-o", output]) != 0
+    error = capsys.readouterr().err.strip()
+    assert re.search(r"any_positive\.onnx: node 'any_positive' \(ReduceMax, opset 20\) cannot be compiled", error)
+    assert len(error.splitlines()) == 1, error
+    assert list(tmp_path.iterdir()) == [path]
+

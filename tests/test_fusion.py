@@ -8,7 +8,7 @@ from compiler.frontend import import_onnx
 from relay_passes import RULE_NAMES, fuse, prepare_graph
 from relay_passes.patterns import CONV_ACTIVATIONS, FC_ACTIVATIONS
 from tests import fixtures
-from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+from tests.fixtures import GraphBuilder, _clip, onnxruntime_outputs, random_inputs
 
 
 def compile_both_ways(model, rng):
@@ -21,7 +21,9 @@ def compile_both_ways(model, rng):
         for got, want in zip(built.run(**feeds), expected):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
         reports[fused] = built.report
+        assert built.report["schedules"]["unscheduled"] == {}
     assert reports[False]["fusion"] == {} and reports[False]["kernels"] >= reports[True]["kernels"]
+    assert reports[False]["elementwise"]["chains"] == {}  # --no-fuse is truly unfused
     return reports[True]
 
 
@@ -79,7 +81,7 @@ def test_no_fusion_across_a_value_another_op_reads(rng):
     model = g.model("leak", {"data": (1, 8, 7, 7)}, [g.op("Relu", [y], "act"), g.op("Sigmoid", [y], "other")])
     report = compile_both_ways(model, rng)
     assert matched(report) == {"conv_bn": 1}  # the BN output is read twice: activations stay outside
-    assert report["unfused_ops"] == {"relu": 1, "sigmoid": 1}
+    assert report["unfused_ops"] == {"relu": 1, "sigmoid": 1} and report["elementwise"]["chains"] == {}
     assert any("read outside" in r["reason"] for r in report["rejected"])
 
 
@@ -95,10 +97,12 @@ def test_broadcast_sum_stays_unfused_and_says_why(rng):
 def test_clip_not_from_zero_is_not_a_bounded_relu(rng):
     g = GraphBuilder(rng)
     y = g.conv_bn("data", "block", 8, 8, act=None)
-    model = g.model("clip", {"data": (1, 8, 7, 7)}, [fixtures._clip(g, y, "act", -1, 1)])
+    model = g.model("clip", {"data": (1, 8, 7, 7)}, [_clip(g, y, "act", -1, 1)])
     report = compile_both_ways(model, rng)
-    assert matched(report) == {"conv_bn": 1} and report["unfused_ops"] == {"clip": 1}
+    assert matched(report) == {"conv_bn": 1}
     assert any("not a bounded ReLU" in r["reason"] for r in report["rejected"])
+    # no rule takes it, but as a plain elementwise op it still runs in the conv's kernel
+    assert report["elementwise"]["chains"] == {"conv_bn+clip": 1} and report["kernels"] == 1
 
 
 def test_resnet50_every_conv_bn_relu_chain_is_fused(rng):
@@ -127,3 +131,109 @@ def test_sum_of_two_conv_chains_fuses_the_one_read_nowhere_else(rng):
     model = g.model("two_chains", {"data": (1, 8, 6, 6)}, [g.op("Add", [a, b], "sum")])
     report = compile_both_ways(model, rng)
     assert matched(report) == {"conv_bn": 1, "conv_bn_act": 1, "conv_bn_sum": 1} and report["unfused_ops"] == {}
+
+
+# Elementwise and injective chains that no rule takes: into their producer's kernel, or one kernel of their own.
+
+def _hardswish_as_math(g, x, name):
+    """x * clip(x + 3, 0, 6) / 6, as exporters write HardSwish."""
+    three, six = g.const(f"{name}.three", np.float32(3)), g.const(f"{name}.six", np.float32(6))
+    gate = g.op("Div", [_clip(g, g.op("Add", [x, three], f"{name}.add"), f"{name}.clip", 0, 6), six], f"{name}.div")
+    return g.op("Mul", [x, gate], name)
+
+
+def _chain_kernels(model, rng, fused_kernels, unfused_ops=None):
+    """Fused: `fused_kernels`, with `unfused_ops` left alone; unfused: one kernel per op, more of them.
+    Returns the fused report."""
+    report = compile_both_ways(model, rng)
+    unfused = compiler.compile(model, target="native", fuse=False).report
+    assert unfused["kernels"] == sum(unfused["unfused_ops"].values()) > report["kernels"] == fused_kernels
+    assert report["unfused_ops"] == (unfused_ops or {})
+    return report
+
+
+def test_hardswish_on_an_input_is_one_kernel(rng):
+    g = GraphBuilder(rng)
+    model = g.model("hardswish", {"data": (2, 16, 5, 8)}, [_hardswish_as_math(g, "data", "act")])
+    report = _chain_kernels(model, rng, 1)
+    assert report["elementwise"]["kernels"] == 1 and report["elementwise"]["ops"] >= 4
+
+
+def test_silu_and_a_scale_after_an_fc_run_in_its_kernel(rng):
+    g = GraphBuilder(rng)
+    y = g.gemm("data", "fc", 16, 32)
+    y = g.op("Mul", [y, g.op("Sigmoid", [y], "sigmoid")], "silu")
+    y = g.op("Div", [g.op("Add", [y, "shift"], "shifted"), g.const("d", np.float32(1.5))], "out")
+    model = g.model("fc_silu", {"data": (4, 16), "shift": (4, 32)}, [y])
+    report = _chain_kernels(model, rng, 1)
+    assert set(matched(report)) <= {"fc_bias", "fc_act"} and report["elementwise"]["epilogue_ops"] >= 2
+    assert list(report["schedules"]["applied"].values()) == ["matmul"]  # the FC's schedule still applies
+
+
+def test_divide_multiply_add_after_a_conv_run_in_its_kernel(rng):
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "block", 8, 16)  # conv_bn_act (ReLU)
+    y = g.op("Div", [g.op("Sqrt", [y], "sqrt"), "scale"], "div")
+    y = g.op("Add", [g.op("Mul", [y, y], "square"), g.const("k", np.float32(0.25))], "out")
+    model = g.model("conv_chain", {"data": (1, 8, 7, 8), "scale": (1, 16, 7, 8)}, [y])
+    report = _chain_kernels(model, rng, 1)
+    assert report["elementwise"]["chains"] == {"conv_bn_act+sqrt+divide+multiply+add": 1}
+    assert "conv2d_nchwc" in report["schedules"]["applied"].values()
+
+
+def test_matmul_of_two_activations_takes_its_epilogue(rng):
+    """Attention's scores: no rule takes a matmul of two activations, the scaling still joins it."""
+    g = GraphBuilder(rng)
+    y = g.op("MatMul", ["q", "k"], "scores")
+    y = g.op("Add", [g.op("Mul", [y, g.const("scale", np.float32(0.125))], "scaled"), "mask"], "masked")
+    model = g.model("scores", {"q": (2, 8, 16), "k": (2, 16, 32), "mask": (1, 1, 32)}, [y])
+    report = _chain_kernels(model, rng, 1)
+    assert report["elementwise"]["chains"] == {"matmul+multiply+add": 1}
+
+
+def test_transpose_reshape_chain_is_one_kernel(rng):
+    g = GraphBuilder(rng)
+    y = g.op("Transpose", ["data"], "transpose", perm=[0, 2, 3, 1])
+    y = g.op("Reshape", [y, g.const("shape", np.array([1, 48, 8], np.int64))], "reshape")
+    y = g.op("Add", [g.op("Mul", [y, g.const("s", rng.normal(0, 1, 8).astype(np.float32))], "mul"), "bias"], "out")
+    model = g.model("transpose_reshape", {"data": (1, 8, 6, 8), "bias": (1, 48, 8)}, [y])
+    report = _chain_kernels(model, rng, 1)
+    assert report["elementwise"]["chains"] == {"permute_dims+reshape+multiply+add": 1}
+
+
+def test_a_value_read_outside_the_chain_ends_it(rng):
+    """exp(x) is also a graph output: the chain after it cannot hide it."""
+    g = GraphBuilder(rng)
+    s = g.op("Exp", ["data"], "exp")
+    y = g.op("Tanh", [g.op("Mul", [s, "data"], "mul")], "tanh")
+    model = g.model("leak", {"data": (2, 32)}, [y, s])
+    report = _chain_kernels(model, rng, 2, {"exp": 1})
+    assert report["elementwise"]["chains"] == {"multiply+tanh": 1}
+
+
+def test_a_costly_op_is_not_recomputed_for_every_element_of_a_broadcast(rng):
+    """exp on a per-channel gate, then a multiply onto the whole tensor: the exp stays a kernel of its own,
+    while the cheap scale on the gate joins it."""
+    g = GraphBuilder(rng)
+    gate = g.op("Mul", [g.op("Exp", ["gate"], "exp"), g.const("k", np.float32(0.5))], "scaled")
+    model = g.model("gate", {"data": (1, 8, 6, 6), "gate": (1, 8, 1, 1)}, [g.op("Mul", ["data", gate], "out")])
+    report = _chain_kernels(model, rng, 2, {"multiply": 1})
+    assert report["elementwise"]["chains"] == {"exp+multiply": 1}
+
+
+def test_int8_conv_with_elementwise_tail(rng):
+    g = GraphBuilder(rng)
+    y = g.conv_bn("data", "block", 8, 16)
+    y = g.op("Add", [g.op("Mul", [g.op("Sqrt", [y], "sqrt"), "scale"], "mul"), g.const("k", np.float32(0.5))], "out")
+    model = g.model("int8_chain", {"data": (1, 8, 8, 8), "scale": (1, 16, 8, 8)}, [y])
+    calib = [random_inputs(model, rng) for _ in range(2)]
+    feeds = random_inputs(model, rng)
+    expected = onnxruntime_outputs(model, feeds)[0]
+    builds = {fused: compiler.compile(model, target="native", calib=calib, bias_correction=None, fuse=fused)
+              for fused in (True, False)}
+    for built in builds.values():
+        got = built.run(**feeds)[0]
+        assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+        assert built.report["schedules"]["unscheduled"] == {}
+    assert builds[True].report["elementwise"]["epilogue_ops"] >= 3
+    assert builds[True].report["kernels"] < builds[False].report["kernels"]

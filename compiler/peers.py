@@ -1,0 +1,125 @@
+"""The runtimes `quantvm bench` measures quantvm against, each as fp32 and int8 contenders.
+
+- onnxruntime: fp32 as is; int8 as onnxruntime advises, static QDQ (u8 activations, s8 per-channel weights,
+  MinMax on the calibration batches) for models with convolutions, dynamic (weights s8, activations quantized
+  per call) for the others (transformers).
+- OpenVINO: fp32 with f32 inference precision (on bf16 hosts — AMX, AVX512-BF16 — it would otherwise run bf16);
+  int8 from NNCF's defaults (`nncf.quantize` on the same batches; ModelType.TRANSFORMER for models without
+  convolutions).
+Each runs with the bench's thread count. A peer that is not installed is left out (None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PEERS = ("onnxruntime", "openvino")
+
+
+@dataclass
+class Contender:
+    name: str
+    run: object  # callable(feeds) -> outputs
+    seconds: list = field(default_factory=list)
+
+    def summary(self, batch: int) -> dict:
+        times = np.array(self.seconds)
+        median = float(np.median(times))
+        return {"name": self.name, "median_ms": median * 1e3, "p90_ms": float(np.percentile(times, 90)) * 1e3,
+                "throughput": batch / median}
+
+
+def has_convolutions(proto) -> bool:
+    """CNN or not: which int8 recipe the peers' own advice picks."""
+    return any(node.op_type in ("Conv", "ConvTranspose") for node in proto.graph.node)
+
+
+def peer_version(peer: str) -> str | None:
+    try:
+        module = __import__(peer)
+    except ImportError:
+        return None
+    return getattr(module, "__version__", "?")
+
+
+def onnxruntime_contender(model_bytes: bytes, threads: int, name: str = "onnxruntime fp32") -> Contender | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return Contender(name, lambda feeds: session.run(None, feeds))
+
+
+def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: int) -> Contender | None:
+    """onnxruntime's int8: quant_pre_process, then quantize_static (QDQ) for CNNs or quantize_dynamic."""
+    try:
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        return None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its quantizer logs advice on the root logger
+    try:
+        with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
+            prepared, quantized = os.path.join(work, "prepared.onnx"), os.path.join(work, "int8.onnx")
+            quant_pre_process(str(model_path), prepared)
+            if has_convolutions(proto):
+                quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            else:
+                quantize_dynamic(prepared, quantized, weight_type=QuantType.QInt8)
+            with open(quantized, "rb") as f:
+                model_bytes = f.read()
+    finally:
+        root.setLevel(level)
+    return onnxruntime_contender(model_bytes, threads, "onnxruntime int8")
+
+
+def _openvino_compiled(model, threads: int):
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda feeds: request.infer(feeds)
+
+
+def openvino_contenders(model_path, proto, batches: list[dict] | None, threads: int) -> list[Contender]:
+    """OpenVINO fp32 and, given calibration `batches`, NNCF int8 with its defaults."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    model = ov.convert_model(str(model_path))
+    contenders = []
+    if batches is not None:
+        try:
+            import nncf
+        except ImportError:
+            nncf = None
+        if nncf is not None:
+            model_type = None if has_convolutions(proto) else nncf.ModelType.TRANSFORMER
+            quantized = nncf.quantize(ov.convert_model(str(model_path)), nncf.Dataset(batches),
+                                      model_type=model_type, subset_size=max(len(batches), 1))
+            contenders.append(Contender("openvino int8", _openvino_compiled(quantized, threads)))
+    contenders.append(Contender("openvino fp32", _openvino_compiled(model, threads)))
+    return contenders

@@ -1,0 +1,74 @@
+"""fp32 FC weights packed [N/lanes, K, lanes] (targets.layout.pack_dense_weights) and read packed by the
+matmul rule: the numbers are onnxruntime's, whatever the shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import compiler
+from targets.layout import pack_dense_weights
+from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def _matmul_model(rng, x_shape: tuple, n: int, gemm: bool):
+    """x @ w + b then ReLU (a MatMul as a transformer's FC is exported), or a Gemm with its weight [K, N]."""
+    g = GraphBuilder(rng)
+    k = x_shape[-1]
+    if gemm:
+        out = g.gemm("x", "fc", k, n, trans_b=False)
+    else:
+        w = g.const("fc.w", rng.normal(0, k ** -0.5, (k, n)).astype(np.float32))
+        b = g.const("fc.b", rng.normal(0, 0.1, n).astype(np.float32))
+        out = g.op("Relu", [g.op("Add", [g.op("MatMul", ["x", w], "fc"), b], "fc.add")], "fc.relu")
+    return g.model("fc", {"x": x_shape}, [out])
+
+
+# (x shape, N, Gemm?): K not a multiple of the lanes (37, 40); N a multiple of half a vector only (24);
+# a transformer's 3-D activations; N no vector divides (20), which stays unpacked.
+SHAPES = [((4, 40), 24, True), ((3, 37), 48, False), ((1, 128, 384), 96, False), ((5, 16), 20, True)]
+
+
+@pytest.mark.parametrize("x_shape,n,gemm", SHAPES)
+def test_fc_matches_onnxruntime(x_shape, n, gemm, rng):
+    model = _matmul_model(rng, x_shape, n, gemm)
+    feeds = random_inputs(model, rng)
+    built = compiler.compile(model, target="native")
+    got = np.asarray(built.run(**feeds)[0])
+    want = onnxruntime_outputs(model, feeds)[0]
+    assert np.abs(got - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
+    applied = built.report["schedules"]["applied"]
+    packed = n % 8 == 0
+    # a packed weight's unpacking is fused into the FC's kernel, which the matmul rule still schedules
+    assert any("layout_transform" in name for name in applied) == packed
+    assert set(applied.values()) == ({"matmul"} if packed else {"generic"})
+
+
+def _packed_weight(k: int, n: int, lanes: int):
+    """A [K, N] weight and what pack_dense_weights makes the matmul read instead of it."""
+    x = relax.Var("x", relax.TensorType((2, k), "float32"))
+    weight = np.arange(k * n, dtype=np.float32).reshape(k, n)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.matmul(x, relax.const(weight))))
+    bindings = pack_dense_weights(bb.get(), lanes)["main"].body.blocks[0].bindings
+    values = {binding.var: binding.value for binding in bindings}
+    read = bindings[-1].value.args[1]
+    return weight, values.get(read, read)
+
+
+def test_weight_is_stored_in_lane_blocks_along_k():
+    weight, unpack = _packed_weight(k=5, n=32, lanes=16)
+    assert unpack.op == tvm.ir.Op.get("relax.layout_transform")
+    packed = unpack.args[0].value.numpy()
+    assert packed.shape == (2, 5, 16)
+    np.testing.assert_array_equal(packed[1, 3], weight[3, 16:32])
+
+
+def test_weight_no_vector_block_divides_is_left_as_it_is():
+    _, weight = _packed_weight(k=5, n=20, lanes=16)
+    assert isinstance(weight, tvm.ir.expr.GenericConst) and weight.value.numpy().shape == (5, 20)
