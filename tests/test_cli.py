@@ -185,7 +185,7 @@ def test_bench_rounds_start_with_each_contender_in_turn():
 
 @pytest.mark.parametrize("args, words", [
     (["--batch", "1,0"], "batch sizes >= 1"), (["--batch", "1,x"], "batch sizes >= 1"),
-    (["--threads", "0"], "whole number >= 1"), (["--compare", "openvino"], "invalid choice"),
+    (["--threads", "0"], "whole number >= 1"), (["--compare", "tensorrt"], "invalid choice"),
 ])
 def test_bench_usage_errors(demo_model_path, args, words):
     done = quantvm("bench", demo_model_path, *args, check=False)
