@@ -219,41 +219,36 @@ def _gru_direction(em: _Emitter, x, inputs, d: int, shape: RnnShape, dtype: str,
     return steps, h
 
 
-def _make_lstm_converter():
+def _lstm(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str) -> tuple[list, list]:
+    """Per direction (Y, Y_h, Y_c): the step outputs and the final states, Y_h then Y_c."""
+    results = [_lstm_direction(em, x, inputs, d, shape, dtype) for d in range(len(shape.directions))]
+    return [r[0] for r in results], [[r[1] for r in results], [r[2] for r in results]]
+
+
+def _gru(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str) -> tuple[list, list]:
+    """Per direction (Y, Y_h): the step outputs and the final state."""
+    lbr = bool(attr.get("linear_before_reset", 0))
+    results = [_gru_direction(em, x, inputs, d, shape, dtype, lbr) for d in range(len(shape.directions))]
+    return [r[0] for r in results], [[r[1] for r in results]]
+
+
+def _make_converter(op_type: str, directions):
+    """An importer converter for `op_type`, unrolled by `directions` (_lstm or _gru)."""
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    class LSTM(onnx_frontend.OnnxOpConverter):
-        @classmethod
-        def _impl_v7(cls, bb, inputs, attr, params):
-            em, inputs, shape, layout = _prepare("LSTM", bb, inputs, attr, params)
-            x, dtype = inputs[0], str(inputs[0].ty.dtype)
-            results = [_lstm_direction(em, x, inputs, d, shape, dtype) for d in range(len(shape.directions))]
-            return relax.Tuple(_outputs(em, [r[0] for r in results], [[r[1] for r in results],
-                                                                     [r[2] for r in results]], layout))
+    def impl(cls, bb, inputs, attr, params):
+        em, inputs, shape, layout = _prepare(op_type, bb, inputs, attr, params)
+        x = inputs[0]
+        steps, states = directions(em, x, inputs, attr, shape, str(x.ty.dtype))
+        return relax.Tuple(_outputs(em, steps, states, layout))
 
-    return LSTM
-
-
-def _make_gru_converter():
-    from tvm import relax
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    class GRU(onnx_frontend.OnnxOpConverter):
-        @classmethod
-        def _impl_v7(cls, bb, inputs, attr, params):
-            em, inputs, shape, layout = _prepare("GRU", bb, inputs, attr, params)
-            x, dtype = inputs[0], str(inputs[0].ty.dtype)
-            lbr = bool(attr.get("linear_before_reset", 0))
-            results = [_gru_direction(em, x, inputs, d, shape, dtype, lbr) for d in range(len(shape.directions))]
-            return relax.Tuple(_outputs(em, [r[0] for r in results], [[r[1] for r in results]], layout))
-
-    return GRU
+    return type(op_type, (onnx_frontend.OnnxOpConverter,), {"_impl_v7": classmethod(impl)})
 
 
 def rnn_converters() -> dict:
     """The converters to add to the importer's map, by ONNX op type."""
-    return {"LSTM": _make_lstm_converter(), "GRU": _make_gru_converter()}
+    return {"LSTM": _make_converter("LSTM", _lstm), "GRU": _make_converter("GRU", _gru)}
 
 
 RNN_OP_TYPES = ("LSTM", "GRU")
