@@ -11,7 +11,7 @@ from pathlib import Path
 from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
 from compiler.diagnose import compile_phase
 from compiler.errors import QuantvmError
-from compiler.frontend import ImportedModel, TensorSpec, import_onnx
+from compiler.frontend import ImportedModel, TensorSpec, import_onnx, model_source
 from compiler.fallback import accuracy_fallback
 from compiler.int8_options import QuantizationOptions
 from compiler.quantization import output_error, quantize
@@ -142,7 +142,7 @@ class ModelJob:
 
     @property
     def source(self) -> str:
-        return self.imported.source if self.imported is not None else _model_name(self.model)
+        return self.imported.source if self.imported is not None else model_source(self.model)
 
     def run(self, start: str = PHASE_NAMES[0], stop: str = PHASE_NAMES[-1]) -> GraphBuild:
         return run_phases(self.build, start, stop, guard=self._guard)
@@ -176,10 +176,6 @@ class ModelJob:
 
 
 LAYOUT = PHASE_NAMES.index("layout")
-
-
-def _model_name(model) -> str:
-    return str(model) if isinstance(model, (str, Path)) else f"<{type(model).__name__}>"
 
 
 def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,

@@ -50,15 +50,24 @@ class ImportedModel:
     origins: dict = field(default_factory=dict)  # Relax Var of mod["main"] -> the OnnxNode it came from
 
 
+def model_source(model) -> str:
+    """How messages name a model: its path, or what it was given as."""
+    if isinstance(model, onnx.ModelProto):
+        return "<onnx.ModelProto>"
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(Path(model)) if isinstance(model, (str, os.PathLike)) else f"<{type(model).__name__}>"
+
+
 def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
     """Accept a path, raw bytes or an onnx.ModelProto; return the checked model, its source and digest."""
+    source = model_source(model)
     if isinstance(model, onnx.ModelProto):
-        proto, source = model, "<onnx.ModelProto>"
+        proto = model
     elif isinstance(model, (bytes, bytearray, memoryview)):
-        proto, source = _parse(bytes(model), "<bytes>"), "<bytes>"
+        proto = _parse(bytes(model), source)
     elif isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        source = str(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         proto = _parse(path.read_bytes(), source)
