@@ -4,6 +4,8 @@ constant folding into producers and before fusion, so that fusion and kernels se
     GELU (erf and tanh math)              relay_passes/canonicalize_gelu.py
     HardSwish, HardSigmoid, SiLU, Mish    relay_passes/canonicalize_activations.py
     LayerNorm (ReduceMean/Sub/Pow/...)    relay_passes/canonicalize_layer_norm.py
+    ConvTranspose -> conv2d + interleave  relay_passes/canonicalize_conv_transpose.py (runs on conv kernels)
+    Conv1d networks -> 2-D of height 1    relay_passes/canonicalize_conv1d.py (likewise)
 
 Each is a list of `rewrite_forms.Form`s: a dpl pattern and a builder that checks every constant.
 """
@@ -13,11 +15,15 @@ from __future__ import annotations
 import tvm
 
 from relay_passes.canonicalize_activations import CanonicalizeActivations
+from relay_passes.canonicalize_conv1d import Conv1dAsConv2d
+from relay_passes.canonicalize_conv_transpose import ConvTransposeAsConv
 from relay_passes.canonicalize_gelu import CanonicalizeGelu
 from relay_passes.canonicalize_layer_norm import CanonicalizeLayerNorm
 
-__all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm"]
+__all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm", "Conv1dAsConv2d",
+           "ConvTransposeAsConv"]
 
 # Every rewrite of decomposed forms into single ops, in the order prepare_graph runs them.
-Canonicalize = tvm.transform.Sequential([CanonicalizeGelu, CanonicalizeActivations, CanonicalizeLayerNorm],
+Canonicalize = tvm.transform.Sequential([CanonicalizeGelu, CanonicalizeActivations, CanonicalizeLayerNorm,
+                                         ConvTransposeAsConv, Conv1dAsConv2d],
                                         name="quantvm.Canonicalize")

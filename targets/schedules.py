@@ -29,6 +29,8 @@ from targets.registry import TargetSpec
 # ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
 TILE_REGISTERS = {8: 12, 16: 26}
 MAX_CHANNEL_BLOCKS = 4
+NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
+PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
 MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., i, j, k)
 # Below this many loop iterations a kernel runs on one thread: waking the pool costs more than it saves.
 MIN_PARALLEL_WORK = 1 << 16
@@ -106,6 +108,9 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
     depthwise = next((b for n, b in blocks.items() if n.startswith(DEPTHWISE_BLOCK)), None)
     if depthwise is not None:
         return _schedule_depthwise(sch, depthwise, spec, tiles)
+    plain_conv = blocks.get(PLAIN_CONV_BLOCK)
+    if plain_conv is not None and _width_lanes(sch, plain_conv, spec) is not None:
+        return _schedule_plain_conv(sch, plain_conv, spec, tiles)
     from targets.transformer import schedule_transformer_kernel  # it imports this module's helpers
     transformer_rule = schedule_transformer_kernel(sch, spec, tiles)
     if transformer_rule is not None:
@@ -279,6 +284,32 @@ def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
     return "depthwise_conv2d_nchwc"
 
 
+def _width_lanes(sch, block, spec) -> int | None:
+    """The vector of output columns of a conv left in NCHW: the widest that divides the row, down to 4."""
+    width = _extent(sch, sch.get_loops(block)[3])
+    return next((v for v in (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES) if width % v == 0), None)
+
+
+def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
+    """A conv whose channels fit no block (60, 12, 4 of them) stays in NCHW: a register tile of output
+    channels x a vector of output columns, each weight broadcast against a row of inputs (contiguous at
+    stride 1), the epilogue on the tile, parallel over batch x channel tiles x rows."""
+    _pad_producers(sch, conv, spec)
+    batch, channel, row, col, *reduction = sch.get_loops(conv)
+    lanes = _width_lanes(sch, conv, spec)
+    col_o, col_i = sch.split(col, [None, lanes])
+    tile_c, _ = _register_tile(_extent(sch, channel), 1, vector_lanes(spec))
+    channel_o, channel_i = tiles.split(sch, channel, tile_c, TILE_REGISTERS[vector_lanes(spec)])
+    tail = _accumulator_tail(sch, conv)
+    sch.reorder(batch, channel_o, row, col_o, *reduction, channel_i, col_i)
+    _store_tile_at(sch, tail, col_o)
+    _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o, row))
+    sch.unroll(channel_i)
+    sch.vectorize(col_i)
+    _split_init(sch, conv, reduction[0])
+    return "conv2d_nchw"
+
+
 def _is_vectorizable_matmul(sch, block, spec) -> bool:
     kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
     loops = sch.get_loops(block)
@@ -288,10 +319,13 @@ def _is_vectorizable_matmul(sch, block, spec) -> bool:
 
 
 def _matmul_lanes(sch, block, spec) -> int | None:
-    """The vector of output columns: a packed int8 weight's block, else the widest that divides them."""
+    """The vector of output columns: a packed int8 weight's block, else the widest that divides them (down to
+    4 lanes: an attention head of 20 or 36 columns runs on SSE vectors rather than on scalar code)."""
     columns = _extent(sch, sch.get_loops(block)[-2])
     packed = _packed_weight_lanes(sch, block)
-    return packed if packed and columns % packed == 0 else channel_block(columns, vector_lanes(spec))
+    if packed and columns % packed == 0:
+        return packed
+    return channel_block(columns, vector_lanes(spec)) or (NARROW_LANES if columns % NARROW_LANES == 0 else None)
 
 
 def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
@@ -379,12 +413,43 @@ def _schedule_spatial_block(sch, block, spec: TargetSpec) -> bool:
     spatial = _leading_spatial_loops(loops, kinds)
     if not spatial:
         return False
+    if len(spatial) == len(loops) and _transpose_tile(sch, block, spatial, lanes):
+        _parallel_prefix(sch, spatial[:-2], spec, block)
+        return True
     if len(spatial) == len(loops) and _extent(sch, spatial[-1]) % lanes == 0:
         *spatial, inner = spatial
         vec_o, vec_i = sch.split(inner, [None, lanes])
         sch.vectorize(vec_i)
         spatial.append(vec_o)
     _parallel_prefix(sch, spatial, spec, block)
+    return True
+
+
+def _transpose_tile(sch, block, loops: list, lanes: int) -> bool:
+    """A copy whose output is contiguous along another loop than the innermost (NCHW{c} -> NCHW: the
+    source's lane loop is innermost, the output's width is contiguous): store whole vectors along the
+    output's contiguous loop, with the innermost loop unrolled around them, so that a tile of lanes x lanes
+    is read from cache lines already loaded. Stores one element per lane otherwise. Rewrites `loops` in
+    place to the new order (the last two: the unrolled and the vectorized loop); False if not such a copy."""
+    written = sch.get(block).writes
+    if len(written) != 1 or _extent(sch, loops[-1]) > 4 * lanes:
+        return False
+    index = written[0].region[-1].min
+    iter_vars = [iv.var for iv in sch.get(block).iter_vars]
+    if not isinstance(index, tirx.Var) or index.same_as(iter_vars[-1]) or not any(
+            index.same_as(v) for v in iter_vars):
+        return False
+    position = next(i for i, v in enumerate(iter_vars) if index.same_as(v))
+    if _extent(sch, loops[position]) % lanes:
+        return False
+    outer, vector = sch.split(loops[position], [None, lanes])
+    unrolled = loops[-1]
+    loops[position] = outer
+    del loops[-1]
+    sch.reorder(*loops, unrolled, vector)
+    sch.unroll(unrolled)
+    sch.vectorize(vector)
+    loops.extend([unrolled, vector])
     return True
 
 

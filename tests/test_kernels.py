@@ -289,3 +289,23 @@ def test_resnet50_int8_for_cascadelake_has_vpdpbusd_in_every_conv_and_dense_kern
     counts = {name: len(re.findall(r"\bvpdpbusd\b", body)) for name, body in int8.items()}
     assert all(counts.values()), {name: c for name, c in counts.items() if not c}
     assert any("matmul" in name for name in counts)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_unblocking_layout_transform_matches_numpy(target):
+    """NCHW{c} -> NCHW as Relax legalizes it (a copy in the source's loop order, the write re-indexed) stores
+    whole vectors along the width (the transpose tile), and moves every value."""
+    from tvm import s_tir
+
+    spec = resolve_target(target)
+    blocked = te.placeholder((1, 3, 5, 32, 16), "float32", name="blocked")
+    copy = te.compute(blocked.shape, lambda *i: blocked(*i), name="unblock")
+    sch = s_tir.Schedule(te.create_prim_func([blocked, copy]))
+    sch.transform_layout("unblock", ("write", 0), lambda n, c, h, w, lane: (n, c * 16 + lane, h, w))
+    log = ScheduleLog()
+    mod = schedule_module(tvm.IRModule({"main": sch.mod["main"]}), spec, log)
+    assert log.applied == {"main": "generic"}
+    assert "T.vectorized" in mod.script() and "T.unroll" in mod.script()
+    lib = tvm.compile(mod, target=spec.tvm_target())
+    x = np.random.default_rng(0).standard_normal((1, 3, 5, 32, 16)).astype("float32")
+    np.testing.assert_array_equal(_run(lib, [x], (1, 48, 5, 32), "float32"), _unblock(x))

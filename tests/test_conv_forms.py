@@ -1,0 +1,125 @@
+"""Convolutions that had no fast kernel now run on the conv2d kernels, and still match onnxruntime:
+ConvTranspose as the sub-pixel conv2d (relay_passes/canonicalize_conv_transpose.py), Conv1d networks as
+2-D networks of height 1 (relay_passes/canonicalize_conv1d.py), and convs whose channels fit no block
+(the NCHW rule in targets/schedules.py)."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import compiler
+from compiler.frontend import import_onnx
+from relay_passes import prepare_graph
+from relay_passes.canonicalize_conv_transpose import phase_weight
+from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+from tests.test_passes import _ops
+
+
+def _relative_error(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _cosine(got, want) -> float:
+    return float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+
+
+def _check_fp32_and_int8(model, rng):
+    feeds = random_inputs(model, rng)
+    want = onnxruntime_outputs(model, feeds)[0]
+    fp32 = compiler.compile(model, target="native")
+    assert _relative_error(fp32.run(**feeds)[0], want) <= 1e-4
+    int8 = compiler.compile(model, target="native", calib=[feeds], bias_correction=None)
+    assert _cosine(int8.run(**feeds)[0], want) >= 0.99
+    return fp32
+
+
+def _canonical_ops(model) -> Counter:
+    return Counter(_ops(prepare_graph(import_onnx(model).mod)))
+
+
+# (in channels, out channels, height, width, kernel, strides, pads, output padding, group)
+CONV_TRANSPOSES = [
+    (32, 16, 10, 12, (2, 2), (2, 2), (0, 0, 0, 0), (0, 0), 1),  # the DB detector's upsampling
+    (32, 16, 9, 9, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), 1),    # FCN / GAN style
+    (16, 32, 7, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),    # with output padding
+    (16, 16, 8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (0, 0), 1),    # stride 1
+    (8, 24, 5, 6, (5, 3), (3, 2), (2, 1, 0, 1), (1, 0), 1),     # uneven kernel, strides and pads
+    (16, 16, 6, 6, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), 16),   # depthwise: stays a conv2d_transpose
+]
+
+
+def _conv_transpose_model(rng, cin, cout, height, width, kernel, strides, pads, output_padding, group):
+    g = GraphBuilder(rng)
+    w = g.const("up.w", rng.normal(0, 0.2, (cin, cout // group, *kernel)).astype(np.float32))
+    b = g.const("up.b", rng.normal(0, 0.1, cout).astype(np.float32))
+    y = g.op("ConvTranspose", ["x", w, b], "up", kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+             output_padding=list(output_padding), group=group)
+    y = g.op("Relu", [g.conv(y, "after", cout, 16)], "relu")
+    return g.model("conv_transpose", {"x": (1, cin, height, width)}, [y])
+
+
+@pytest.mark.parametrize("case", CONV_TRANSPOSES, ids=lambda c: f"k{c[4]}s{c[5]}p{c[6]}op{c[7]}g{c[8]}")
+def test_conv_transpose_runs_as_a_conv_and_matches_onnxruntime(case, rng):
+    model = _conv_transpose_model(rng, *case)
+    ops = _canonical_ops(model)
+    grouped = case[-1] != 1
+    assert ops["relax.nn.conv2d_transpose"] == (1 if grouped else 0)
+    assert ops["relax.nn.conv2d"] == (1 if grouped else 2)
+    _check_fp32_and_int8(model, rng)
+
+
+def test_phase_weight_is_the_transposed_kernel_split_by_output_phase():
+    """Stride 2, kernel 3: phase 0 reads taps 2 and 0 (flipped), phase 1 tap 1 and a zero."""
+    weight = np.arange(3, dtype=np.float32).reshape(1, 1, 1, 3) + 1  # taps 1, 2, 3 along the width
+    phases = phase_weight(weight, (1, 2))
+    np.testing.assert_array_equal(phases[:, 0, 0], [[3, 1], [0, 2]])
+
+
+def _conv1d(g, x, name, cin, cout, k, stride=1, dilation=1, group=1):
+    w = g.const(f"{name}.w", g.rng.normal(0, (1 / (cin // group * k)) ** 0.5, (cout, cin // group, k)).astype(np.float32))
+    b = g.const(f"{name}.b", g.rng.normal(0, 0.1, cout).astype(np.float32))
+    pad = dilation * (k - 1) // 2
+    return g.op("Conv", [x, w, b], name, kernel_shape=[k], strides=[stride], dilations=[dilation], pads=[pad, pad],
+                group=group)
+
+
+def _conv1d_network(rng):
+    """A keyword-spotter / TCN mix: strided and dilated Conv1d, a depthwise one, ReLU, MaxPool1d, a residual
+    add, a scale by a per-channel constant, average pooling, then a 1-D reduction."""
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [_conv1d(g, "audio", "stem", 1, 32, 9, stride=4)], "stem.relu")
+    y = g.op("MaxPool", [y], "pool1", kernel_shape=[2], strides=[2])
+    z = g.op("Relu", [_conv1d(g, y, "dilated", 32, 32, 3, dilation=2)], "dilated.relu")
+    z = _conv1d(g, z, "depthwise", 32, 32, 5, group=32)
+    y = g.op("Add", [y, z], "residual")
+    y = g.op("Mul", [y, g.const("gain.c", rng.uniform(0.5, 1.5, (32, 1)).astype(np.float32))], "gain")
+    y = g.op("AveragePool", [y], "pool2", kernel_shape=[3], strides=[2], pads=[1, 1])
+    y = _conv1d(g, y, "head", 32, 48, 3)
+    y = g.op("ReduceMean", [y, g.const("axes", np.array([2], np.int64))], "mean", keepdims=0)
+    return g.model("conv1d_net", {"audio": (1, 1, 1024)}, [y], opset=18)
+
+
+def test_conv1d_network_becomes_2d_with_one_squeeze_and_matches_onnxruntime(rng):
+    model = _conv1d_network(rng)
+    ops = _canonical_ops(model)
+    assert ops["relax.nn.conv1d"] == 0 and ops["relax.nn.conv2d"] == 4
+    assert ops["relax.nn.max_pool1d"] == 0 and ops["relax.nn.avg_pool1d"] == 0
+    assert ops["relax.squeeze"] == 1 and ops["relax.expand_dims"] == 1  # in and out of 2-D once each
+    fp32 = _check_fp32_and_int8(model, rng)
+    assert fp32.report["layout_transforms"] <= 2  # only at the graph's edges
+
+
+def _unblockable_convs(rng):
+    """60 and 4 channels fit no channel block: the convs stay NCHW."""
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.conv("x", "c60", 3, 60, k=3, bias=True)], "r1")
+    y = g.op("Relu", [g.conv(y, "c60s2", 60, 60, k=3, stride=2, bias=True)], "r2")
+    y = g.conv(y, "c4", 60, 4, k=1, bias=True)
+    return g.model("nchw_convs", {"x": (1, 3, 20, 24)}, [y])
+
+
+def test_convs_whose_channels_fit_no_block_get_the_nchw_rule_and_match_onnxruntime(rng):
+    fp32 = _check_fp32_and_int8(_unblockable_convs(rng), rng)
+    rules = Counter(fp32.report["schedules"]["applied"].values())
+    assert rules["conv2d_nchw"] == 3, rules
