@@ -42,21 +42,36 @@ class Settings:
     tuning_db: str | None = None  # also time the builds this database was tuned for, with its kernels
 
 
+# Both runtimes keep their worker threads spinning for a while after a call; a contender timed straight after
+# another one shares the cores with those spinning threads (up to 3x slower for ResNet-50, 20-40x for a
+# sub-millisecond model). Each contender first runs untimed for SETTLE_SECONDS, then timed for BLOCK_SECONDS.
+SETTLE_SECONDS = 0.05
+BLOCK_SECONDS = 0.05
+
+
 def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: int = 1) -> None:
-    """Round by round, each contender runs once untimed, then once timed. The untimed run absorbs the
-    previous contender's worker threads, which both runtimes keep spinning for a while after a run; timed
-    straight after another contender, either one measured up to 3x slower here. Each round starts one
-    contender later, so that none always runs straight after the same one."""
+    """Round by round, each contender runs a block: untimed calls for at least SETTLE_SECONDS (at least
+    one), so that the previous contender's threads have stopped spinning, then timed calls for at least
+    BLOCK_SECONDS (at least one), each call's time recorded. Each round starts one contender later, so that
+    none always runs straight after the same one."""
     for _ in range(warmup):
         for c in contenders:
             c.run(feeds)
     for turn in range(rounds):
         first = turn % len(contenders)
         for c in contenders[first:] + contenders[:first]:
-            c.run(feeds)
-            start = time.perf_counter()
-            c.run(feeds)
-            c.seconds.append(time.perf_counter() - start)
+            _calls_for(c, feeds, SETTLE_SECONDS)
+            c.seconds.extend(_calls_for(c, feeds, BLOCK_SECONDS))
+
+
+def _calls_for(contender: Contender, feeds: dict, seconds: float) -> list[float]:
+    """Run `contender` until `seconds` have passed (at least once); the time of each call."""
+    times: list[float] = []
+    while not times or sum(times) < seconds:
+        start = time.perf_counter()
+        contender.run(feeds)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def batch_input_shapes(proto, input_shapes: dict | None, batch: int | None) -> dict | None:

@@ -29,6 +29,8 @@ from targets.registry import TargetSpec
 # ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
 TILE_REGISTERS = {8: 12, 16: 26}
 MAX_CHANNEL_BLOCKS = 4
+# A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
+MIN_TILE_ACCUMULATORS = 8
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
 MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., i, j, k)
@@ -134,10 +136,10 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _register_tile(width: int, chunks: int, lanes: int) -> tuple[int, int]:
+def _register_tile(width: int, chunks: int, lanes: int, exact: bool = True) -> tuple[int, int]:
     """(output pixels, output channel blocks) of the tile: the most accumulators that fit in registers
-    (enough to cover FMA latency); ties go to fewer loads per FMA."""
-    candidates = [(w, c) for w in range(1, width + 1) if width % w == 0
+    (enough to cover FMA latency); ties go to fewer loads per FMA. `exact`: w divides the width."""
+    candidates = [(w, c) for w in range(1, width + 1) if width % w == 0 or not exact
                   for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
                   and w * c + c <= TILE_REGISTERS[lanes]]
     return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
@@ -285,9 +287,12 @@ def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
 
 
 def _width_lanes(sch, block, spec) -> int | None:
-    """The vector of output columns of a conv left in NCHW: the widest that divides the row, down to 4."""
+    """The vector of output columns of a conv left in NCHW: the widest that divides the row, down to 4; else
+    the narrowest vector that covers the row (a row of 14 or 7: its last lanes are masked off)."""
     width = _extent(sch, sch.get_loops(block)[3])
-    return next((v for v in (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES) if width % v == 0), None)
+    widths = (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES)
+    return next((v for v in widths if width % v == 0), None) or next(
+        (v for v in reversed(widths) if v >= width), vector_lanes(spec))
 
 
 def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
@@ -325,7 +330,9 @@ def _matmul_lanes(sch, block, spec) -> int | None:
     packed = _packed_weight_lanes(sch, block)
     if packed and columns % packed == 0:
         return packed
-    return channel_block(columns, vector_lanes(spec)) or (NARROW_LANES if columns % NARROW_LANES == 0 else None)
+    exact = channel_block(columns, vector_lanes(spec)) or (NARROW_LANES if columns % NARROW_LANES == 0 else None)
+    # else whole vectors, the last one's lanes past the columns masked off (ViT's 197 attention columns)
+    return exact or (vector_lanes(spec) if columns > vector_lanes(spec) and not packed else None)
 
 
 def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
@@ -336,12 +343,19 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     packed = _packed_weight_lanes(sch, block)
     lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
+    if outer and _weight_shared_by_outer_loops(sch, block, len(outer)):
+        # x [S, 1, K] @ w (a sequence-first transformer): the leading loops are more rows of the same FC
+        row, outer = sch.fuse(*outer, row), []
     registers = TILE_REGISTERS[vector_lanes(spec)]
-    rows, vectors = _register_tile(_extent(sch, row), _extent(sch, col) // lanes, vector_lanes(spec))
+    chunks = -(-_extent(sch, col) // lanes)
+    rows, vectors = _register_tile(_extent(sch, row), chunks, vector_lanes(spec))
+    ragged = rows * vectors < MIN_TILE_ACCUMULATORS and _extent(sch, row) > MIN_TILE_ACCUMULATORS
+    if ragged:  # rows with no useful divisor (ViT's 197 tokens): a full tile, the last one cut short
+        rows, vectors = _register_tile(_extent(sch, row), chunks, vector_lanes(spec), False)
     tail = _accumulator_tail(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
-    row_o, row_i = tiles.split(sch, row, rows, registers)
+    row_o, row_i = sch.split(row, [None, rows]) if ragged else tiles.split(sch, row, rows, registers)
     int8 = _reads_int8_weight(sch, block)
     intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed and int8 else None
     tile_order = [row_o, col_o] if int8 or not packed else [col_o, row_o]
@@ -361,6 +375,20 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         sch.tensorize(col_l, intrinsic)
         return f"matmul_int8[{intrinsic}]"
     return "matmul"
+
+
+def _weight_shared_by_outer_loops(sch, block, outer: int) -> bool:
+    """out[*b, i, j] += x[*b, i, k] * w[k, j]: the operand indexed by j reads no index of the outer loops b."""
+    iter_vars = [iv.var for iv in sch.get(block).iter_vars]
+    batch, column = iter_vars[:outer], iter_vars[outer + 1]
+    output = sch.get(block).writes[0].source
+    for region in sch.get(block).reads:
+        if region.source.same_as(output):
+            continue
+        used = [v for rng in region.region for v in tirx.analysis.undefined_vars(rng.min)]
+        if any(column.same_as(v) for v in used):
+            return not any(b.same_as(v) for b in batch for v in used)
+    return False
 
 
 def _packed_weight_lanes(sch, block) -> int | None:

@@ -139,8 +139,8 @@ def test_pooling_reductions_are_not_row_kernels():
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("shapes", [((1, 4, 32, 16), (1, 4, 16, 32)), ((2, 8, 64), (2, 64, 24)),
-                                    ((1, 2, 24, 48), (1, 2, 48, 20))],
-                         ids=["scores", "context", "head-of-20"])
+                                    ((1, 2, 24, 48), (1, 2, 48, 20)), ((1, 3, 37, 16), (1, 3, 16, 37))],
+                         ids=["scores", "context", "head-of-20", "37-tokens"])
 def test_fp32_batch_matmul_matches_numpy(target, shapes):
     spec = resolve_target(target)
     rng = np.random.default_rng(2)
