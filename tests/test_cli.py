@@ -172,15 +172,30 @@ def test_bench_batch_overrides_the_input_shape_and_compares_with_onnxruntime(tmp
     assert f"speedup quantvm fp32 vs onnxruntime fp32: {ratio['speedup']:.3g}x" in done.stdout
 
 
-def test_bench_rounds_start_with_each_contender_in_turn():
-    from compiler.bench import Contender, interleave
+def test_bench_rounds_give_each_contender_a_settled_block_in_turn():
+    """Each round, each contender runs a block (untimed calls until the other's threads settle, then timed
+    calls), starting one contender later each round; every timed call is recorded."""
+    import time
+
+    from compiler.bench import BLOCK_SECONDS, SETTLE_SECONDS, Contender, interleave
 
     calls = []
-    contenders = [Contender(name, lambda feeds, name=name: calls.append(name)) for name in "abc"]
+
+    def contender(name):
+        def run(_feeds):
+            calls.append(name)
+            time.sleep(0.01)
+        return Contender(name, run)
+
+    contenders = [contender(name) for name in "abc"]
     interleave(contenders, {}, rounds=3, warmup=0)
-    timed = calls[1::2]  # each contender runs untimed, then timed
-    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert all(len(c.seconds) == 3 for c in contenders)
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    for c in contenders:
+        assert sum(c.seconds) >= 3 * BLOCK_SECONDS
+        assert len(c.seconds) >= 3 * 3  # several timed calls per block, not one
+    untimed = len(calls) - sum(len(c.seconds) for c in contenders)
+    assert untimed >= 9 * int(SETTLE_SECONDS / 0.02)
 
 
 @pytest.mark.parametrize("args, words", [
