@@ -2,7 +2,7 @@
 quantvm for this host, fp32 and int8, check them against onnxruntime, and optionally time them.
 
     python examples/corpus.py export [--models a,b]        # venv + ONNX files into the cache
-    python examples/corpus.py run [--models a,b] [--int8] [--bench] [--out results.json] [--force]
+    python examples/corpus.py run [--models a,b] [--int8] [--bench [--fp32-only]] [--out results.json] [--force]
     python examples/corpus.py                              # export, then run --int8
 
 The venv is $QUANTVM_CORPUS_VENV (default ~/.cache/quantvm/corpus-venv), the ONNX cache $QUANTVM_CORPUS
@@ -203,7 +203,8 @@ def run(args) -> int:
             continue
         print(f"--- {info['name']} ({info['ops']} ops, opset {info['opset']}, {info['exporter']})", flush=True)
         started = time.perf_counter()
-        result = run_model(CACHE / f"{info['name']}.onnx", info, args.int8 or args.bench, args.bench, threads)
+        int8 = (args.int8 or args.bench) and not args.fp32_only
+        result = run_model(CACHE / f"{info['name']}.onnx", info, int8, args.bench, threads)
         print(f"    {time.perf_counter() - started:.0f} s: fp32 ok={result.fp32_ok} int8 ok={result.int8_ok}",
               flush=True)
         done[info["name"]] = asdict(result)
@@ -248,7 +249,9 @@ def main(argv: list[str]) -> int:
     run_parser = sub.add_parser("run", help="compile, check and (with --bench) time the cached models")
     run_parser.add_argument("--models")
     run_parser.add_argument("--int8", action="store_true", help="also compile int8 (calibrated on random batches)")
-    run_parser.add_argument("--bench", action="store_true", help="time against onnxruntime (implies --int8)")
+    run_parser.add_argument("--bench", action="store_true",
+                            help="time against onnxruntime (and OpenVINO when installed); implies --int8")
+    run_parser.add_argument("--fp32-only", action="store_true", help="no int8 builds: compile and time fp32 only")
     run_parser.add_argument("--out", default="corpus_results.json")
     run_parser.add_argument("--force", action="store_true", help="redo models already in --out")
     run_parser.add_argument("--threads", type=int, default=None, help="default: $TVM_NUM_THREADS, else all cores")
