@@ -343,9 +343,6 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     packed = _packed_weight_lanes(sch, block)
     lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
-    if outer and _weight_shared_by_outer_loops(sch, block, len(outer)):
-        # x [S, 1, K] @ w (a sequence-first transformer): the leading loops are more rows of the same FC
-        row, outer = sch.fuse(*outer, row), []
     registers = TILE_REGISTERS[vector_lanes(spec)]
     chunks = -(-_extent(sch, col) // lanes)
     rows, vectors = _register_tile(_extent(sch, row), chunks, vector_lanes(spec))
@@ -375,20 +372,6 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         sch.tensorize(col_l, intrinsic)
         return f"matmul_int8[{intrinsic}]"
     return "matmul"
-
-
-def _weight_shared_by_outer_loops(sch, block, outer: int) -> bool:
-    """out[*b, i, j] += x[*b, i, k] * w[k, j]: the operand indexed by j reads no index of the outer loops b."""
-    iter_vars = [iv.var for iv in sch.get(block).iter_vars]
-    batch, column = iter_vars[:outer], iter_vars[outer + 1]
-    output = sch.get(block).writes[0].source
-    for region in sch.get(block).reads:
-        if region.source.same_as(output):
-            continue
-        used = [v for rng in region.region for v in tirx.analysis.undefined_vars(rng.min)]
-        if any(column.same_as(v) for v in used):
-            return not any(b.same_as(v) for b in batch for v in used)
-    return False
 
 
 def _packed_weight_lanes(sch, block) -> int | None:
