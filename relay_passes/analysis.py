@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
+
+
+def op_name(expr) -> str | None:
+    """The operator's name of a call to a Relax op (relax.nn.conv2d), else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def static_shape(expr) -> list[int] | None:
+    """The shape of a tensor-typed expression when every dimension is a known integer, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None or not all(isinstance(d, tvm.tirx.IntImm) for d in values):
+        return None
+    return [int(d) for d in values]
 
 
 def use_counts(func: relax.Function) -> dict:

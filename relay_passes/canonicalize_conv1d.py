@@ -17,6 +17,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.analysis import op_name
+
 _UNIT_AXIS = 2  # the height axis inserted into [N, C, W]
 _ELEMENTWISE_UNARY = ("relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid",
                       "relax.tanh", "relax.clip", "relax.nn.leakyrelu", "relax.nn.softplus", "relax.exp",
@@ -24,10 +26,6 @@ _ELEMENTWISE_UNARY = ("relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh", "r
 _ELEMENTWISE_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
                        "relax.minimum", "relax.power")
 _POOLS = {"relax.nn.max_pool1d": relax.op.nn.max_pool2d, "relax.nn.avg_pool1d": relax.op.nn.avg_pool2d}
-
-
-def _op_name(call) -> str | None:
-    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else None
 
 
 def _pairs(values, before) -> tuple:
@@ -39,7 +37,7 @@ def _pairs(values, before) -> tuple:
 class _LiftConv1d(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        name = _op_name(call)
+        name = op_name(call)
         if name == "relax.nn.conv1d":
             return self._conv(call)
         if name == "relax.expand_dims" and [int(a) for a in call.attrs.axis] == [_UNIT_AXIS]:
@@ -57,7 +55,7 @@ class _LiftConv1d(relax.PyExprMutator):
     def _height_of(self, expr) -> relax.Expr | None:
         """The [N, C, 1, W] value `expr` (a [N, C, W] value) is the squeeze of, if it is one."""
         value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        if _op_name(value) == "relax.squeeze" and value.attrs.axis is not None \
+        if op_name(value) == "relax.squeeze" and value.attrs.axis is not None \
                 and [int(a) for a in value.attrs.axis] == [_UNIT_AXIS] and value.args[0].ty.ndim == 4:
             return value.args[0]
         return None
@@ -67,7 +65,7 @@ class _LiftConv1d(relax.PyExprMutator):
         value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
         if isinstance(value, tvm.ir.expr.GenericConst):
             return value.value.numpy()
-        if _op_name(value) == "relax.reshape" and isinstance(value.args[0], tvm.ir.expr.GenericConst):
+        if op_name(value) == "relax.reshape" and isinstance(value.args[0], tvm.ir.expr.GenericConst):
             shape = [int(d) for d in value.ty.shape]
             return value.args[0].value.numpy().reshape(shape)
         return None

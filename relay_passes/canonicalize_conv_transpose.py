@@ -18,10 +18,10 @@ a conv2d_transpose (TVM's generic kernel).
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from relay_passes.analysis import static_shape
 from relay_passes.rewrite_forms import Form, forms_pass
 
 _DATA, _WEIGHT = wildcard(), is_const()
@@ -43,13 +43,6 @@ def phase_weight(weight: np.ndarray, strides: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(phases.reshape(sh * sw * out_channels, in_channels, mh, mw))
 
 
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
 def _as_conv(matches: dict) -> relax.Expr | None:
     call = matches[_CONV_TRANSPOSE]
     attrs = call.attrs
@@ -57,7 +50,7 @@ def _as_conv(matches: dict) -> relax.Expr | None:
             or attrs.kernel_layout != "IOHW" or (attrs.out_layout or "NCHW") != "NCHW"):
         return None
     data, weight = matches[_DATA], matches[_WEIGHT].value.numpy()
-    in_shape, out_shape = _static_shape(data), _static_shape(call)
+    in_shape, out_shape = static_shape(data), static_shape(call)
     if in_shape is None or out_shape is None or weight.ndim != 4:
         return None
     (sh, sw), (pad_top, pad_left) = [int(s) for s in attrs.strides], [int(p) for p in attrs.padding[:2]]

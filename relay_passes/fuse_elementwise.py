@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from relay_passes.analysis import use_counts
+from relay_passes.analysis import op_name, static_shape, use_counts
 
 ELEMENTWISE_OPS = frozenset("relax." + name for name in (
     "add subtract multiply divide floor_divide power maximum minimum clip negative abs exp log sqrt rsqrt "
@@ -100,12 +100,6 @@ def fuse_elementwise(mod: tvm.IRModule, composites: dict[str, str]) -> tuple[tvm
     return relax.transform.DeadCodeElimination(["main"])(result), report
 
 
-def _op_name(value) -> str | None:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-        return value.op.name
-    return None
-
-
 def _composite(value, composites) -> str | None:
     if isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar):
         return composites.get(value.op.name_hint)
@@ -122,7 +116,7 @@ def _find_groups(bindings, uses, composites) -> list[_Group]:
     for i, binding in enumerate(bindings):
         if i in taken:
             continue
-        rule, op = _composite(binding.value, composites), _op_name(binding.value)
+        rule, op = _composite(binding.value, composites), op_name(binding.value)
         if rule is None and op not in ELEMENTWISE_OPS | INJECTIVE_OPS | ANCHOR_OPS:
             continue
         anchored = rule is not None or op in ANCHOR_OPS
@@ -135,14 +129,12 @@ def _find_groups(bindings, uses, composites) -> list[_Group]:
 
 
 def _elements(var) -> int | None:
-    shape = getattr(var.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return int(np.prod([int(d) for d in shape.values]))
+    shape = static_shape(var)
+    return None if shape is None else int(np.prod(shape))
 
 
 def _can_join(group: _Group, binding, costly_elements: int) -> bool:
-    op = _op_name(binding.value)
+    op = op_name(binding.value)
     if group.anchor_shape is None:
         size = _elements(binding.var)
         broadcasts_costly = costly_elements > 0 and (size is None or size > costly_elements)
@@ -183,7 +175,7 @@ def _grow(group: _Group, bindings, uses, taken) -> None:
 
 def _costly_elements(binding, so_far: int) -> int:
     """The largest result of a costly op in a group, with `binding` added."""
-    if _op_name(binding.value) not in COSTLY_OPS:
+    if op_name(binding.value) not in COSTLY_OPS:
         return so_far
     return max(so_far, _elements(binding.var) or 0)
 

@@ -67,16 +67,25 @@ def _reference_conv(x, weight, stride, pad, groups=1, acc=np.float64):
     return out
 
 
-def _build(tensors, spec):
-    """Schedule (as a model's kernel would be) and build the te function; return it and the rule used."""
-    func = te.create_prim_func(tensors)
+def schedule_func(func, spec) -> tuple[tvm.IRModule, str]:
+    """Schedule `func` as a model's kernel would be; return the module and the rule used."""
     log = ScheduleLog()
     mod = schedule_module(tvm.IRModule({"main": func}), spec, log)
     assert not log.failed, log.failed
-    return tvm.compile(mod, target=spec.tvm_target()), log.applied["main"]
+    return mod, log.applied["main"]
 
 
-def _run(lib, arrays, out_shape, out_dtype):
+def build_func(func, spec):
+    """Schedule and build `func`; return the library and the rule used."""
+    mod, rule = schedule_func(func, spec)
+    return tvm.compile(mod, target=spec.tvm_target()), rule
+
+
+def _build(tensors, spec):
+    return build_func(te.create_prim_func(tensors), spec)
+
+
+def run_lib(lib, arrays, out_shape, out_dtype):
     out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
     lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
     return out.numpy()
@@ -112,7 +121,7 @@ def test_fp32_conv_matches_numpy(target, shape):
     assert rule == "conv2d_nchwc"
     expected = np.maximum(_reference_conv(x, weight, stride, pad) + bias[None, :, None, None], 0)
     out_shape = (n, o // lanes, expected.shape[2], expected.shape[3], lanes)
-    got = _run(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
+    got = run_lib(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
                out_shape, "float32")
     np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
 
@@ -134,7 +143,7 @@ def test_depthwise_conv_matches_numpy(target, stride):
     expected = np.clip(_reference_conv(x, weight, stride, 1, groups=channels), 0, 6)
     blocked_weight = np.ascontiguousarray(weight.reshape(channels // lanes, lanes, 1, 3, 3).transpose(0, 2, 3, 4, 1)
                                           [:, :, :, :, None, :])
-    got = _run(lib, [_block(x, lanes), blocked_weight], (2, channels // lanes) + expected.shape[2:] + (lanes,),
+    got = run_lib(lib, [_block(x, lanes), blocked_weight], (2, channels // lanes) + expected.shape[2:] + (lanes,),
                "float32")
     np.testing.assert_allclose(_unblock(got), expected, rtol=1e-5, atol=1e-5)
 
@@ -159,7 +168,7 @@ def test_pooling_matches_numpy(target):
     np.testing.assert_allclose(_unblock(out_mean.numpy())[:, :, 0, 0], x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
-def _full_range(rng, shape, dtype):
+def full_range(rng, shape, dtype):
     """Random values over the whole range of `dtype`, with its extremes present."""
     info = np.iinfo(dtype)
     values = rng.integers(info.min, info.max + 1, shape).astype(dtype)
@@ -177,20 +186,20 @@ def _isa_8_lanes(spec) -> str:
 @pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_int8_conv_is_exact_over_the_full_range(target, data_dtype, shape):
+def test_int8_conv_is_exact_over_thefull_range(target, data_dtype, shape):
     """Activations at 255 (or -128) against weights at -128: a saturating int16 step would show here."""
     spec = resolve_target(target)
     lanes = 8
     rng = np.random.default_rng(2)
     n, c, size, o, k, stride, pad = shape
-    x = _full_range(rng, (n, c, size, size), data_dtype)
-    weight = _full_range(rng, (o, c, k, k), "int8")
+    x = full_range(rng, (n, c, size, size), data_dtype)
+    weight = full_range(rng, (o, c, k, k), "int8")
     bias = rng.integers(-1000, 1000, o).astype("int32")
     lib, rule = _build(_conv_with_bias_relu(shape, lanes, data_dtype), spec)
     assert rule == f"conv2d_nchwc_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{_isa_8_lanes(spec)}]"
     expected = np.maximum(_reference_conv(x, weight, stride, pad, acc=np.int64) + bias[None, :, None, None], 0)
     out_shape = (n, o // lanes, expected.shape[2], expected.shape[3], lanes)
-    got = _run(lib, [_block(x, lanes), _pack_weight(weight, lanes, True), _block(bias.reshape(1, o, 1, 1), lanes)],
+    got = run_lib(lib, [_block(x, lanes), _pack_weight(weight, lanes, True), _block(bias.reshape(1, o, 1, 1), lanes)],
                out_shape, "int32")
     np.testing.assert_array_equal(_unblock(got), expected)
 
@@ -243,17 +252,17 @@ def _int8_dense(m, k, n, lanes, data_dtype):
 @pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("m", [1, 8])
-def test_int8_dense_is_exact_over_the_full_range(target, data_dtype, m):
+def test_int8_dense_is_exact_over_thefull_range(target, data_dtype, m):
     spec = resolve_target(target)
     rng = np.random.default_rng(3)
     k, n, lanes = 64, 40, 8
-    x = _full_range(rng, (m, k), data_dtype)
-    weight = _full_range(rng, (k, n), "int8")
+    x = full_range(rng, (m, k), data_dtype)
+    weight = full_range(rng, (k, n), "int8")
     bias = rng.integers(-1000, 1000, n).astype("int32")
     lib, rule = _build(_int8_dense(m, k, n, lanes, data_dtype), spec)
     assert rule == f"matmul_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{_isa_8_lanes(spec)}]"
     packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
-    got = _run(lib, [x, packed, bias], (m, n), "int32")
+    got = run_lib(lib, [x, packed, bias], (m, n), "int32")
     np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
 
 
@@ -302,10 +311,9 @@ def test_unblocking_layout_transform_matches_numpy(target):
     copy = te.compute(blocked.shape, lambda *i: blocked(*i), name="unblock")
     sch = s_tir.Schedule(te.create_prim_func([blocked, copy]))
     sch.transform_layout("unblock", ("write", 0), lambda n, c, h, w, lane: (n, c * 16 + lane, h, w))
-    log = ScheduleLog()
-    mod = schedule_module(tvm.IRModule({"main": sch.mod["main"]}), spec, log)
-    assert log.applied == {"main": "generic"}
+    mod, rule = schedule_func(sch.mod["main"], spec)
+    assert rule == "generic"
     assert "T.vectorized" in mod.script() and "T.unroll" in mod.script()
     lib = tvm.compile(mod, target=spec.tvm_target())
     x = np.random.default_rng(0).standard_normal((1, 3, 5, 32, 16)).astype("float32")
-    np.testing.assert_array_equal(_run(lib, [x], (1, 48, 5, 32), "float32"), _unblock(x))
+    np.testing.assert_array_equal(run_lib(lib, [x], (1, 48, 5, 32), "float32"), _unblock(x))

@@ -17,8 +17,11 @@ from tvm import relax, te, tirx, topi
 
 import targets.vector_math  # noqa: F401 - the erf and exp lowerings, as the schedules use them
 from targets import resolve_target
-from targets.schedules import ScheduleLog, schedule_module
 from tests.host_targets import HOST_TARGETS
+from tests.test_kernels import build_func as _build
+from tests.test_kernels import full_range as _full_range
+from tests.test_kernels import run_lib as _run
+from tests.test_kernels import schedule_func as _schedule
 
 
 def _legalized(op, *inputs: tuple[tuple, str]) -> tirx.PrimFunc:
@@ -32,24 +35,6 @@ def _legalized(op, *inputs: tuple[tuple, str]) -> tirx.PrimFunc:
     mod = relax.transform.LegalizeOps()(bb.get())
     (func,) = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     return func.with_attr("global_symbol", "main")
-
-
-def _schedule(func, spec) -> tuple[tvm.IRModule, str]:
-    log = ScheduleLog()
-    mod = schedule_module(tvm.IRModule({"main": func}), spec, log)
-    assert not log.failed, log.failed
-    return mod, log.applied["main"]
-
-
-def _build(func, spec):
-    mod, rule = _schedule(func, spec)
-    return tvm.compile(mod, target=spec.tvm_target()), rule
-
-
-def _run(lib, arrays, out_shape, out_dtype):
-    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
-    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
-    return out.numpy()
 
 
 erf = np.vectorize(math.erf)
@@ -149,14 +134,6 @@ def test_fp32_batch_matmul_matches_numpy(target, shapes):
     assert rule == "batch_matmul"
     expected = a.astype(np.float64) @ b
     np.testing.assert_allclose(_run(lib, [a, b], expected.shape, "float32"), expected, rtol=1e-4, atol=1e-4)
-
-
-def _full_range(rng, shape, dtype):
-    info = np.iinfo(dtype)
-    values = rng.integers(info.min, info.max + 1, shape).astype(dtype)
-    values.flat[:16] = info.max
-    values.flat[16:32] = info.min
-    return values
 
 
 def _int8_batch_matmul(a_dtype, shapes):
