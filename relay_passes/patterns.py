@@ -174,6 +174,13 @@ def _bn_relu():
     return [(out, {"root": out, "bn_input": x})]
 
 
+def _packed_fc():
+    """A lone fp32 FC whose weight targets.layout packed: the unpacking must sit inside the FC's kernel (its
+    reads index the packed constant), or constant folding would undo the packing."""
+    out = is_op("relax.matmul")(wildcard(), is_op("relax.layout_transform")(is_const()))
+    return [(out, {"root": out})]
+
+
 def _int8_average_pool():
     """An average pooling that reads int8 data: dequantize, average, and the next quantize, one kernel."""
     data = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
@@ -191,6 +198,7 @@ RULES: tuple[FusionRule, ...] = (
     FusionRule("fc_act", "FullyConnected (+bias) + elementwise op", _chain("fc", ("act",))),
     FusionRule("fc_sum", "FullyConnected (+bias) + elementwise Add", _chain("fc", ("sum",))),
     FusionRule("fc_bias", "FullyConnected + bias", _chain("fc", ())),
+    FusionRule("fc_packed", "FullyConnected reading its packed weight", _packed_fc),
     FusionRule("bn_relu", "BatchNorm + ReLU (BN not after a conv or FC)", _bn_relu),
     FusionRule("int8_avg_pool", "average pooling on int8 data (+ the next op's quantize)", _int8_average_pool),
 )

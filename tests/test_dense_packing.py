@@ -50,6 +50,20 @@ def test_fc_matches_onnxruntime(x_shape, n, gemm, rng):
     assert set(applied.values()) == ({"generic"} if n == 6 else {"matmul"})
 
 
+def test_a_lone_fc_reads_its_packed_weight(rng):
+    """A Gemm with no bias and nothing after it (GPT-2's projections): the packed weight's unpacking is still
+    in the FC's kernel, not folded back to [K, N] by constant folding."""
+    g = GraphBuilder(rng)
+    w = g.const("fc.w", rng.normal(0, 0.1, (64, 96)).astype(np.float32))
+    model = g.model("lone_fc", {"x": (8, 64)}, [g.op("Gemm", ["x", w], "fc")])
+    built = compiler.compile(model, target="native")
+    feeds = random_inputs(model, rng)
+    want = onnxruntime_outputs(model, feeds)[0]
+    assert np.abs(built.run(**feeds)[0] - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
+    assert built.report["fusion"]["fc_packed"] == 1
+    assert any("layout_transform" in name for name in built.report["schedules"]["applied"])
+
+
 def _packed_weight(k: int, n: int, lanes: int):
     """A [K, N] weight and what pack_dense_weights makes the matmul read instead of it."""
     x = relax.Var("x", relax.TensorType((2, k), "float32"))
