@@ -29,6 +29,9 @@ from targets.registry import TargetSpec
 # ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
 TILE_REGISTERS = {8: 12, 16: 26}
 MAX_CHANNEL_BLOCKS = 4
+# The weights one register tile's reduction streams, at most: about half an L2 (Zen 3 has 512 KB, Zen 4 1 MB,
+# Sapphire/Emerald Rapids 2 MB). Above it, a 2048-channel 3x3 conv ran at a third of its speed.
+WEIGHT_PANEL_BYTES = 768 * 1024
 # A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
 MIN_TILE_ACCUMULATORS = 8
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
@@ -237,6 +240,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
     tail = _accumulator_tail(sch, conv)
     int8 = len(reduction) == 5
+    chunk = _input_channel_chunk(sch, conv, reduction, tile_c * lanes)
     ic_outer, kh, kw, *ic_rest = reduction
     # Reduction order: input-channel blocks outside the kernel window (the rules' choice), inside it, or
     # split around it; a knob only where there is a window.
@@ -245,13 +249,19 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
         window = [kh, kw, ic_within]
     else:
         window = [kh, kw]
+    # Where a tile's weights would not stay in L2, a chunk of input channels at a time, each chunk's weights
+    # reused by every tile of the row; the row's accumulators then live in memory between chunks.
+    outer, store_at = [col_o], col_o
+    if chunk is not None:
+        ic_chunk, ic_outer = sch.split(ic_outer, [None, chunk])
+        outer, store_at = [ic_chunk, col_o], row
     if int8:
         ic_mid, ic_inner = ic_rest
-        sch.reorder(batch, oc_o, row, col_o, ic_outer, *window, ic_mid, col_i, oc_i, lane, ic_inner)
+        sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_mid, col_i, oc_i, lane, ic_inner)
     else:
         (ic_inner,) = ic_rest
-        sch.reorder(batch, oc_o, row, col_o, ic_outer, *window, ic_inner, col_i, oc_i, lane)
-    _store_tile_at(sch, tail, col_o)
+        sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_inner, col_i, oc_i, lane)
+    _store_tile_at(sch, tail, store_at)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, oc_o, row))
     sch.unroll(col_i)
     sch.unroll(oc_i)
@@ -262,11 +272,24 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
         sch.vectorize(lane)
     if int8 and intrinsic is None:
         sch.unroll(ic_inner)
-    _split_init(sch, conv, ic_outer)
+    _split_init(sch, conv, outer[0] if chunk is not None else ic_outer)
     if intrinsic is not None:
         sch.tensorize(lane, intrinsic)
         return f"conv2d_nchwc_int8[{intrinsic}]"
     return "conv2d_nchwc_int8" if int8 else "conv2d_nchwc"
+
+
+def _input_channel_chunk(sch, conv, reduction, tile_channels: int) -> int | None:
+    """The most input-channel blocks whose weights for one tile's output channels fit WEIGHT_PANEL_BYTES,
+    or None when all of them do."""
+    weight = next(r.source for r in sch.get(conv).reads if len(r.source.shape) == 6)
+    per_block = tile_channels * tvm.DataType(weight.dtype).bits // 8
+    for loop in reduction[1:]:
+        per_block *= _extent(sch, loop)
+    blocks = _extent(sch, reduction[0])
+    if blocks * per_block <= WEIGHT_PANEL_BYTES:
+        return None
+    return max(d for d in range(1, blocks + 1) if blocks % d == 0 and d * per_block <= WEIGHT_PANEL_BYTES)
 
 
 def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
