@@ -123,3 +123,41 @@ def test_convs_whose_channels_fit_no_block_get_the_nchw_rule_and_match_onnxrunti
     fp32 = _check_fp32_and_int8(_unblockable_convs(rng), rng)
     rules = Counter(fp32.report["schedules"]["applied"].values())
     assert rules["conv2d_nchw"] == 3, rules
+
+
+def _atrous_pyramid(rng):
+    """DeepLabV3's pyramid on a 9x11 map: at dilation 12 only the centre tap reads the input; at dilation 4
+    all of a 3x3 kernel does; at dilation 6, rows keep 3 taps (9 rows reach 6 away) and columns too; a 3x5
+    kernel at dilation (1, 8) keeps its rows and its 3 middle columns; stride 2 at dilation 10 keeps the centre
+    row, and all 3 columns (11 columns: output column 5 reads input column 0, and column 0 reads 10)."""
+    g = GraphBuilder(rng)
+    branches = []
+    for name, kernel, dilation, stride in (("d12", (3, 3), (12, 12), 1), ("d4", (3, 3), (4, 4), 1),
+                                           ("d6", (3, 3), (6, 6), 1), ("wide", (3, 5), (1, 8), 1),
+                                           ("s2", (3, 3), (10, 10), 2)):
+        w = g.const(f"{name}.w", rng.normal(0, 0.1, (16, 32, *kernel)).astype(np.float32))
+        pads = [dilation[0] * (kernel[0] // 2), dilation[1] * (kernel[1] // 2)] * 2
+        y = g.op("Conv", ["x", w], name, kernel_shape=list(kernel), dilations=list(dilation), pads=pads,
+                 strides=[stride, stride])
+        branches.append(g.op("Relu", [y], f"{name}.relu"))
+    return g.model("atrous", {"x": (1, 32, 9, 11)}, branches)
+
+
+def test_taps_that_read_only_padding_are_dropped_and_the_outputs_match_onnxruntime(rng):
+    model = _atrous_pyramid(rng)
+    kernels = sorted(tuple(int(k) for k in call.args[1].ty.shape.values[2:])
+                     for call in _conv_calls(prepare_graph(import_onnx(model).mod)))
+    assert kernels == [(1, 1), (1, 3), (3, 3), (3, 3), (3, 3)], kernels
+    feeds = random_inputs(model, rng)
+    want = onnxruntime_outputs(model, feeds)
+    got = compiler.compile(model, target="native").run(**feeds)
+    for g_, w_ in zip(got, want):
+        assert _relative_error(g_, w_) <= 1e-4
+
+
+def _conv_calls(mod):
+    from tvm import relax
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
+    return calls
