@@ -4,6 +4,7 @@ TVM 0.27 legalizes conv2d only in plain layouts. Blocked convs (targets.layout) 
   fp32       data [N, C/b, H, W, b]  weight [O/b, C/b, KH, KW, b(i), b(o)]
   int8       data [N, C/b, H, W, b]  weight [O/b, C/4, KH, KW, b(o), 4(i)]   (the dot intrinsics' packing)
   depthwise  data [N, C/b, H, W, b]  weight [C/b, 1, KH, KW, 1, b]
+  grouped    as fp32 or int8, with the weight's C the channels of one group (whole blocks)
 Block names (CONV_BLOCK, DEPTHWISE_BLOCK) are how targets.schedules finds the reduction to schedule.
 """
 
@@ -44,7 +45,7 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
     def cols(x):
         return x * stride_w + kw * dil_w
 
-    if groups != 1:  # depthwise: each channel with its own filter
+    if groups != 1 and groups == in_chunks * block:  # depthwise: each channel with its own filter
         return te.compute(
             (n, in_chunks, out_h, out_w, block),
             lambda b, c, y, x, lane: te.sum(
@@ -53,7 +54,13 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
             name=DEPTHWISE_BLOCK)
 
     out_chunks, out_block = int(weight.shape[0]), int(weight.shape[4 if _is_int8(weight) else 5])
-    ic_outer = te.reduce_axis((0, in_chunks), name="ic_outer")
+    # Grouped: each group's channels are whole blocks, and output block `oc` reads its group's input blocks.
+    group_in_chunks, group_out_chunks = in_chunks // groups, out_chunks // groups
+    ic_outer = te.reduce_axis((0, group_in_chunks), name="ic_outer")
+
+    def chunk(oc):
+        return ic_outer if groups == 1 else oc // group_out_chunks * group_in_chunks + ic_outer
+
     if _is_int8(weight):
         group = int(weight.shape[5])
         ic_mid = te.reduce_axis((0, block // group), name="ic_mid")
@@ -61,7 +68,7 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
         return te.compute(
             (n, out_chunks, out_h, out_w, out_block),
             lambda b, oc, y, x, lane: te.sum(
-                pad[b, ic_outer, rows(y), cols(x), ic_mid * group + ic_inner].astype("int32")
+                pad[b, chunk(oc), rows(y), cols(x), ic_mid * group + ic_inner].astype("int32")
                 * weight[oc, ic_outer * (block // group) + ic_mid, kh, kw, lane, ic_inner].astype("int32"),
                 axis=[ic_outer, kh, kw, ic_mid, ic_inner]),
             name=CONV_BLOCK)
@@ -69,7 +76,7 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
     return te.compute(
         (n, out_chunks, out_h, out_w, out_block),
         lambda b, oc, y, x, lane: te.sum(
-            pad[b, ic_outer, rows(y), cols(x), ic_inner].astype(out_dtype) * weight[oc, ic_outer, kh, kw, ic_inner, lane].astype(out_dtype),
+            pad[b, chunk(oc), rows(y), cols(x), ic_inner].astype(out_dtype) * weight[oc, ic_outer, kh, kw, ic_inner, lane].astype(out_dtype),
             axis=[ic_outer, kh, kw, ic_inner]),
         name=CONV_BLOCK)
 

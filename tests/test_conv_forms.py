@@ -161,3 +161,21 @@ def _conv_calls(mod):
     relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
                                     and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
     return calls
+
+
+# (channels in, out, groups): RegNet's groups of 8 channels (merged in pairs into blocks of 16 on AVX-512),
+# groups of 16, twice the outputs per group, and groups of 3 channels, which fit no block and stay NCHW.
+GROUPED = [(48, 48, 6), (64, 64, 4), (48, 96, 6), (24, 24, 8)]
+
+
+@pytest.mark.parametrize("cin,cout,groups", GROUPED, ids=lambda v: str(v))
+def test_grouped_convs_run_blocked_and_match_onnxruntime(cin, cout, groups, rng):
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.conv("x", "c1", cin, cin, k=1, bias=True)], "r1")
+    y = g.op("Relu", [g.conv(y, "grouped", cin, cout, k=3, stride=2, groups=groups, bias=True)], "r2")
+    y = g.conv(y, "c2", cout, 16, k=1, bias=True)
+    fp32 = _check_fp32_and_int8(g.model("grouped", {"x": (1, cin, 13, 12)}, [y]), rng)
+    rules = Counter(fp32.report["schedules"]["applied"].values())
+    blocked = cin // groups % 8 == 0 or 8 % (cin // groups) == 0
+    assert rules["conv2d_nchwc"] == (3 if blocked else 2), rules
+    assert fp32.report["layout_transforms"] == (2 if blocked else 4)
