@@ -34,6 +34,7 @@ MAX_CHANNEL_BLOCKS = 4
 WEIGHT_PANEL_BYTES = 768 * 1024
 # A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
 MIN_TILE_ACCUMULATORS = 8
+POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register tile, at most
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
 MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., i, j, k)
@@ -114,6 +115,8 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
     if depthwise is not None:
         return _schedule_depthwise(sch, depthwise, spec, tiles)
     plain_conv = blocks.get(PLAIN_CONV_BLOCK)
+    if plain_conv is not None and _is_pointwise(sch, plain_conv):
+        return _schedule_pointwise_nchw(sch, plain_conv, spec, tiles)
     if plain_conv is not None and _width_lanes(sch, plain_conv, spec) is not None:
         return _schedule_plain_conv(sch, plain_conv, spec, tiles)
     from targets.transformer import schedule_transformer_kernel  # it imports this module's helpers
@@ -336,6 +339,53 @@ def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     sch.vectorize(col_i)
     _split_init(sch, conv, reduction[0])
     return "conv2d_nchw"
+
+
+def _is_pointwise(sch, conv) -> bool:
+    """A 1x1 conv at stride 1 without padding: each output pixel reads the same pixel of the input."""
+    loops = sch.get_loops(conv)
+    data = sch.get(conv).reads[0].source
+    return ([_extent(sch, loop) for loop in loops[5:]] == [1, 1]
+            and [int(d) for d in data.shape[2:]] == [_extent(sch, loop) for loop in loops[2:4]])
+
+
+def _schedule_pointwise_nchw(sch, conv, spec: TargetSpec, tiles) -> str:
+    """A 1x1 conv left in NCHW (ShuffleNet's 116 channels, an SSD head's 546) is a matmul of the weight
+    [O, C] by the input [C, H*W]: a register tile of output channels x a few vectors of pixels, the pixels of a
+    whole map as one contiguous loop (a 28x28 map is 49 full vectors, not 28 rows of 28 with masked ends)."""
+    _inline_producers(sch, conv)  # a padding of 0, if the lowering wrote one
+    width = _extent(sch, sch.get_loops(conv)[3])
+    tail = _accumulator_tail(sch, conv)
+    # the conv and its epilogue iterate over (row, column) as one pixel index, so that a tile's pixels are one
+    # range of it in both
+    sch.transform_block_layout(conv, lambda n, c, y, x, rc, ry, rx: (n, c, y * width + x, rc, ry, rx))
+    sch.transform_block_layout(tail, lambda n, c, y, x: (n, c, y * width + x))
+    sch.transform_layout(conv, ("write", 0), lambda n, c, y, x: (n, c, y * width + x))
+    batch, channel, pixels, channels_in, *_ = sch.get_loops(conv)
+    lanes, vectors, tile_c = _pointwise_tile(_extent(sch, pixels), _extent(sch, channel), spec)
+    pixel_o, pixel_v, pixel_i = sch.split(pixels, [None, vectors, lanes])
+    channel_o, channel_i = sch.split(channel, [None, tile_c])
+    sch.reorder(batch, channel_o, pixel_o, channels_in, channel_i, pixel_v, pixel_i)
+    _store_tile_at(sch, tail, pixel_o)
+    _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o))
+    sch.unroll(channel_i)
+    sch.unroll(pixel_v)
+    sch.vectorize(pixel_i)
+    _split_init(sch, conv, channels_in)
+    return "conv2d_nchw_pointwise"
+
+
+def _pointwise_tile(pixels: int, channels: int, spec: TargetSpec) -> tuple[int, int, int]:
+    """(lanes, vectors, channels) of a pointwise conv's register tile: the widest vector that divides the
+    pixels (a vector with masked lanes runs as scalar code in TVM; 196 pixels take 4-lane vectors), then the
+    most accumulators, each weight broadcast once per tile row and each vector of pixels loaded once."""
+    widths = (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES)
+    lanes = next((v for v in widths if pixels % v == 0), vector_lanes(spec))
+    registers = TILE_REGISTERS[vector_lanes(spec)]
+    counts = [v for v in range(1, POINTWISE_VECTORS + 1) if pixels % (v * lanes) == 0] or [1]
+    tiles = [(v, min(channels, (registers - v) // v)) for v in counts]
+    vectors, tile_c = max(tiles, key=lambda vc: (vc[0] * vc[1], -(vc[0] + vc[1])))
+    return lanes, vectors, tile_c
 
 
 def _is_vectorizable_matmul(sch, block, spec) -> bool:

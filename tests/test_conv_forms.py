@@ -122,7 +122,22 @@ def _unblockable_convs(rng):
 def test_convs_whose_channels_fit_no_block_get_the_nchw_rule_and_match_onnxruntime(rng):
     fp32 = _check_fp32_and_int8(_unblockable_convs(rng), rng)
     rules = Counter(fp32.report["schedules"]["applied"].values())
-    assert rules["conv2d_nchw"] == 3, rules
+    assert rules["conv2d_nchw"] == 2 and rules["conv2d_nchw_pointwise"] == 1, rules
+
+
+# (channels in, out, map): ShuffleNet's 116 channels at 14x14 (196 pixels: 4-lane vectors) and 58 at 28x28
+# (full vectors), an SSD head's 546 outputs at 10x10, and a 5x5 map no vector divides (masked lanes).
+POINTWISE = [(116, 116, 14), (58, 58, 28), (60, 546, 10), (20, 12, 5)]
+
+
+@pytest.mark.parametrize("cin,cout,size", POINTWISE, ids=lambda v: str(v))
+def test_pointwise_convs_left_nchw_are_tiled_over_whole_maps_and_match_onnxruntime(cin, cout, size, rng):
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.conv("x", "pw1", cin, cout, k=1, bias=True)], "r1")
+    y = g.op("Add", [g.conv(y, "pw2", cout, cout, k=1, bias=True), y], "sum")
+    fp32 = _check_fp32_and_int8(g.model("pointwise", {"x": (1, cin, size, size)}, [y]), rng)
+    rules = Counter(fp32.report["schedules"]["applied"].values())
+    assert rules["conv2d_nchw_pointwise"] == 2, rules
 
 
 def _atrous_pyramid(rng):
