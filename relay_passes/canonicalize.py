@@ -6,8 +6,9 @@ constant folding into producers and before fusion, so that fusion and kernels se
     LayerNorm (ReduceMean/Sub/Pow/...)    relay_passes/canonicalize_layer_norm.py
     ConvTranspose -> conv2d + interleave  relay_passes/canonicalize_conv_transpose.py (runs on conv kernels)
     Conv1d networks -> 2-D of height 1    relay_passes/canonicalize_conv1d.py (likewise)
-    Conv taps that read only padding      relay_passes/canonicalize_conv_taps.py (dropped; last: it sees
-                                          the convs the two above wrote)
+    Conv taps that read only padding      relay_passes/canonicalize_conv_taps.py (dropped; after the two
+                                          above: it sees the convs they wrote)
+    FC on [S, 1, K] -> FC on [S, K]       relay_passes/canonicalize_fc_rows.py
 
 Each is a list of `rewrite_forms.Form`s: a dpl pattern and a builder that checks every constant.
 """
@@ -20,13 +21,15 @@ from relay_passes.canonicalize_activations import CanonicalizeActivations
 from relay_passes.canonicalize_conv1d import Conv1dAsConv2d
 from relay_passes.canonicalize_conv_taps import ConvWithoutDeadTaps
 from relay_passes.canonicalize_conv_transpose import ConvTransposeAsConv
+from relay_passes.canonicalize_fc_rows import FcRowsAsOneMatrix
 from relay_passes.canonicalize_gelu import CanonicalizeGelu
 from relay_passes.canonicalize_layer_norm import CanonicalizeLayerNorm
 
 __all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm", "Conv1dAsConv2d",
-           "ConvTransposeAsConv", "ConvWithoutDeadTaps"]
+           "ConvTransposeAsConv", "ConvWithoutDeadTaps", "FcRowsAsOneMatrix"]
 
 # Every rewrite of decomposed forms into single ops, in the order prepare_graph runs them.
 Canonicalize = tvm.transform.Sequential([CanonicalizeGelu, CanonicalizeActivations, CanonicalizeLayerNorm,
-                                         ConvTransposeAsConv, Conv1dAsConv2d, ConvWithoutDeadTaps],
+                                         ConvTransposeAsConv, Conv1dAsConv2d, ConvWithoutDeadTaps,
+                                         FcRowsAsOneMatrix],
                                         name="quantvm.Canonicalize")

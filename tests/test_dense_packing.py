@@ -9,6 +9,8 @@ import tvm
 from tvm import relax
 
 import compiler
+from compiler.frontend import import_onnx
+from relay_passes import prepare_graph
 from targets.layout import pack_dense_weights
 from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
 
@@ -88,3 +90,23 @@ def test_weight_is_stored_in_lane_blocks_along_k():
 def test_weight_no_vector_block_divides_is_left_as_it_is():
     _, weight = _packed_weight(k=5, n=20, lanes=16)
     assert isinstance(weight, tvm.ir.expr.GenericConst) and weight.value.numpy().shape == (5, 20)
+
+
+@pytest.mark.parametrize("x_shape", [(7, 1, 40), (2, 3, 1, 40)])
+def test_fc_over_row_blocks_is_one_fc_over_all_rows(x_shape, rng):
+    """torch's MultiheadAttention projections on sequence-first x [S, 1, K]: the matmul reads x as [S, K]."""
+    model = _matmul_model(rng, x_shape, 48, gemm=False)
+    matmuls = [call for call in _calls(prepare_graph(import_onnx(model).mod)) if call.op.name == "relax.matmul"]
+    assert [[int(d) for d in call.args[0].ty.shape.values] for call in matmuls] == [[int(np.prod(x_shape[:-1])), 40]]
+    feeds = random_inputs(model, rng)
+    got = compiler.compile(model, target="native").run(**feeds)[0]
+    want = onnxruntime_outputs(model, feeds)[0]
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
+
+
+def _calls(mod) -> list:
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    return calls
