@@ -79,6 +79,13 @@ class Measurement:
     builder: object
     runner: object
     where: str
+    workers: object = None  # the runner whose pool of worker processes close() ends
+
+    def close(self) -> None:
+        """End the runner's worker processes (a LocalRunner keeps one waiting for the next batch)."""
+        pool = getattr(self.workers, "pool", None)
+        if pool is not None:
+            pool.shutdown()
 
     def measure(self, mods: list, target, rounds: int = 1) -> list[tuple[list | None, str | None]]:
         """(run seconds, None) or (None, error) for each scheduled kernel module in `mods`; with `rounds`,
@@ -126,7 +133,7 @@ def local_measurement(spec) -> Measurement:
     threads = functools.partial(use_threads, spec.num_cores or host_cores())
     runner = LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator_config(),
                          initializer=worker_initializer(threads))
-    return Measurement(_builder(), fastest_run(runner), "this host")
+    return Measurement(_builder(), fastest_run(runner), "this host", runner)
 
 
 def rpc_measurement(address: RPCAddress, spec) -> Measurement:
@@ -142,7 +149,7 @@ def rpc_measurement(address: RPCAddress, spec) -> Measurement:
                        session_priority=1, session_timeout_sec=int(RUN_TIMEOUT))
     runner = RPCRunner(config, evaluator_config(), max_workers=servers, initializer=worker_initializer())
     return Measurement(_builder(), fastest_run(runner),
-                       f"the {address.key!r} servers of tracker {address.tracker}")
+                       f"the {address.key!r} servers of tracker {address.tracker}", runner)
 
 
 def _builder():

@@ -96,9 +96,12 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
                             [TaskState(t.task_name, t.weight) for t, _ in tasks], skipped)
     say = progress or (lambda line: None)
     with tuning_run(folder):
-        if tasks:
-            with without_stock_intrinsics():
-                _search(tasks, spec, folder, trials, measurement, summary, say)
+        try:
+            if tasks:
+                with without_stock_intrinsics():
+                    _search(tasks, spec, folder, trials, measurement, summary, say)
+        finally:
+            measurement.close()  # no worker process outlives tune()
         add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -1,6 +1,7 @@
 """Tuning: MetaSchedule through a real RPC tracker and server on 127.0.0.1, databases that compile() applies,
 resumed runs, and databases or trackers that do not fit, refused with the address, key or target named."""
 
+import contextlib
 import json
 import re
 import socket
@@ -49,9 +50,16 @@ def tracker():
             time.sleep(1)
         yield port
     finally:
+        import psutil
+
+        # the server's own worker processes too: terminated, it leaves them running
+        everything = [child for p in processes for child in psutil.Process(p.pid).children(recursive=True)]
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
+        for child in everything:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +161,23 @@ def test_int8_kernels_stay_tensorized_when_tuned(tmp_path, rng):
     model = fixtures.resnet_bottleneck_block(rng)
     calib = [fixtures.random_inputs(model, rng)["data"] for _ in range(2)]
     db = tmp_path / "db"
+    before = {p.pid for p in _worker_processes()}  # (an RPC server fixture's, in this process)
     summary = compiler.tune(model, target="native", trials=8, work_dir=db, calib=calib, calib_mode="naive")
     assert summary.tasks
+    # the runner's waiting worker is ended too: none that tune() started outlives it
+    assert not [p for p in _worker_processes() if p.pid not in before]
     searched = _records(db / "search")
     assert len(searched) > len(summary.tasks)
     assert all("quantvm_dot_" in json.dumps(record) for record in searched + _records(db))  # all: the intrinsic
     built = compiler.compile(model, target="native", calib=calib, calib_mode="naive", tuning_db=db)
     assert built.report["tuning"]["tuned_kernels"]
     assert built.report["quantization"]["output_error"]["cosine"] > 0.99
+
+
+def _worker_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if "tvm.exec.popen_worker" in p.cmdline()]
 
 
 def test_an_unreachable_tracker_is_an_error_naming_it_in_bounded_time(tmp_path, block_model):
