@@ -27,9 +27,7 @@ _FC_BIAS = is_op("relax.add")(_FC, _BIAS)
 def _as_rows(matches: dict) -> relax.Expr | None:
     data, weight = matches[_DATA], matches[_WEIGHT]
     shape, out_shape = static_shape(data), static_shape(matches[_FC])
-    if shape is None or out_shape is None or len(shape) < 3 or math.prod(shape[:-2]) == 1:
-        return None
-    if len(weight.value.numpy().shape) != 2:
+    if shape is None or out_shape is None or len(shape) < 3 or math.prod(shape[:-2]) == 1 or weight.ty.ndim != 2:
         return None
     rows = relax.op.matmul(relax.op.reshape(data, (math.prod(shape[:-1]), shape[-1])), weight)
     if _BIAS in matches:

@@ -106,9 +106,8 @@ class _MergeGroupsToBlock(relax.PyExprMutator):
             return call  # ungrouped, depthwise, or no block fits
         merge = in_block // in_per_group
         out_per_group = out_channels // groups
-        if (merge == 1 or groups % merge or merge * out_per_group % out_block
-                or _groups_are_whole_blocks(groups, in_per_group, out_channels, in_block, out_block)):
-            return call
+        if merge == 1 or groups % merge or merge * out_per_group % out_block:
+            return call  # already whole blocks, or merged groups still would not be
         merged = np.zeros((out_channels, merge, *weight.shape[1:]), weight.dtype)
         outputs = np.arange(out_channels)
         merged[outputs, outputs // out_per_group % merge] = weight

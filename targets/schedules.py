@@ -21,7 +21,7 @@ from tvm import s_tir, tirx
 
 from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
-from targets.layout import INT8_GROUP, channel_block, vector_lanes
+from targets.layout import INT8_GROUP, vector_lanes
 from targets.registry import TargetSpec
 
 # Vector registers for a conv tile (AVX2 has 16, AVX-512 32). A tile of w pixels x c channel blocks
@@ -312,13 +312,22 @@ def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
     return "depthwise_conv2d_nchwc"
 
 
+def _vector_widths(spec) -> tuple[int, int, int]:
+    """The vectors a rule picks from, widest first: a full one, half of one, and 4 lanes."""
+    return vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES
+
+
+def _dividing_lanes(extent: int, spec) -> int | None:
+    """The widest vector that divides `extent` (a vector with masked lanes runs as scalar code in TVM)."""
+    return next((v for v in _vector_widths(spec) if extent % v == 0), None)
+
+
 def _width_lanes(sch, block, spec) -> int | None:
     """The vector of output columns of a conv left in NCHW: the widest that divides the row, down to 4; else
     the narrowest vector that covers the row (a row of 14 or 7: its last lanes are masked off)."""
     width = _extent(sch, sch.get_loops(block)[3])
-    widths = (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES)
-    return next((v for v in widths if width % v == 0), None) or next(
-        (v for v in reversed(widths) if v >= width), vector_lanes(spec))
+    return _dividing_lanes(width, spec) or next(
+        (v for v in reversed(_vector_widths(spec)) if v >= width), vector_lanes(spec))
 
 
 def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
@@ -377,10 +386,9 @@ def _schedule_pointwise_nchw(sch, conv, spec: TargetSpec, tiles) -> str:
 
 def _pointwise_tile(pixels: int, channels: int, spec: TargetSpec) -> tuple[int, int, int]:
     """(lanes, vectors, channels) of a pointwise conv's register tile: the widest vector that divides the
-    pixels (a vector with masked lanes runs as scalar code in TVM; 196 pixels take 4-lane vectors), then the
-    most accumulators, each weight broadcast once per tile row and each vector of pixels loaded once."""
-    widths = (vector_lanes(spec), vector_lanes(spec) // 2, NARROW_LANES)
-    lanes = next((v for v in widths if pixels % v == 0), vector_lanes(spec))
+    pixels (196 pixels take 4-lane vectors), then the most accumulators, each weight broadcast once per tile
+    row and each vector of pixels loaded once."""
+    lanes = _dividing_lanes(pixels, spec) or vector_lanes(spec)
     registers = TILE_REGISTERS[vector_lanes(spec)]
     counts = [v for v in range(1, POINTWISE_VECTORS + 1) if pixels % (v * lanes) == 0] or [1]
     tiles = [(v, min(channels, (registers - v) // v)) for v in counts]
@@ -403,7 +411,7 @@ def _matmul_lanes(sch, block, spec) -> int | None:
     packed = _packed_weight_lanes(sch, block)
     if packed and columns % packed == 0:
         return packed
-    exact = channel_block(columns, vector_lanes(spec)) or (NARROW_LANES if columns % NARROW_LANES == 0 else None)
+    exact = _dividing_lanes(columns, spec)
     # else whole vectors, the last one's lanes past the columns masked off (ViT's 197 attention columns)
     return exact or (vector_lanes(spec) if columns > vector_lanes(spec) and not packed else None)
 
