@@ -34,6 +34,9 @@ MAX_CHANNEL_BLOCKS = 4
 WEIGHT_PANEL_BYTES = 768 * 1024
 # A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
 MIN_TILE_ACCUMULATORS = 8
+# FMAs per vector load a conv tile needs to keep the FMA units busy (two FMAs and two loads a cycle, with
+# headroom): a bigger tile buys nothing above it, and below it (a row of 17 on one channel block) loads bound.
+FMAS_PER_LOAD = 1.5
 POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register tile, at most
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
@@ -238,11 +241,14 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     batch, oc, row, col, lane = loops[:5]
     reduction = loops[5:]
     lanes = vector_lanes(spec)
-    tile_w, tile_c = _register_tile(_extent(sch, col), _extent(sch, oc), lanes)
-    col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
+    int8 = len(reduction) == 5
+    tile_w, tile_c, ragged = _conv_tile(_extent(sch, col), _extent(sch, oc), lanes, allow_ragged=not int8)
+    if ragged:  # the last tile of the row is cut short
+        col_o, col_i = sch.split(col, [None, tile_w])
+    else:
+        col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
     tail = _accumulator_tail(sch, conv)
-    int8 = len(reduction) == 5
     chunk = _input_channel_chunk(sch, conv, reduction, tile_c * lanes)
     ic_outer, kh, kw, *ic_rest = reduction
     # Reduction order: input-channel blocks outside the kernel window (the rules' choice), inside it, or
@@ -280,6 +286,24 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
         sch.tensorize(lane, intrinsic)
         return f"conv2d_nchwc_int8[{intrinsic}]"
     return "conv2d_nchwc_int8" if int8 else "conv2d_nchwc"
+
+
+def _conv_tile(width: int, chunks: int, lanes: int, allow_ragged: bool) -> tuple[int, int, bool]:
+    """(output pixels w, channel blocks c, ragged) of a conv's register tile. A reduction step loads w inputs
+    and c weight vectors for w*c FMAs; a tile scores by its FMAs per load (up to FMAS_PER_LOAD) times the
+    share of its columns that are real outputs, then by being exact, by accumulators, by fewer loads. A
+    ragged tile (w does not divide the row) is what a row of 17 or 71 needs: exact, it is 17 x 1 (load bound)
+    or 1 x 4 (four accumulators)."""
+    def score(tile):
+        w, c = tile
+        padded = -(-width // w) * w
+        return min(w * c / (w + c), FMAS_PER_LOAD) * width / padded, width % w == 0, w * c, -(w + c)
+
+    candidates = [(w, c) for w in range(1, width + 1) if allow_ragged or width % w == 0
+                  for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
+                  and w * c + c <= TILE_REGISTERS[lanes]]
+    w, c = max(candidates, key=score)
+    return w, c, width % w != 0
 
 
 def _input_channel_chunk(sch, conv, reduction, tile_channels: int) -> int | None:

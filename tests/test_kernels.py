@@ -29,6 +29,9 @@ CONV_SHAPES = [
     (3, 32, 7, 64, 1, 1, 0),
     # a tile's weights beyond targets.schedules.WEIGHT_PANEL_BYTES, fp32 and int8: chunks of input channels
     (1, 4096, 6, 32, 3, 1, 1),
+    # rows of 17 and 71 (prime): a ragged register tile, its last one cut short
+    (1, 48, 17, 48, 1, 1, 0),
+    (1, 16, 73, 32, 3, 1, 0),
 ]
 
 
@@ -127,6 +130,20 @@ def test_fp32_conv_matches_numpy(target, shape):
     got = run_lib(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
                out_shape, "float32")
     np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width,chunks,lanes,tile", [
+    (56, 16, 16, (4, 4, False)),  # whole tiles where a divisor gives enough FMAs per load
+    (14, 16, 16, (7, 2, False)),
+    (17, 12, 16, (6, 3, True)),  # exact, 17 x 1 would load a broadcast per FMA
+    (71, 12, 16, (12, 2, True)),  # exact, 1 x 4 would have four accumulators
+    (13, 16, 8, (5, 2, True)),  # AVX2: 10 accumulators over 15 columns, not 13 x 1
+])
+def test_conv_register_tile_is_ragged_only_where_no_divisor_serves(width, chunks, lanes, tile):
+    from targets.schedules import _conv_tile
+    assert _conv_tile(width, chunks, lanes, allow_ragged=True) == tile
+    w, c, ragged = _conv_tile(width, chunks, lanes, allow_ragged=False)
+    assert width % w == 0 and not ragged
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
