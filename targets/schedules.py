@@ -116,7 +116,12 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
         return _schedule_conv(sch, conv, spec, tiles)
     depthwise = next((b for n, b in blocks.items() if n.startswith(DEPTHWISE_BLOCK)), None)
     if depthwise is not None:
-        return _schedule_depthwise(sch, depthwise, spec, tiles)
+        _schedule_window(sch, depthwise, spec, tiles)
+        return "depthwise_conv2d_nchwc"
+    pool = _blocked_pool(sch, blocks, spec)
+    if pool is not None:
+        _schedule_window(sch, pool, spec, tiles)
+        return "pool_nchwc"
     plain_conv = blocks.get(PLAIN_CONV_BLOCK)
     if plain_conv is not None and _is_pointwise(sch, plain_conv):
         return _schedule_pointwise_nchw(sch, plain_conv, spec, tiles)
@@ -319,21 +324,39 @@ def _input_channel_chunk(sch, conv, reduction, tile_channels: int) -> int | None
     return max(d for d in range(1, blocks + 1) if blocks % d == 0 and d * per_block <= WEIGHT_PANEL_BYTES)
 
 
-def _schedule_depthwise(sch, conv, spec: TargetSpec, tiles) -> str:
-    # 9 multiply-adds per output: a padded copy would cost more memory traffic than the bounds checks
-    _inline_producers(sch, conv)
-    batch, chunk, row, col, lane, kh, kw = sch.get_loops(conv)
+def _schedule_window(sch, block, spec: TargetSpec, tiles) -> None:
+    """A depthwise conv or a pooling in NCHW{c}, loops (batch, chunk, row, col, lane, kh, kw): a tile of
+    output pixels accumulates in registers over the window, the lane vectorized. Padding is inlined: at 9
+    operations per output, a padded copy would cost more memory traffic than the bounds checks."""
+    _inline_producers(sch, block)
+    batch, chunk, row, col, lane, kh, kw = sch.get_loops(block)
     lanes = vector_lanes(spec)
-    tile_w, _ = _register_tile(_extent(sch, col), 1, lanes)
-    col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
-    tail = _accumulator_tail(sch, conv)
+    tile_w, _, ragged = _conv_tile(_extent(sch, col), 1, lanes, allow_ragged=True)
+    if ragged:
+        col_o, col_i = sch.split(col, [None, tile_w])
+    else:
+        col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
+    tail = _accumulator_tail(sch, block)
     sch.reorder(batch, chunk, row, col_o, kh, kw, col_i, lane)
     _store_tile_at(sch, tail, col_o)
-    _parallel_if_worth_it(sch, conv, sch.fuse(batch, chunk, row))
+    _parallel_if_worth_it(sch, block, sch.fuse(batch, chunk, row))
     sch.unroll(col_i)
     sch.vectorize(lane)
-    _split_init(sch, conv, kh)
-    return "depthwise_conv2d_nchwc"
+    _split_init(sch, block, kh)
+
+
+def _blocked_pool(sch, blocks: dict, spec: TargetSpec):
+    """A pooling's reduction in NCHW{c} (max, or the sum of an average), if the kernel is one: the only
+    reduction, loops (batch, chunk, row, col, lane, kh, kw), the lane a vector."""
+    reductions = [b for b in blocks.values() if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        return None
+    pool = reductions[0]
+    kinds = [iv.iter_type for iv in sch.get(pool).iter_vars]
+    if kinds != [tirx.IterVar.DataPar] * 5 + [tirx.IterVar.CommReduce] * 2 or len(sch.get_loops(pool)) != 7:
+        return None
+    lane = _extent(sch, sch.get_loops(pool)[4])
+    return pool if lane in _vector_widths(spec) else None
 
 
 def _vector_widths(spec) -> tuple[int, int, int]:

@@ -169,6 +169,28 @@ def test_depthwise_conv_matches_numpy(target, stride):
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_blocked_pooling_takes_the_window_rule(target, kind):
+    """A lone pooling in NCHW{c} (Inception's 3x3/1 average, a 3x3/2 max on a row of 73): registers over
+    the window, the lanes vectorized."""
+    spec = resolve_target(target)
+    rng = np.random.default_rng(7)
+    size, stride = (73, 2) if kind == "max" else (35, 1)
+    x = rng.standard_normal((1, 16, size, size)).astype("float32")
+    data = te.placeholder((1, 2, size, size, 8), "float32", name="data")
+    pooled = topi.nn.pool2d(data, [3, 3], [stride, stride], [1, 1], [1, 1, 1, 1], kind, layout="NCHW8c",
+                            count_include_pad=False)
+    lib, rule = _build([data, pooled], spec)
+    assert rule == "pool_nchwc"
+    fill = -np.inf if kind == "max" else np.nan
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=fill)
+    windows = [padded[:, :, i:i + size:stride, j:j + size:stride] for i in range(3) for j in range(3)]
+    expected = np.max(windows, axis=0) if kind == "max" else np.nanmean(windows, axis=0)
+    got = run_lib(lib, [_block(x, 8)], (1, 2) + expected.shape[2:] + (8,), "float32")
+    np.testing.assert_allclose(_unblock(got), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_pooling_matches_numpy(target):
     """Max pooling 3x3/2 (padded) and a global average, blocked, as the generic rule schedules them."""
     spec = resolve_target(target)
