@@ -25,7 +25,7 @@ from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
-from targets.layout import LayoutReport
+from targets.layout import LayoutReport, vector_lanes
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _kernels(build: GraphBuild) -> None:
     target = build.spec.tvm_target()
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
-            relax.transform.LegalizeOps(legalize_overrides()),
+            relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseTIR(),

@@ -6,6 +6,10 @@ TVM 0.27 legalizes conv2d only in plain layouts. Blocked convs (targets.layout) 
   depthwise  data [N, C/b, H, W, b]  weight [C/b, 1, KH, KW, 1, b]
   grouped    as fp32 or int8, with the weight's C the channels of one group (whole blocks)
 Block names (CONV_BLOCK, DEPTHWISE_BLOCK) are how targets.schedules finds the reduction to schedule.
+
+An int8 conv whose row has no good tile divisor (71 or 17 columns) computes whole register tiles and keeps
+the real columns: the dot intrinsic cannot be tensorized under the predicate that a cut-short tile needs
+(fp32 convs cut their last tile short instead). The extra columns read the row's last input column again.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, topi
 
+from targets.register_tiles import conv_tile
+
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
+WHOLE_TILES_CUT = "conv2d_whole_tiles_cut"  # the real columns of an int8 conv computed in whole tiles
 
 
 def _padded(data, padding):
@@ -28,8 +35,9 @@ def _out_size(size, kernel, stride, dilation, pad_before, pad_after):
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
-def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
-    """A blocked conv2d; which of the three forms is decided by the weight's rank and the group count."""
+def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, tile_lanes: int | None = None):
+    """A blocked conv2d; which of the three forms is decided by the weight's rank and the group count.
+    `tile_lanes`: the target's vector lanes, for an int8 conv's whole register tiles (None: never pad)."""
     n, in_chunks, height, width, block = (int(d) for d in data.shape)
     kernel_h, kernel_w = int(weight.shape[2]), int(weight.shape[3])
     (stride_h, stride_w), (dil_h, dil_w) = strides, dilation
@@ -65,13 +73,17 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
         group = int(weight.shape[5])
         ic_mid = te.reduce_axis((0, block // group), name="ic_mid")
         ic_inner = te.reduce_axis((0, group), name="ic_inner")
-        return te.compute(
-            (n, out_chunks, out_h, out_w, out_block),
+        whole_w = _whole_tiles_width(out_w, out_chunks, tile_lanes)
+        conv = te.compute(
+            (n, out_chunks, out_h, whole_w, out_block),
             lambda b, oc, y, x, lane: te.sum(
-                pad[b, chunk(oc), rows(y), cols(x), ic_mid * group + ic_inner].astype("int32")
+                pad[b, chunk(oc), rows(y), cols(te.min(x, out_w - 1)), ic_mid * group + ic_inner].astype("int32")
                 * weight[oc, ic_outer * (block // group) + ic_mid, kh, kw, lane, ic_inner].astype("int32"),
                 axis=[ic_outer, kh, kw, ic_mid, ic_inner]),
             name=CONV_BLOCK)
+        if whole_w == out_w:
+            return conv
+        return te.compute((n, out_chunks, out_h, out_w, out_block), lambda *i: conv(*i), name=WHOLE_TILES_CUT)
     ic_inner = te.reduce_axis((0, block), name="ic_inner")
     return te.compute(
         (n, out_chunks, out_h, out_w, out_block),
@@ -81,11 +93,19 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype):
         name=CONV_BLOCK)
 
 
+def _whole_tiles_width(out_w: int, out_chunks: int, tile_lanes: int | None) -> int:
+    """The columns an int8 conv computes: whole tiles of the register tile targets.schedules will pick."""
+    if tile_lanes is None:
+        return out_w
+    tile_w, _, ragged = conv_tile(out_w, out_chunks, tile_lanes, allow_ragged=True)
+    return -(-out_w // tile_w) * tile_w if ragged else out_w
+
+
 def _is_int8(weight) -> bool:
     return weight.dtype in ("int8", "uint8")
 
 
-def legalize_conv2d(default):
+def legalize_conv2d(default, tile_lanes: int):
     """A LegalizeOps override for relax.nn.conv2d: blocked layouts here, anything else to `default`."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -95,12 +115,12 @@ def legalize_conv2d(default):
         out_dtype = call.ty.dtype  # out_dtype=None in the attrs means "as the data"
         return bb.call_te(conv2d_nchwc, call.args[0], call.args[1],
                           [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
-                          [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype),
+                          [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype), tile_lanes,
                           primfunc_name_hint="conv2d_nchwc")
 
     return legalize
 
 
-def legalize_overrides() -> dict:
-    """{op name: legalize function} for relax.transform.LegalizeOps."""
-    return {"relax.nn.conv2d": legalize_conv2d(tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize"))}
+def legalize_overrides(tile_lanes: int) -> dict:
+    """{op name: legalize function} for relax.transform.LegalizeOps, for a target of `tile_lanes` lanes."""
+    return {"relax.nn.conv2d": legalize_conv2d(tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize"), tile_lanes)}

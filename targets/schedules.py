@@ -22,21 +22,13 @@ from tvm import s_tir, tirx
 from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
+from targets.register_tiles import (MAX_CHANNEL_BLOCKS, MIN_TILE_ACCUMULATORS, TILE_REGISTERS, conv_tile,
+                                    register_tile)
 from targets.registry import TargetSpec
 
-# Vector registers for a conv tile (AVX2 has 16, AVX-512 32). A tile of w pixels x c channel blocks
-# holds w*c accumulators and c weight vectors; the rest is left for the broadcast inputs LLVM loads
-# ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
-TILE_REGISTERS = {8: 12, 16: 26}
-MAX_CHANNEL_BLOCKS = 4
 # The weights one register tile's reduction streams, at most: about half an L2 (Zen 3 has 512 KB, Zen 4 1 MB,
 # Sapphire/Emerald Rapids 2 MB). Above it, a 2048-channel 3x3 conv ran at a third of its speed.
 WEIGHT_PANEL_BYTES = 768 * 1024
-# A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
-MIN_TILE_ACCUMULATORS = 8
-# FMAs per vector load a conv tile needs to keep the FMA units busy (two FMAs and two loads a cycle, with
-# headroom): a bigger tile buys nothing above it, and below it (a row of 17 on one channel block) loads bound.
-FMAS_PER_LOAD = 1.5
 POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register tile, at most
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
@@ -150,15 +142,6 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _register_tile(width: int, chunks: int, lanes: int, exact: bool = True) -> tuple[int, int]:
-    """(output pixels, output channel blocks) of the tile: the most accumulators that fit in registers
-    (enough to cover FMA latency); ties go to fewer loads per FMA. `exact`: w divides the width."""
-    candidates = [(w, c) for w in range(1, width + 1) if width % w == 0 or not exact
-                  for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
-                  and w * c + c <= TILE_REGISTERS[lanes]]
-    return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
-
-
 def _pad_producers(sch, block, spec):
     """Padding runs as its own parallel pass into a padded copy: inlined, its bounds checks would sit
     on every multiply-add of the reduction."""
@@ -247,7 +230,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     reduction = loops[5:]
     lanes = vector_lanes(spec)
     int8 = len(reduction) == 5
-    tile_w, tile_c, ragged = _conv_tile(_extent(sch, col), _extent(sch, oc), lanes, allow_ragged=not int8)
+    tile_w, tile_c, ragged = conv_tile(_extent(sch, col), _extent(sch, oc), lanes, allow_ragged=not int8)
     if ragged:  # the last tile of the row is cut short
         col_o, col_i = sch.split(col, [None, tile_w])
     else:
@@ -293,24 +276,6 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     return "conv2d_nchwc_int8" if int8 else "conv2d_nchwc"
 
 
-def _conv_tile(width: int, chunks: int, lanes: int, allow_ragged: bool) -> tuple[int, int, bool]:
-    """(output pixels w, channel blocks c, ragged) of a conv's register tile. A reduction step loads w inputs
-    and c weight vectors for w*c FMAs; a tile scores by its FMAs per load (up to FMAS_PER_LOAD) times the
-    share of its columns that are real outputs, then by being exact, by accumulators, by fewer loads. A
-    ragged tile (w does not divide the row) is what a row of 17 or 71 needs: exact, it is 17 x 1 (load bound)
-    or 1 x 4 (four accumulators)."""
-    def score(tile):
-        w, c = tile
-        padded = -(-width // w) * w
-        return min(w * c / (w + c), FMAS_PER_LOAD) * width / padded, width % w == 0, w * c, -(w + c)
-
-    candidates = [(w, c) for w in range(1, width + 1) if allow_ragged or width % w == 0
-                  for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
-                  and w * c + c <= TILE_REGISTERS[lanes]]
-    w, c = max(candidates, key=score)
-    return w, c, width % w != 0
-
-
 def _input_channel_chunk(sch, conv, reduction, tile_channels: int) -> int | None:
     """The most input-channel blocks whose weights for one tile's output channels fit WEIGHT_PANEL_BYTES,
     or None when all of them do."""
@@ -331,7 +296,7 @@ def _schedule_window(sch, block, spec: TargetSpec, tiles) -> None:
     _inline_producers(sch, block)
     batch, chunk, row, col, lane, kh, kw = sch.get_loops(block)
     lanes = vector_lanes(spec)
-    tile_w, _, ragged = _conv_tile(_extent(sch, col), 1, lanes, allow_ragged=True)
+    tile_w, _, ragged = conv_tile(_extent(sch, col), 1, lanes, allow_ragged=True)
     if ragged:
         col_o, col_i = sch.split(col, [None, tile_w])
     else:
@@ -385,7 +350,7 @@ def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     batch, channel, row, col, *reduction = sch.get_loops(conv)
     lanes = _width_lanes(sch, conv, spec)
     col_o, col_i = sch.split(col, [None, lanes])
-    tile_c, _ = _register_tile(_extent(sch, channel), 1, vector_lanes(spec))
+    tile_c, _ = register_tile(_extent(sch, channel), 1, vector_lanes(spec))
     channel_o, channel_i = tiles.split(sch, channel, tile_c, TILE_REGISTERS[vector_lanes(spec)])
     tail = _accumulator_tail(sch, conv)
     sch.reorder(batch, channel_o, row, col_o, *reduction, channel_i, col_i)
@@ -473,10 +438,10 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     *outer, row, col, red = sch.get_loops(block)
     registers = TILE_REGISTERS[vector_lanes(spec)]
     chunks = -(-_extent(sch, col) // lanes)
-    rows, vectors = _register_tile(_extent(sch, row), chunks, vector_lanes(spec))
+    rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec))
     ragged = rows * vectors < MIN_TILE_ACCUMULATORS and _extent(sch, row) > MIN_TILE_ACCUMULATORS
     if ragged:  # rows with no useful divisor (ViT's 197 tokens): a full tile, the last one cut short
-        rows, vectors = _register_tile(_extent(sch, row), chunks, vector_lanes(spec), False)
+        rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec), False)
     tail = _accumulator_tail(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)

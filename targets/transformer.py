@@ -20,6 +20,7 @@ from tvm import tirx
 import targets.vector_math  # noqa: F401 - erf and exp lowered to vector arithmetic for every kernel
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
+from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, register_tile
 from targets.registry import TargetSpec
 
 ROW_REDUCTION_RULES = {"T_softmax_norm": "softmax", "T_layer_norm": "layer_norm"}
@@ -212,11 +213,8 @@ def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: st
     x vectors of j, the dot intrinsic on each (lanes x 4) block; None where the shapes or target do not fit
     (nothing changed then)."""
     from targets.schedules import (
-        MAX_CHANNEL_BLOCKS,
-        TILE_REGISTERS,
         _accumulator_tail,
         _parallel_prefix,
-        _register_tile,
         _schedule_spatial_block,
         _split_init,
         _store_tile_at,
@@ -235,7 +233,7 @@ def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: st
     sch.transform_layout(pack, ("write", 0), _packing(batch_rank, lanes))
     _schedule_spatial_block(sch, pack, spec)
     registers = TILE_REGISTERS[vector_lanes(spec)]
-    rows, vectors = _register_tile(int(sch.get(row).extent), columns // lanes, vector_lanes(spec))
+    rows, vectors = register_tile(int(sch.get(row).extent), columns // lanes, vector_lanes(spec))
     tail = _accumulator_tail(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
