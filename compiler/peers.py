@@ -81,7 +81,7 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
     try:
         with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
             prepared, quantized = os.path.join(work, "prepared.onnx"), os.path.join(work, "int8.onnx")
-            quant_pre_process(str(model_path), prepared)
+            quant_pre_process(_with_per_channel_opset(model_path, proto, work), prepared)
             if has_convolutions(proto):
                 quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -92,6 +92,24 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
     finally:
         root.setLevel(level)
     return onnxruntime_contender(model_bytes, threads, "onnxruntime int8")
+
+
+# Per-channel DequantizeLinear (its `axis`) came in opset 13: onnxruntime's quantizer writes it into an opset
+# 11 or 12 model regardless, and the result fails to load ("Unrecognized attribute: axis").
+PER_CHANNEL_OPSET = 13
+
+
+def _with_per_channel_opset(model_path, proto, work: str) -> str:
+    """`model_path`, or a copy converted to PER_CHANNEL_OPSET in `work` when its opset is older."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return str(model_path)
+    import onnx
+    from onnx import version_converter
+
+    converted = os.path.join(work, "opset13.onnx")
+    onnx.save(version_converter.convert_version(proto, PER_CHANNEL_OPSET), converted)
+    return converted
 
 
 def _openvino_compiled(model, threads: int):
