@@ -1,10 +1,11 @@
 """ONNX LSTM and GRU converters for TVM 0.27's Relax importer, which has none.
 
-The sequence length is static once input shapes are fixed, so the recurrence is unrolled over time: the whole
-input is multiplied by W once, then each step multiplies the hidden state by R and applies the gates. Supported:
+The sequence length is static once input shapes are fixed. The whole input is multiplied by W once per
+direction (an FC, which int8 quantizes like any other), then one kernel runs every time step of every direction
+(targets.recurrent: h @ R^T and the gates per step, directions in parallel). Supported:
 forward/reverse/bidirectional, layout 0 and 1, optional B/initial_h/initial_c, LSTM peepholes, GRU
 linear_before_reset 0 and 1, sequence_lens absent or all equal to the sequence length. Non-default activations,
-clip and LSTM input_forget raise a ModelError naming the attribute.
+clip, LSTM input_forget and tensors other than float32 raise a ModelError naming what is at fault.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.errors import ModelError
+from targets.recurrent import GRU_RULE, LSTM_RULE, SequenceShape, gru_sequence, lstm_sequence
 
 _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh")}
 _GATES = {"LSTM": 4, "GRU": 3}
@@ -51,7 +53,7 @@ def _check_attributes(op: str, attr: dict) -> None:
 
 
 def _check_sequence_lens(op: str, sequence_lens, params, shape: RnnShape) -> None:
-    """Only absent lengths or lengths that all equal the sequence length (a per-batch mask is not unrolled)."""
+    """Only absent lengths or lengths that all equal the sequence length (the kernel has no per-batch mask)."""
     import tvm
     from tvm.relax.frontend.onnx import onnx_frontend
 
@@ -68,7 +70,7 @@ def _check_sequence_lens(op: str, sequence_lens, params, shape: RnnShape) -> Non
 
 
 class _Emitter:
-    """Small helpers over the block builder, so the gate formulas read like the ONNX spec."""
+    """Small helpers over the block builder for the ops around the kernel."""
 
     def __init__(self, bb):
         from tvm import relax
@@ -94,22 +96,10 @@ class _Emitter:
             total = self.emit(self.op.add(total, term))
         return total
 
-    def mul(self, a, b):
-        return self.emit(self.op.multiply(a, b))
-
-    def sigmoid(self, x):
-        return self.emit(self.op.sigmoid(x))
-
-    def tanh(self, x):
-        return self.emit(self.op.tanh(x))
-
     def stack(self, items, axis: int):
         """R.stack, written as expand_dims + concat: ConvertLayout fails on R.stack in TVM 0.27
         ("String index out of bounds"), and the layout phase runs it on the whole graph."""
         return self.emit(self.op.concat([self.emit(self.op.expand_dims(i, axis)) for i in items], axis=axis))
-
-    def gates(self, x, count: int, hidden: int):
-        return [self.take(x, 1, g * hidden, (g + 1) * hidden) for g in range(count)]
 
 
 def _prepare(op: str, bb, inputs, attr, params):
@@ -125,6 +115,8 @@ def _prepare(op: str, bb, inputs, attr, params):
                   for i, v in enumerate(inputs)]
     inputs = onnx_input(inputs)  # None past the last given input
     x, w = inputs[0], inputs[1]
+    if str(x.ty.dtype) != "float32":
+        raise ModelError(f"{op} input X is {x.ty.dtype}; only float32 recurrences are supported")
     seq_len, batch, _ = _static_dims(x, f"{op} input X")
     num_dir, gate_rows, _ = _static_dims(w, f"{op} weight W")
     direction = attr.get("direction", b"forward").decode()
@@ -137,10 +129,11 @@ def _prepare(op: str, bb, inputs, attr, params):
     return em, inputs, shape, layout
 
 
-def _initial_state(em: _Emitter, state, d: int, shape: RnnShape, dtype: str):
+def _initial_states(em: _Emitter, state, shape: RnnShape, dtype: str):
+    """[dirs, batch, hidden]: the given initial state, else zeros."""
     if state is None:
-        return em.emit(em.op.zeros((shape.batch, shape.hidden), dtype))
-    return em.take(state, 0, d, squeeze=True)
+        return em.emit(em.op.zeros((len(shape.directions), shape.batch, shape.hidden), dtype))
+    return state
 
 
 def _bias_halves(em: _Emitter, bias, d: int, count: int, shape: RnnShape, dtype: str):
@@ -153,95 +146,76 @@ def _bias_halves(em: _Emitter, bias, d: int, count: int, shape: RnnShape, dtype:
     return em.take(b, 0, 0, size), em.take(b, 0, size, 2 * size)
 
 
-def _time_steps(direction: str, seq_len: int) -> range:
-    return range(seq_len - 1, -1, -1) if direction == "reverse" else range(seq_len)
+def _projections(em: _Emitter, x, w, bias, count: int, shape: RnnShape, dtype: str, with_recurrent_bias: bool):
+    """[dirs, seq, batch, count * hidden]: x @ W^T + Wb per direction (+ Rb when it can be added up front),
+    one FC each over the whole sequence."""
+    per_direction = []
+    for d in range(len(shape.directions)):
+        wb, rb = _bias_halves(em, bias, d, count, shape, dtype)
+        terms = (wb, rb) if with_recurrent_bias else (wb,)
+        per_direction.append(em.add(em.matmul_t(x, em.take(w, 0, d, squeeze=True)), *terms))
+    return em.stack(per_direction, axis=0)
 
 
-def _outputs(em: _Emitter, per_direction: list, finals: list[list], layout: int):
-    """Y [seq, dirs, batch, hidden] and the final states [dirs, batch, hidden] (layout 1: batch first)."""
-    y = em.stack([em.stack(steps, axis=0) for steps in per_direction], axis=1)
-    states = [em.stack(final, axis=0) for final in finals]
-    if layout == 1:
-        y = em.emit(em.op.permute_dims(y, [2, 0, 1, 3]))
-        states = [em.emit(em.op.permute_dims(s, [1, 0, 2])) for s in states]
-    return [y, *states]
+def _recurrent_biases(em: _Emitter, bias, count: int, shape: RnnShape, dtype: str):
+    """Rb of every direction, [dirs, count * hidden] (zeros when B is absent)."""
+    size = count * shape.hidden
+    if bias is None:
+        return em.emit(em.op.zeros((len(shape.directions), size), dtype))
+    return em.emit(em.op.strided_slice(bias, axes=[1], begin=[size], end=[2 * size]))
 
 
-def _lstm_direction(em: _Emitter, x, inputs, d: int, shape: RnnShape, dtype: str):
-    """Unrolled LSTM for direction slot d: (h per time step in time order, final h, final c)."""
+def _sequence_shape(shape: RnnShape) -> SequenceShape:
+    return SequenceShape(shape.seq_len, shape.batch, shape.hidden,
+                         tuple(direction == "reverse" for direction in shape.directions))
+
+
+def _run_kernel(em: _Emitter, kernel, name: str, args: list, shape: RnnShape, dtype: str, states: int):
+    """The whole-sequence kernel as one call: (Y [seq, dirs, batch, hidden], [its final states])."""
+    from tvm import relax
+
+    dirs = len(shape.directions)
+    state = relax.TensorType((dirs, shape.batch, shape.hidden), dtype)
+    outputs = [relax.TensorType((shape.seq_len, dirs, shape.batch, shape.hidden), dtype)] + [state] * states
+    call = em.emit(relax.call_tir(em.bb.add_func(kernel, name), relax.Tuple(args), out_ty=outputs))
+    items = [em.emit(relax.TupleGetItem(call, i)) for i in range(1 + states)]
+    return items[0], items[1:]
+
+
+def _lstm(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str):
+    """(Y, [Y_h, Y_c]) from one lstm_sequence kernel; the input projection is an FC before it."""
     w, r, bias, _, initial_h, initial_c, peepholes = (inputs[i] for i in range(1, 8))
-    wb, rb = _bias_halves(em, bias, d, 4, shape, dtype)
-    projected = em.add(em.matmul_t(x, em.take(w, 0, d, squeeze=True)), wb, rb)
-    r_d = em.take(r, 0, d, squeeze=True)
-    p_i = p_o = p_f = None
-    if peepholes is not None:
-        p_d = em.take(peepholes, 0, d, squeeze=True)
-        p_i, p_o, p_f = (em.take(p_d, 0, k * shape.hidden, (k + 1) * shape.hidden) for k in range(3))
-    h = _initial_state(em, initial_h, d, shape, dtype)
-    c = _initial_state(em, initial_c, d, shape, dtype)
-    steps = [None] * shape.seq_len
-    for t in _time_steps(shape.directions[d], shape.seq_len):
-        pre = em.add(em.take(projected, 0, t, squeeze=True), em.matmul_t(h, r_d))
-        i, o, f, cand = em.gates(pre, 4, shape.hidden)
-        if peepholes is not None:
-            i, f = em.add(i, em.mul(p_i, c)), em.add(f, em.mul(p_f, c))
-        c = em.add(em.mul(em.sigmoid(f), c), em.mul(em.sigmoid(i), em.tanh(cand)))
-        if peepholes is not None:
-            o = em.add(o, em.mul(p_o, c))
-        h = em.mul(em.sigmoid(o), em.tanh(c))
-        steps[t] = h
-    return steps, h, c
+    if peepholes is None:
+        peepholes = em.emit(em.op.zeros((len(shape.directions), 3 * shape.hidden), dtype))
+    args = [_projections(em, x, w, bias, 4, shape, dtype, with_recurrent_bias=True),
+            em.emit(em.op.permute_dims(r, [0, 2, 1])), peepholes,
+            _initial_states(em, initial_h, shape, dtype), _initial_states(em, initial_c, shape, dtype)]
+    return _run_kernel(em, lstm_sequence(_sequence_shape(shape)), LSTM_RULE, args, shape, dtype, states=2)
 
 
-def _gru_direction(em: _Emitter, x, inputs, d: int, shape: RnnShape, dtype: str, linear_before_reset: bool):
-    """Unrolled GRU for direction slot d: (h per time step in time order, final h)."""
+def _gru(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str):
+    """(Y, [Y_h]) from one gru_sequence kernel; Rb stays in the kernel (the reset gate scales part of it)."""
     w, r, bias, _, initial_h = (inputs[i] for i in range(1, 6))
-    hid = shape.hidden
-    wb, rb = _bias_halves(em, bias, d, 3, shape, dtype)
-    projected = em.add(em.matmul_t(x, em.take(w, 0, d, squeeze=True)), wb)
-    r_d = em.take(r, 0, d, squeeze=True)
-    r_zr, r_h = em.take(r_d, 0, 0, 2 * hid), em.take(r_d, 0, 2 * hid, 3 * hid)
-    rb_zr, rb_h = em.take(rb, 0, 0, 2 * hid), em.take(rb, 0, 2 * hid, 3 * hid)
-    h = _initial_state(em, initial_h, d, shape, dtype)
-    steps = [None] * shape.seq_len
-    for t in _time_steps(shape.directions[d], shape.seq_len):
-        x_z, x_r, x_h = em.gates(em.take(projected, 0, t, squeeze=True), 3, hid)
-        h_z, h_r = em.gates(em.add(em.matmul_t(h, r_zr), rb_zr), 2, hid)
-        z, reset = em.sigmoid(em.add(x_z, h_z)), em.sigmoid(em.add(x_r, h_r))
-        if linear_before_reset:
-            recurrent = em.mul(reset, em.add(em.matmul_t(h, r_h), rb_h))
-        else:
-            recurrent = em.add(em.matmul_t(em.mul(reset, h), r_h), rb_h)
-        cand = em.tanh(em.add(x_h, recurrent))
-        # h = (1 - z) * cand + z * h, written as cand + z * (h - cand)
-        h = em.add(cand, em.mul(z, em.emit(em.op.subtract(h, cand))))
-        steps[t] = h
-    return steps, h
-
-
-def _lstm(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str) -> tuple[list, list]:
-    """Per direction (Y, Y_h, Y_c): the step outputs and the final states, Y_h then Y_c."""
-    results = [_lstm_direction(em, x, inputs, d, shape, dtype) for d in range(len(shape.directions))]
-    return [r[0] for r in results], [[r[1] for r in results], [r[2] for r in results]]
-
-
-def _gru(em: _Emitter, x, inputs, attr, shape: RnnShape, dtype: str) -> tuple[list, list]:
-    """Per direction (Y, Y_h): the step outputs and the final state."""
     lbr = bool(attr.get("linear_before_reset", 0))
-    results = [_gru_direction(em, x, inputs, d, shape, dtype, lbr) for d in range(len(shape.directions))]
-    return [r[0] for r in results], [[r[1] for r in results]]
+    args = [_projections(em, x, w, bias, 3, shape, dtype, with_recurrent_bias=False),
+            em.emit(em.op.permute_dims(r, [0, 2, 1])), _recurrent_biases(em, bias, 3, shape, dtype),
+            _initial_states(em, initial_h, shape, dtype)]
+    return _run_kernel(em, gru_sequence(_sequence_shape(shape), lbr), GRU_RULE, args, shape, dtype, states=1)
 
 
-def _make_converter(op_type: str, directions):
-    """An importer converter for `op_type`, unrolled by `directions` (_lstm or _gru)."""
+def _make_converter(op_type: str, layer):
+    """An importer converter for `op_type`, whose layer `layer` (_lstm or _gru) emits."""
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
     def impl(cls, bb, inputs, attr, params):
         em, inputs, shape, layout = _prepare(op_type, bb, inputs, attr, params)
         x = inputs[0]
-        steps, states = directions(em, x, inputs, attr, shape, str(x.ty.dtype))
-        return relax.Tuple(_outputs(em, steps, states, layout))
+        y, states = layer(em, x, inputs, attr, shape, str(x.ty.dtype))
+        if layout == 1:  # batch first: Y [batch, seq, dirs, hidden], states [batch, dirs, hidden]
+            y = em.emit(em.op.permute_dims(y, [2, 0, 1, 3]))
+            states = [em.emit(em.op.permute_dims(s, [1, 0, 2])) for s in states]
+        return relax.Tuple([y, *states])
 
     return type(op_type, (onnx_frontend.OnnxOpConverter,), {"_impl_v7": classmethod(impl)})
 

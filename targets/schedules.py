@@ -39,6 +39,8 @@ MIN_PARALLEL_WORK = 1 << 16
 CHUNKS_PER_CORE = 4
 # What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
 IS_SCHEDULED = "tirx.is_scheduled"
+# A kernel written already scheduled (targets.recurrent) names its rule here, for the compile report.
+RULE_ATTR = "quantvm.rule"
 
 
 class RuleTiles:
@@ -78,6 +80,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec, log: ScheduleLog | None
         if not isinstance(func, tirx.PrimFunc):
             continue
         name = gvar.name_hint
+        if func.attrs and func.attrs.get(RULE_ATTR):
+            log.applied[name] = str(func.attrs[RULE_ATTR])
+            continue
         if func.attrs and func.attrs.get(IS_SCHEDULED):
             log.tuned.append(name)
             continue

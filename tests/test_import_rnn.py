@@ -1,11 +1,17 @@
-"""ONNX LSTM and GRU (compiler/importer_rnn.py), unrolled over time, against onnxruntime."""
+"""ONNX LSTM and GRU (compiler/importer_rnn.py, one whole-sequence kernel from targets/recurrent.py) against
+onnxruntime, and that kernel's code."""
+
+import re
 
 import numpy as np
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
 from compiler.errors import ModelError
+from targets.registry import resolve_target
+from targets.recurrent import GRU_RULE, LSTM_RULE, SequenceShape, gru_sequence, lstm_sequence
 from tests.fixtures import onnxruntime_outputs
 
 SEQ, BATCH, INPUT, HIDDEN = 5, 2, 3, 4
@@ -13,20 +19,22 @@ _GATES = {"LSTM": 4, "GRU": 3}
 
 
 def _rnn_model(rng, op: str, outputs: list[str], direction: str = "forward", initial_states: bool = False,
-               opset: int = 17, **attrs):
-    """One RNN node on X [seq, batch, input] with random weights and biases."""
+               opset: int = 17, seq: int = SEQ, hidden: int = HIDDEN, **attrs):
+    """One RNN node on X [seq, batch, input] with random weights and biases (R scaled by 1/sqrt(hidden), as
+    trained recurrences are, so a long sequence does not saturate every gate)."""
     dirs = 2 if direction == "bidirectional" else 1
-    gates = _GATES[op] * HIDDEN
+    gates = _GATES[op] * hidden
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
-             [("W", rng.standard_normal((dirs, gates, INPUT))), ("R", rng.standard_normal((dirs, gates, HIDDEN))),
+             [("W", rng.standard_normal((dirs, gates, INPUT))),
+              ("R", rng.standard_normal((dirs, gates, hidden)) / np.sqrt(hidden)),
               ("B", rng.standard_normal((dirs, 2 * gates)))]]
     node_inputs = ["x", "W", "R", "B", ""]
-    graph_inputs = {"x": [SEQ, BATCH, INPUT]}
+    graph_inputs = {"x": [seq, BATCH, INPUT]}
     if initial_states:
         states = ["h0", "c0"] if op == "LSTM" else ["h0"]
         node_inputs += states
-        graph_inputs.update({s: [dirs, BATCH, HIDDEN] for s in states})
-    node = helper.make_node(op, node_inputs, outputs, name="rnn", hidden_size=HIDDEN, direction=direction,
+        graph_inputs.update({s: [dirs, BATCH, hidden] for s in states})
+    node = helper.make_node(op, node_inputs, outputs, name="rnn", hidden_size=hidden, direction=direction,
                             **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
                                             for n, s in graph_inputs.items()],
@@ -36,13 +44,49 @@ def _rnn_model(rng, op: str, outputs: list[str], direction: str = "forward", ini
 
 
 def _matches_onnxruntime(model, shapes: dict, rng):
+    """The compiled model's outputs are onnxruntime's; returns the compiled model."""
     feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-    got = compiler.compile(model, target="native")(**feeds)
+    compiled = compiler.compile(model, target="native")
+    got = compiled(**feeds)
     expected = onnxruntime_outputs(model, feeds)
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert np.asarray(g).shape == e.shape
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    return compiled
+
+
+def _recurrent_kernels(compiled) -> list[str]:
+    return [rule for rule in compiled.report["schedules"]["applied"].values() if rule in (LSTM_RULE, GRU_RULE)]
+
+
+@pytest.mark.parametrize("op, attrs", [("LSTM", {}), ("GRU", {"linear_before_reset": 0}),
+                                       ("GRU", {"linear_before_reset": 1})])
+def test_a_long_bidirectional_sequence_is_one_kernel(rng, op, attrs):
+    """64 steps, 2 directions, 16-lane hidden units: one recurrent kernel, and as many kernels in all as
+    for 2 steps (an unrolled recurrence grows by a dozen kernels a step)."""
+    counts = []
+    for seq in (2, 64):
+        model, shapes = _rnn_model(rng, op, ["y", "y_h"], "bidirectional", initial_states=True, seq=seq,
+                                   hidden=32, **attrs)
+        compiled = _matches_onnxruntime(model, shapes, rng)
+        assert _recurrent_kernels(compiled) == [LSTM_RULE if op == "LSTM" else GRU_RULE]
+        counts.append(compiled.report["kernels"])
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("target, register", [("cascadelake", "zmm"), ("avx2", "ymm")])
+@pytest.mark.parametrize("kernel", ["lstm", "gru"])
+def test_recurrent_kernels_are_vector_code_with_no_libm_calls(target, register, kernel):
+    """Built, not run (a target this host may lack): the gate products are vector FMAs, and sigmoid and tanh
+    are vector arithmetic, not expf called once per hidden unit."""
+    shape = SequenceShape(steps=8, batch=1, hidden=96, reverse=(False, True))
+    func = lstm_sequence(shape) if kernel == "lstm" else gru_sequence(shape, linear_before_reset=False)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      resolve_target(target).tvm_target())
+    asm = lib.mod.inspect_source("asm")
+    assert re.search(rf"\bvfmadd\w+ps\s+[^\n]*%{register}", asm), f"no {register} FMA"
+    assert not re.search(r"call\w*\s+(expf|tanhf)", asm), "a libm call per element"
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
