@@ -3,6 +3,8 @@
 For each quantized op, with its input's calibrated range (lo, hi):
 - the input is quantized symmetrically with zero point 0: u8 over [0, hi] when lo >= 0 (ReLU outputs),
   s8 over [-m, m] otherwise (`quantized_dtype` can force s8). A zero point of 0 keeps conv zero-padding exact.
+  s8 data of a dense or an unpadded conv is stored as u8 + 128, the u8 x s8 form the dot instruction takes
+  in one step; 128 * sum(w) comes off in the s32 bias, so the result is the s8 one exactly;
 - the weight is s8, symmetric per output channel (scale max|W[c]| / 127);
 - a per-channel constant bias right after the op is added in s32 with scale x_scale * w_scale[c]; where it
   would pass 2^30, that channel's weight scale is raised until it does not;
@@ -23,6 +25,7 @@ from relay_passes.analysis import channel_vector, use_counts
 from relay_passes.quantize_motion import MoveQuantizeUp
 
 BIAS_LIMIT = 2**30
+SIGNED_OFFSET = 128  # s8 data stored as u8 with this zero point (see _stores_signed_as_offset_unsigned)
 OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense", "relax.nn.avg_pool2d": "avg_pool",
        "relax.nn.adaptive_avg_pool2d": "avg_pool", "relax.mean": "avg_pool"}
 ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul"),
@@ -284,13 +287,15 @@ class _Rewriter(relax.PyExprMutator):
         plan = op.plan
         if plan.get("smooth") is not None:  # SmoothQuant: the input's channels divided, the weight's multiplied
             data = self.builder_.emit(relax.op.multiply(data, relax.const((1 / plan["smooth"]).astype(np.float32))))
+        offset = _stores_signed_as_offset_unsigned(op, call)
         if plan.get("per_token"):
             q, x_scale = self._quantize_rows(data)
         else:
             x_scale = relax.const(np.float32(plan["x_scale"])) if plan["x_scale"] is not None else \
                 self.builder_.emit(_run_time_scale(data))
-            q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(0, plan["dtype"]), axis=-1,
-                                                     out_dtype=plan["dtype"]))
+            dtype, zero_point = ("uint8", SIGNED_OFFSET) if offset else (plan["dtype"], 0)
+            q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(zero_point, dtype), axis=-1,
+                                                     out_dtype=dtype))
         if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
             dq = self.builder_.emit(relax.op.dequantize(q, x_scale, relax.const(0, plan["dtype"]), axis=-1,
                                                         out_dtype=str(data.ty.dtype)))
@@ -311,8 +316,13 @@ class _Rewriter(relax.PyExprMutator):
         else:
             acc = relax.op.matmul(q, weight, out_dtype="int32")
         acc = self.builder_.emit(acc)
-        if plan["bias"] is not None:
-            acc = self.builder_.emit(relax.op.add(acc, relax.const(plan["bias"].reshape(_channel_shape(op)))))
+        bias = plan["bias"]
+        if offset:  # the + 128 of every input byte, times the weights: a constant per output channel
+            axes = tuple(range(1, plan["weight"].ndim)) if op.kind == "conv2d" else 0
+            offset_sum = SIGNED_OFFSET * plan["weight"].astype(np.int32).sum(axis=axes, dtype=np.int32)
+            bias = (0 if bias is None else bias) - offset_sum
+        if bias is not None:
+            acc = self.builder_.emit(relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(_channel_shape(op)))))
         return _dequantize(op, acc, x_scale)
 
     def _quantize_rows(self, data):
@@ -323,6 +333,16 @@ class _Rewriter(relax.PyExprMutator):
         rounded = relax.op.round(relax.op.divide(data, scale))
         q = self.builder_.emit(relax.op.astype(relax.op.clip(rounded, -127, 127), "int8"))
         return q, scale
+
+
+def _stores_signed_as_offset_unsigned(op: QuantizableOp, call: relax.Call) -> bool:
+    """s8 data of a dense or an unpadded conv is stored as u8 + 128 (the same values: the zero point is 128).
+    `vpdpbusd` multiplies u8 by s8, so s8 data costs it a second instruction per step (targets.intrinsics);
+    here the + 128 comes off as a constant 128 * sum(w) per output channel, folded into the s32 bias, and the
+    result is exact. A padded conv keeps s8: its padding would have to be 128, and the conv pads with 0."""
+    if op.plan["dtype"] != "int8" or op.plan.get("per_token") or op.kind not in ("conv2d", "dense"):
+        return False
+    return op.kind == "dense" or not any(int(p) for p in call.attrs.padding)
 
 
 def _channel_shape(op: QuantizableOp) -> tuple:

@@ -14,7 +14,6 @@ the real columns: the dot intrinsic cannot be tensorized under the predicate tha
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax, te, topi
 
 from targets.register_tiles import conv_tile
@@ -119,8 +118,3 @@ def legalize_conv2d(default, tile_lanes: int):
                           primfunc_name_hint="conv2d_nchwc")
 
     return legalize
-
-
-def legalize_overrides(tile_lanes: int) -> dict:
-    """{op name: legalize function} for relax.transform.LegalizeOps, for a target of `tile_lanes` lanes."""
-    return {"relax.nn.conv2d": legalize_conv2d(tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize"), tile_lanes)}

@@ -184,7 +184,7 @@ def _int8_packing(data, weight: np.ndarray, lanes: int):
             or weight.shape[0] % INT8_GROUP):
         return None
     # the target's block, or half of it for widths like 1000 (AVX-512 has 256-bit dot forms too)
-    lanes = next((b for b in (lanes, lanes // 2) if b >= 8 and weight.shape[1] % b == 0), None)
+    lanes = channel_block(weight.shape[1], lanes)
     if lanes is None:
         return None
     k, n = weight.shape

@@ -26,6 +26,17 @@ def register_tile(width: int, chunks: int, lanes: int, exact: bool = True) -> tu
     return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
 
 
+def matmul_tile(rows: int, chunks: int, lanes: int) -> tuple[int, int, bool]:
+    """(rows, column vectors, ragged) of an FC's register tile: the exact tile with the most accumulators,
+    unless that has too few to cover FMA latency (ViT's 197 tokens, a prime, give 1 x 4); then the ragged one
+    with the most, its last tile cut short (fp32) or computed whole and dropped (int8: targets.dense)."""
+    tile_rows, vectors = register_tile(rows, chunks, lanes)
+    if tile_rows * vectors >= MIN_TILE_ACCUMULATORS or rows <= MIN_TILE_ACCUMULATORS:
+        return tile_rows, vectors, False
+    tile_rows, vectors = register_tile(rows, chunks, lanes, exact=False)
+    return tile_rows, vectors, rows % tile_rows != 0
+
+
 def conv_tile(width: int, chunks: int, lanes: int, allow_ragged: bool) -> tuple[int, int, bool]:
     """(output pixels w, channel blocks c, ragged) of a conv's register tile. A reduction step loads w inputs
     and c weight vectors for w*c FMAs; a tile scores by its FMAs per load (up to FMAS_PER_LOAD) times the

@@ -20,10 +20,10 @@ import tvm
 from tvm import s_tir, tirx
 
 from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
+from targets.dense import MATMUL_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
-from targets.register_tiles import (MAX_CHANNEL_BLOCKS, MIN_TILE_ACCUMULATORS, TILE_REGISTERS, conv_tile,
-                                    register_tile)
+from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile, matmul_tile, register_tile
 from targets.registry import TargetSpec
 
 # The weights one register tile's reduction streams, at most: about half an L2 (Zen 3 has 512 KB, Zen 4 1 MB,
@@ -32,7 +32,6 @@ WEIGHT_PANEL_BYTES = 768 * 1024
 POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register tile, at most
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
-MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul: loops (batch..., i, j, k)
 # Below this many loop iterations a kernel runs on one thread: waking the pool costs more than it saves.
 MIN_PARALLEL_WORK = 1 << 16
 # Aim for this many parallel chunks per core, so uneven rows still balance.
@@ -443,16 +442,17 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     *outer, row, col, red = sch.get_loops(block)
     registers = TILE_REGISTERS[vector_lanes(spec)]
     chunks = -(-_extent(sch, col) // lanes)
-    rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec))
-    ragged = rows * vectors < MIN_TILE_ACCUMULATORS and _extent(sch, row) > MIN_TILE_ACCUMULATORS
-    if ragged:  # rows with no useful divisor (ViT's 197 tokens): a full tile, the last one cut short
-        rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec), False)
+    int8 = _reads_int8_weight(sch, block)
+    intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed and int8 else None
+    rows, vectors, ragged = matmul_tile(_extent(sch, row), chunks, vector_lanes(spec))
+    if ragged and intrinsic is not None:  # the intrinsic cannot run under a cut-short tile's predicate (the
+        # int8 legalization computes whole tiles instead: targets.dense); an exact tile, however small
+        rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec))
+        ragged = False
     tail = _accumulator_tail(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = sch.split(row, [None, rows]) if ragged else tiles.split(sch, row, rows, registers)
-    int8 = _reads_int8_weight(sch, block)
-    intrinsic = _matmul_intrinsic(sch, block, lanes, spec) if packed and int8 else None
     tile_order = [row_o, col_o] if int8 or not packed else [col_o, row_o]
     if intrinsic is not None:
         red, group = sch.split(red, [None, INT8_GROUP])

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 import compiler
 from calib import CalibrationCollector, CalibrationError
@@ -250,3 +251,56 @@ def test_calib_mode_none_computes_ranges_at_run_time(digits_fp32_accuracy):
     assert dynamic.report["unfused_ops"]["max"] == 5  # the run-time range: one extra reduction per int8 op
     with pytest.warns(UserWarning, match="calibration data is not used"):
         compiler.compile(model_path, target="native", input_shapes=shapes, calib=[calib[:40]], calib_mode="none")
+
+
+def _single_op_model(rng, op: str):
+    """One FC (Gemm) or conv on signed data: the s8 input the rewrite stores as u8 + 128 (FC, 1x1 conv)
+    or keeps s8 (a padded conv)."""
+    g = fixtures.GraphBuilder(rng)
+    if op == "fc":
+        return g.model("fc", {"x": (4, 64)}, [g.gemm("x", "fc", 64, 48)])
+    k, pad = (1, 0) if op == "conv1x1" else (3, 1)
+    w = g.const("conv.w", rng.normal(0, 0.2, (32, 16, k, k)).astype(np.float32))
+    b = g.const("conv.b", rng.normal(0, 0.1, 32).astype(np.float32))
+    y = g.op("Conv", ["x", w, b], "conv", kernel_shape=[k, k], pads=[pad] * 4)
+    return g.model(op, {"x": (1, 16, 6, 6)}, [y])
+
+
+def _int8_reference(model, x, calib):
+    """The int8 op in numpy, as the rewrite plans it (naive ranges, no bias correction): s8 input over
+    max|x|, s8 weights per output channel, s32 bias, one fp32 multiply back."""
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    node = model.graph.node[0]
+    weight, bias = inits[node.input[1]], inits[node.input[2]]
+    x_scale = np.abs(calib).max() / 127
+    w = weight.reshape(weight.shape[0], -1)  # output channels first (Gemm's transB and conv's O)
+    w_scale = np.abs(w).max(axis=1) / 127
+    w_q = np.clip(np.round(weight / w_scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127)
+    b_q = np.round(bias / (x_scale * w_scale))
+    x_q = np.clip(np.round(x / np.float32(x_scale)), -128, 127).astype(np.float64)
+    if weight.ndim == 2:
+        acc = x_q @ w_q.T + b_q
+        return acc * (x_scale * w_scale), x_scale * np.abs(w_q).max() * w_scale.max()
+    pad = (weight.shape[-1] - 1) // 2
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.pad(x_q, ((0, 0), (0, 0), (pad, pad), (pad, pad))), weight.shape[2:], axis=(2, 3))
+    acc = np.einsum("nchwij,ocij->nohw", windows, w_q) + b_q.reshape(1, -1, 1, 1)
+    return acc * (x_scale * w_scale).reshape(1, -1, 1, 1), x_scale * np.abs(w_q).max() * w_scale.max()
+
+
+@pytest.mark.parametrize("op, stored", [("fc", "u8s8"), ("conv1x1", "u8s8"), ("conv3x3", "s8s8")])
+def test_signed_data_runs_as_offset_u8_where_the_op_allows_it_and_stays_exact(op, stored, rng):
+    """s8 data into an FC or an unpadded conv is stored as u8 + 128 (one vpdpbusd a step instead of two) and
+    the + 128 comes off in the bias: the result is the s8 computation's, to within one input quantum. A
+    padded conv keeps s8 (its padding would have to be 128)."""
+    model = _single_op_model(rng, op)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    calib = rng.standard_normal([8, *shape[1:]]).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    int8 = compiler.compile(model, target="native", calib=[calib], calib_mode="naive", bias_correction=None,
+                            smooth_quant=False)
+    rules = [r for r in int8.report["schedules"]["applied"].values() if "int8" in r]
+    assert rules and all(stored in r for r in rules), rules
+    assert {row["dtype"] for row in int8.report["quantization"]["layers"]} == {"int8"}  # an s8 grid either way
+    want, quantum = _int8_reference(model, x, calib)
+    np.testing.assert_allclose(int8.run(x)[0], want, rtol=0, atol=1.01 * quantum)

@@ -16,9 +16,10 @@ from tvm import te, tirx, topi
 
 from targets import resolve_target
 from targets.conv2d import conv2d_nchwc
+from targets.dense import matmul_whole_rows
 from targets.layout import vector_lanes
 from targets.schedules import ScheduleLog, schedule_module
-from targets.register_tiles import conv_tile
+from targets.register_tiles import conv_tile, matmul_tile
 from tests.host_targets import HOST_TARGETS
 
 
@@ -280,15 +281,16 @@ def test_avx512_fp32_conv_uses_512_bit_fma(target):
     assert re.search(r"\bvfmadd\w*ps\s+[^\n]*%zmm", _assembly(lib))
 
 
-def _int8_dense(m, k, n, lanes, data_dtype):
+def _int8_dense(m, k, n, lanes, data_dtype, whole_rows=None):
     """x [m, k] . w [k, n] + bias, with w stored packed [n/lanes, k/4, lanes, 4] and unpacked in the
-    kernel, as targets.layout leaves an int8 FC."""
+    kernel, as targets.layout leaves an int8 FC; `whole_rows`: computed over that many rows (targets.dense)."""
     data = te.placeholder((m, k), data_dtype, name="x")
     packed = te.placeholder((n // lanes, k // 4, lanes, 4), "int8", name="packed")
     weight = te.compute((k, n), lambda i, j: packed[j // lanes, i // 4, j % lanes, i % 4], name="te_layout_transform")
     red = te.reduce_axis((0, k), name="k")
-    out = te.compute((m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"),
-                                                 axis=red), name="matmul")
+    out = matmul_whole_rows(data, weight, whole_rows) if whole_rows else te.compute(
+        (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"), axis=red),
+        name="matmul")
     bias = te.placeholder((n,), "int32", name="bias")
     return [data, packed, bias, te.compute((m, n), lambda i, j: out[i, j] + bias[j], name="T_add")]
 
@@ -305,6 +307,26 @@ def test_int8_dense_is_exact_over_thefull_range(target, data_dtype, m):
     bias = rng.integers(-1000, 1000, n).astype("int32")
     lib, rule = _build(_int8_dense(m, k, n, lanes, data_dtype), spec)
     assert rule == f"matmul_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{_isa_8_lanes(spec)}]"
+    packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
+    got = run_lib(lib, [x, packed, bias], (m, n), "int32")
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
+
+
+@pytest.mark.parametrize("whole_tiles", [True, False])
+def test_int8_dense_on_a_prime_row_count_is_tensorized_and_exact(whole_tiles):
+    """ViT's 197 tokens: no row tile divides them. Legalized (targets.dense), the FC computes whole tiles of
+    rows and keeps the real ones; as TVM legalizes it, the rule falls back to an exact (1-row) tile. Either
+    way the dot intrinsic runs (a cut-short tile left the kernel unscheduled: 13 s for ViT-B int8)."""
+    spec = resolve_target("native")
+    rng = np.random.default_rng(5)
+    m, k, n, lanes = 197, 64, 64, vector_lanes(spec)
+    x, weight = full_range(rng, (m, k), "uint8"), full_range(rng, (k, n), "int8")
+    bias = rng.integers(-1000, 1000, n).astype("int32")
+    tile_rows, _, ragged = matmul_tile(m, n // lanes, lanes)
+    assert ragged and m % tile_rows
+    lib, rule = _build(_int8_dense(m, k, n, lanes, "uint8", -(-m // tile_rows) * tile_rows if whole_tiles else None),
+                       spec)
+    assert rule.startswith("matmul_int8[")
     packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
     got = run_lib(lib, [x, packed, bias], (m, n), "int32")
     np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
