@@ -173,6 +173,7 @@ def schedule_batch_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         _pad_producers,
         _schedule_generic,
         _schedule_matmul,
+        pad_ragged_columns,
     )
 
     a, b = _batch_matmul_operands(sch, block)
@@ -181,31 +182,10 @@ def schedule_batch_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         rule = _schedule_int8_batch_matmul(sch, block, spec, tiles, str(a.dtype), str(b.dtype))
         return rule or f"batch_matmul_int8_{_schedule_generic(sch, spec)}"
     _inline_producers(sch, block)
-    _pad_ragged_columns(sch, block, spec)
+    pad_ragged_columns(sch, block, spec)
     if _is_vectorizable_matmul(sch, block, spec):
         return f"batch_{_schedule_matmul(sch, block, spec, tiles)}"
     return f"batch_matmul_{_schedule_generic(sch, spec)}"
-
-
-def _pad_ragged_columns(sch, block, spec: TargetSpec) -> None:
-    """Columns that no full or half vector divides (ViT's 197 tokens, SVTR's 20) padded to whole vectors: the
-    matmul then reads a zero-padded copy of b, made by a parallel pass, and its tile stores whole vectors into
-    a padded result that a copy-out crops. Vectors with lanes masked off run as scalar code (attention
-    scores: 3.6 GMAC/s)."""
-    from targets.schedules import _schedule_spatial_block
-
-    lanes = vector_lanes(spec)
-    *outer, _, col, _ = sch.get_loops(block)
-    columns = int(sch.get(col).extent)
-    # whole or half vectors as they are; otherwise padded to whole vectors, which use more of each vector than
-    # 4-lane ones would (SVTR's heads of 20 columns: 2 vectors, 62% used, against 5 SSE ones on AVX-512)
-    if columns < lanes or columns % (lanes // 2) == 0:
-        return
-    producers = {sch.get(b).name_hint for b in sch.get_producers(block)}
-    sch.pad_einsum(block, [1] * (len(outer) + 1) + [lanes, 1])  # factors: columns to a multiple of lanes
-    for producer in sch.get_producers(block):
-        if sch.get(producer).name_hint not in producers:  # the padded copy of b
-            _schedule_spatial_block(sch, producer, spec)
 
 
 def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: str, b_dtype: str) -> str | None:

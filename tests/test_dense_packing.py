@@ -8,11 +8,17 @@ import pytest
 import tvm
 from tvm import relax
 
+import re
+
 import compiler
 from compiler.frontend import import_onnx
 from relay_passes import prepare_graph
 from targets.layout import pack_dense_weights
+from targets.registry import resolve_target
 from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+from tests.host_targets import HOST_TARGETS
+from tests.test_kernels import run_lib
+from tests.test_transformer_kernels import _assembly, _build, _legalized
 
 MAX_RELATIVE_ERROR = 1e-4
 
@@ -110,3 +116,17 @@ def _calls(mod) -> list:
     relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call)
                                     and isinstance(e.op, tvm.ir.Op) else None)
     return calls
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_fc_of_a_width_no_vector_divides_runs_on_whole_vectors(target):
+    """A classifier of 97 classes (a CRNN's): the FC reads a zero-padded copy of its weight and stores whole
+    vectors; with the last vector's lanes masked off, LLVM wrote the whole kernel as scalar FMAs (1.7 GMAC/s)."""
+    spec = resolve_target(target)
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((80, 192)).astype(np.float32), rng.standard_normal((192, 97)).astype(np.float32)
+    lib, rule = _build(_legalized(relax.op.matmul, ((80, 192), "float32"), ((192, 97), "float32")), spec)
+    assert rule == "matmul"
+    assert re.search(r"\bvfmadd\w*ps\b", _assembly(lib)) and not re.search(r"\bvfmadd\w*ss\b", _assembly(lib))
+    np.testing.assert_allclose(run_lib(lib, [x, w], (80, 97), "float32"), x.astype(np.float64) @ w,
+                               rtol=1e-4, atol=1e-4)  # every host here has AVX2
