@@ -42,6 +42,15 @@ class SequenceShape:
         return next(lanes for lanes in (16, 8, 4, 2, 1) if self.hidden % lanes == 0)
 
 
+@T.macro(hygienic=False)
+def _add_product(gates, state, r_t, d, start, count, L, H):
+    """gates[start:start + count] += state @ r_t[d][:, start:start + count], a vector of columns at a time."""
+    for jo in range(count // L):
+        for k in range(H):
+            for ji in T.vectorized(L):
+                gates[start + jo * L + ji] = gates[start + jo * L + ji] + state[k] * r_t[d, k, start + jo * L + ji]
+
+
 def _mark(func, rule: str):
     """Named by the module it joins (TVMScript names it `kernel`: two recurrent layers would clash)."""
     return func.without_attr("global_symbol").with_attr(RULE_ATTR, rule).with_attr(IS_SCHEDULED, True)
@@ -63,18 +72,18 @@ def lstm_sequence(shape: SequenceShape):
         T.func_attr({"tir.noalias": True})
         for d in T.parallel(D):
             gates = T.decl_buffer((G,), "float32")
+            state = T.decl_buffer((H,), "float32")
             for b, j in T.grid(B, H):
                 y_h[d, b, j] = h0[d, b, j]
                 y_c[d, b, j] = c0[d, b, j]
             for t in range(S):
                 tt = T.if_then_else(T.if_then_else(d == 0, rev0, rev1) == 1, S - 1 - t, t)
                 for b in range(B):
-                    for jo in range(G // L):
-                        for ji in T.vectorized(L):
-                            gates[jo * L + ji] = proj[d, tt, b, jo * L + ji]
-                        for k in range(H):
-                            for ji in T.vectorized(L):
-                                gates[jo * L + ji] = gates[jo * L + ji] + y_h[d, b, k] * r_t[d, k, jo * L + ji]
+                    for j in range(G):
+                        gates[j] = proj[d, tt, b, j]
+                    for j in range(H):
+                        state[j] = y_h[d, b, j]
+                    _add_product(gates, state, r_t, d, 0, G, L, H)
                     for jo in range(H // L):
                         for ji in T.vectorized(L):
                             # i and f (with their peepholes on the old cell), then the cell, then o on the new one
@@ -110,31 +119,25 @@ def gru_sequence(shape: SequenceShape, linear_before_reset: bool):
         T.func_attr({"tir.noalias": True})
         for d in T.parallel(D):
             gates = T.decl_buffer((G,), "float32")
+            state = T.decl_buffer((H,), "float32")
             reset_h = T.decl_buffer((H,), "float32")
             for b, j in T.grid(B, H):
                 y_h[d, b, j] = h0[d, b, j]
             for t in range(S):
                 tt = T.if_then_else(T.if_then_else(d == 0, rev0, rev1) == 1, S - 1 - t, t)
                 for b in range(B):
-                    for jo in range(first // L):
-                        for ji in T.vectorized(L):
-                            gates[jo * L + ji] = r_bias[d, jo * L + ji]
-                        for k in range(H):
-                            for ji in T.vectorized(L):
-                                gates[jo * L + ji] = gates[jo * L + ji] + y_h[d, b, k] * r_t[d, k, jo * L + ji]
+                    for j in range(G):
+                        gates[j] = r_bias[d, j]
+                    for j in range(H):
+                        state[j] = y_h[d, b, j]
+                    _add_product(gates, state, r_t, d, 0, first, L, H)
                     for jo in range(H // L):
                         for ji in T.vectorized(L):
                             gates[jo * L + ji] = T.sigmoid(proj[d, tt, b, jo * L + ji] + gates[jo * L + ji])
                             gates[H + jo * L + ji] = T.sigmoid(proj[d, tt, b, H + jo * L + ji] + gates[H + jo * L + ji])
                             reset_h[jo * L + ji] = gates[H + jo * L + ji] * y_h[d, b, jo * L + ji]
-                    if lbr == 0:
-                        for jo in range(H // L):
-                            for ji in T.vectorized(L):
-                                gates[2 * H + jo * L + ji] = r_bias[d, 2 * H + jo * L + ji]
-                            for k in range(H):
-                                for ji in T.vectorized(L):
-                                    gates[2 * H + jo * L + ji] = (gates[2 * H + jo * L + ji]
-                                                                  + reset_h[k] * r_t[d, k, 2 * H + jo * L + ji])
+                    if lbr == 0:  # the candidate's product reads r * h (its bias is in gates already)
+                        _add_product(gates, reset_h, r_t, d, 2 * H, H, L, H)
                     for jo in range(H // L):
                         for ji in T.vectorized(L):
                             # the candidate (into the h gate's slot), then h = cand + z * (h - cand)
