@@ -60,7 +60,8 @@ def onnxruntime_contender(model_bytes: bytes, threads: int, name: str = "onnxrun
 
 
 def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: int) -> Contender | None:
-    """onnxruntime's int8: quant_pre_process, then quantize_static (QDQ) for CNNs or quantize_dynamic."""
+    """onnxruntime's int8: quant_pre_process (skipped where it fails), then quantize_static (QDQ) for CNNs or
+    quantize_dynamic."""
     try:
         from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                               quantize_static)
@@ -81,7 +82,11 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
     try:
         with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
             prepared, quantized = os.path.join(work, "prepared.onnx"), os.path.join(work, "int8.onnx")
-            quant_pre_process(_with_per_channel_opset(model_path, proto, work), prepared)
+            source = _quantizable_copy(model_path, proto, batches[0], work)
+            try:
+                quant_pre_process(source, prepared)
+            except Exception:  # noqa: BLE001 - its symbolic shape inference fails on some models (an assert
+                prepared = source  # on PP-OCR's classifier's Concat): the advised step, not a required one
             if has_convolutions(proto):
                 quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -99,17 +104,30 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
 PER_CHANNEL_OPSET = 13
 
 
-def _with_per_channel_opset(model_path, proto, work: str) -> str:
-    """`model_path`, or a copy converted to PER_CHANNEL_OPSET in `work` when its opset is older."""
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
-    if opset >= PER_CHANNEL_OPSET:
-        return str(model_path)
+def _quantizable_copy(model_path, proto, feeds: dict, work: str) -> str:
+    """`model_path`, or a copy in `work` that onnxruntime's quantizer can take: input dims fixed to the shapes
+    being timed (its symbolic shape inference stops at a dynamic dim: "Incomplete symbolic shape inference",
+    PP-OCR's models), and an opset older than PER_CHANNEL_OPSET converted to it."""
     import onnx
     from onnx import version_converter
 
-    converted = os.path.join(work, "opset13.onnx")
-    onnx.save(version_converter.convert_version(proto, PER_CHANNEL_OPSET), converted)
-    return converted
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    dynamic = {value.name for value in proto.graph.input if value.name in feeds
+               and any(not dim.HasField("dim_value") for dim in value.type.tensor_type.shape.dim)}
+    if opset >= PER_CHANNEL_OPSET and not dynamic:
+        return str(model_path)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for value in copy.graph.input:
+        if value.name in dynamic:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(feeds[value.name])):
+                dim.Clear()
+                dim.dim_value = int(size)
+    if opset < PER_CHANNEL_OPSET:
+        copy = version_converter.convert_version(copy, PER_CHANNEL_OPSET)
+    path = os.path.join(work, "quantizable.onnx")
+    onnx.save(copy, path)
+    return path
 
 
 def _openvino_compiled(model, threads: int):

@@ -277,16 +277,25 @@ def test_tune_then_compile_and_bench_with_the_database(tmp_path, demo_model_path
     assert other_batch.returncode == 1 and "image [8, 1, 8, 8]" in other_batch.stderr
 
 
-def test_onnxruntime_int8_peer_runs_an_opset_11_conv_model(rng):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_onnxruntime_int8_peer_runs_an_opset_11_conv_model(rng, dynamic, tmp_path):
     """onnxruntime's quantizer writes per-channel DequantizeLinear (opset 13) into an opset 11 model, which
-    then fails to load: the peer converts such a model first, and its int8 stays near its fp32."""
-    from compiler.peers import onnxruntime_contender, onnxruntime_int8_contender
+    then fails to load, and its shape inference stops at a dynamic dim (PP-OCR's detector): the peer
+    quantizes a copy at opset 13 with the timed shapes fixed, and its int8 stays near its fp32."""
+    from compiler.peers import _quantizable_copy, onnxruntime_contender, onnxruntime_int8_contender
     from tests.fixtures import GraphBuilder
 
     g = GraphBuilder(rng)
     y = g.op("Relu", [g.conv("x", "c1", 8, 16, k=3, bias=True)], "r1")
     model = g.model("opset11", {"x": (1, 8, 10, 10)}, [g.conv(y, "c2", 16, 8, k=1, bias=True)], opset=11)
     batches = [random_inputs(model, rng) for _ in range(4)]
+    if dynamic:  # batch, height and width named, as PaddleOCR's exports leave them
+        for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, ["n", None, "h", "w"]):
+            if name:
+                dim.dim_param = name
+        copy = onnx.load(_quantizable_copy(None, model, batches[0], str(tmp_path)))
+        assert [d.dim_value for d in copy.graph.input[0].type.tensor_type.shape.dim] == [1, 8, 10, 10]
+        assert copy.opset_import[0].version == 13
     int8 = onnxruntime_int8_contender(None, model, batches, 1)
     fp32 = onnxruntime_contender(model.SerializeToString(), 1)
     got, expected = int8.run(batches[0])[0], fp32.run(batches[0])[0]
