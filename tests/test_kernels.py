@@ -383,3 +383,14 @@ def test_unblocking_layout_transform_matches_numpy(target):
     lib = tvm.compile(mod, target=spec.tvm_target())
     x = np.random.default_rng(0).standard_normal((1, 3, 5, 32, 16)).astype("float32")
     np.testing.assert_array_equal(run_lib(lib, [x], (1, 48, 5, 32), "float32"), _unblock(x))
+
+
+def test_ragged_fc_tile_is_chosen_by_fmas_per_load():
+    """ViT's 197 rows over 48 column vectors: the tile with the most accumulators is 25 rows x 1 vector,
+    26 loads for 25 FMAs (a 3072-deep FC ran at a quarter of its speed); the chosen one loads at most 2
+    vectors per 3 FMAs and keeps at least MIN_TILE_ACCUMULATORS."""
+    from targets.register_tiles import MIN_TILE_ACCUMULATORS
+
+    rows, vectors, ragged = matmul_tile(197, 48, 16)
+    assert ragged and rows * vectors >= MIN_TILE_ACCUMULATORS
+    assert rows * vectors / (rows + vectors) >= 1.5
