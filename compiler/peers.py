@@ -83,10 +83,14 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
         with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
             prepared, quantized = os.path.join(work, "prepared.onnx"), os.path.join(work, "int8.onnx")
             source = _quantizable_copy(model_path, proto, batches[0], work)
+            litter = [p for p in ORT_FAILED_INFERENCE_FILES if not os.path.exists(p)]
             try:
                 quant_pre_process(source, prepared)
             except Exception:  # noqa: BLE001 - its symbolic shape inference fails on some models (an assert
                 prepared = source  # on PP-OCR's classifier's Concat): the advised step, not a required one
+                for path in litter:  # what it saved into the working directory on the way out
+                    if os.path.exists(path):
+                        os.remove(path)
             if has_convolutions(proto):
                 quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -98,6 +102,9 @@ def onnxruntime_int8_contender(model_path, proto, batches: list[dict], threads: 
         root.setLevel(level)
     return onnxruntime_contender(model_bytes, threads, "onnxruntime int8")
 
+
+# onnxruntime's symbolic shape inference saves its partial model into the working directory when it fails.
+ORT_FAILED_INFERENCE_FILES = ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")
 
 # Per-channel DequantizeLinear (its `axis`) came in opset 13: onnxruntime's quantizer writes it into an opset
 # 11 or 12 model regardless, and the result fails to load ("Unrecognized attribute: axis").

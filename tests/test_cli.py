@@ -300,3 +300,30 @@ def test_onnxruntime_int8_peer_runs_an_opset_11_conv_model(rng, dynamic, tmp_pat
     fp32 = onnxruntime_contender(model.SerializeToString(), 1)
     got, expected = int8.run(batches[0])[0], fp32.run(batches[0])[0]
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_onnxruntime_int8_peer_quantizes_without_its_failing_pre_processing_and_leaves_no_file(
+        rng, monkeypatch, tmp_path):
+    """onnxruntime's symbolic shape inference, failing, saves its partial model into the working directory and
+    raises: the peer quantizes without that step and removes what it left."""
+    import onnxruntime.quantization.shape_inference as ort_shape_inference
+
+    from compiler.peers import ORT_FAILED_INFERENCE_FILES, onnxruntime_int8_contender
+    from tests.fixtures import GraphBuilder
+
+    def failing_pre_process(source, prepared):
+        onnx.save(onnx.load(source), ORT_FAILED_INFERENCE_FILES[0])
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(ort_shape_inference, "quant_pre_process", failing_pre_process)
+    g = GraphBuilder(rng)
+    model = g.model("conv", {"x": (1, 8, 10, 10)}, [g.conv("x", "c1", 8, 16, k=3, bias=True)])
+    path = tmp_path / "conv.onnx"
+    onnx.save(model, path)
+    working = tmp_path / "working"
+    working.mkdir()
+    monkeypatch.chdir(working)
+    batches = [random_inputs(model, rng) for _ in range(2)]
+    int8 = onnxruntime_int8_contender(path, model, batches, 1)
+    assert int8 is not None and int8.run(batches[0])[0].shape == (1, 16, 10, 10)
+    assert list(working.iterdir()) == []
