@@ -1,13 +1,29 @@
-"""quantvm's user-facing package: `compile()`, `load()`, `CompiledModel`, the CLI."""
+"""quantvm's user-facing package: `compile()`, `load()`, `CompiledModel`, the CLI.
 
-from compiler.build import CompiledModel, compile  # noqa: A004 (the API's name)
-from compiler.errors import (ArtifactError, CalibrationError, HostMismatchError, InputError, ModelError,
-                             QuantvmError, TargetError, TuningError)
-from compiler.int8_options import QuantizationOptions
-from compiler.runtime import Predictor, load
-from compiler.sensitivity import SensitivityReport, analyze
-from compiler.tune import tune
+The names below are imported on first use: `from compiler import load` (or `import compiler.runtime`) loads
+and runs an artifact without importing onnx or the compiler's passes; `compile` brings them in.
+"""
 
-__all__ = ["ArtifactError", "CalibrationError", "CompiledModel", "HostMismatchError", "InputError", "ModelError",
-           "Predictor", "QuantizationOptions", "QuantvmError", "SensitivityReport", "TargetError", "TuningError",
-           "analyze", "compile", "load", "tune"]
+import importlib
+
+_EXPORTS = {
+    "CompiledModel": "compiler.build", "compile": "compiler.build",
+    "QuantizationOptions": "compiler.int8_options",
+    "Predictor": "compiler.runtime", "load": "compiler.runtime",
+    "SensitivityReport": "compiler.sensitivity", "analyze": "compiler.sensitivity",
+    "tune": "compiler.tune",
+    "ArtifactMetadata": "compiler.metadata", "TensorSpec": "compiler.metadata",
+    "CompileReport": "compiler.report",
+    **{name: "compiler.errors" for name in ("ArtifactError", "CalibrationError", "HostMismatchError", "InputError",
+                                            "ModelError", "QuantvmError", "TargetError", "TuningError")},
+}
+
+__all__ = ["ArtifactError", "ArtifactMetadata", "CalibrationError", "CompileReport", "CompiledModel",
+           "HostMismatchError", "InputError", "ModelError", "Predictor", "QuantizationOptions", "QuantvmError",
+           "SensitivityReport", "TargetError", "TensorSpec", "TuningError", "analyze", "compile", "load", "tune"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -20,32 +20,30 @@ from elftools.elf.elffile import ELFFile
 
 from compiler.atomic import atomic_path
 from compiler.errors import ArtifactError
+from compiler.metadata import DIGEST_KEY, FORMAT, FORMAT_VERSION, ArtifactMetadata
 from compiler.quiet import tvm_scope_warnings_silenced
 
-FORMAT = "quantvm-artifact"
-FORMAT_VERSION = 2  # 2: the metadata records DIGEST_KEY
 SECTION = ".quantvm_meta"
-DIGEST_KEY = "artifact_sha256"
 _PLACEHOLDER = b"0" * 64  # what the digest's own bytes read as while hashing, at export and at verification
 _SLOT = f'"{DIGEST_KEY}": "'.encode()  # json.dumps spells the key so; the digest's 64 characters follow
 _CHUNK = 1 << 20
 
 
-def metadata_addon_source(metadata: dict) -> str:
+def metadata_addon_source(metadata: ArtifactMetadata) -> str:
     """C source that places the metadata JSON in its own read-only ELF section of the shared library."""
-    payload = json.dumps(metadata, sort_keys=True).encode() + b"\0"
+    payload = json.dumps(metadata.to_json(), sort_keys=True).encode() + b"\0"
     body = ",".join(str(b) for b in payload)
     return (f'__attribute__((section("{SECTION}"), used, aligned(1)))\n'
             f"const unsigned char quantvm_metadata[{len(payload)}] = {{{body}}};\n")
 
 
-def export_executable(executable, metadata: dict, path) -> Path:
+def export_executable(executable, metadata: ArtifactMetadata, path) -> Path:
     """Write `executable` and its metadata as one shared library at `path`, atomically, digest included."""
     path = Path(path)
     # The temporary name ends in .so: export_library picks the output format from the suffix.
     with atomic_path(path, suffix=".tmp.so") as tmp, tempfile.TemporaryDirectory(prefix="quantvm-") as work:
         addon = Path(work) / "quantvm_metadata.c"
-        addon.write_text(metadata_addon_source({**metadata, DIGEST_KEY: _PLACEHOLDER.decode()}))
+        addon.write_text(metadata_addon_source(metadata.with_digest(_PLACEHOLDER.decode())))
         try:
             with tvm_scope_warnings_silenced():
                 executable.export_library(str(tmp), addons=[str(addon)], workspace_dir=work)
@@ -68,7 +66,7 @@ def _first_error_line(err: Exception) -> str:
     return (causes or lines or [repr(err)])[0]
 
 
-def read_metadata(path) -> dict:
+def read_metadata(path) -> ArtifactMetadata:
     """The metadata of a quantvm artifact, read from its ELF section once the file's digest checks out;
     reads the whole file (streamed) and runs none of its code."""
     path = Path(path)
@@ -84,7 +82,10 @@ def read_metadata(path) -> dict:
     if actual != metadata[DIGEST_KEY]:
         raise ArtifactError(f"{path} is damaged or was modified after export: its SHA-256 is {actual[:16]}..., "
                             f"its metadata records {str(metadata[DIGEST_KEY])[:16]}...; re-export it")
-    return metadata
+    try:
+        return ArtifactMetadata.from_json(metadata)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ArtifactError(f"{path}: its quantvm metadata is corrupted (missing or malformed {err})") from err
 
 
 def _read_section(f, path: Path) -> tuple[bytes, int]:

@@ -180,14 +180,14 @@ def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> d
     fused, contenders = quantvm_contenders(model_path, shapes, settings)
     contenders += peer_contenders(model_path, proto, fused, settings)
     interleave(contenders, random_feeds(fused.inputs), settings.rounds)
-    first = fused.metadata["inputs"][0]["shape"]
+    first = fused.inputs[0].shape
     batch = first[0] if first else 1
     rows = [c.summary(batch) for c in contenders]
     for row in rows:
         row["speedup_of_first_row"] = row["median_ms"] / rows[0]["median_ms"]
-    return {"batch": batch, "inputs": fused.metadata["inputs"], "target": fused.target,
-            "mcpu": fused.metadata["target"]["mcpu"], "rows": rows, "ratios": speedups(rows),
-            "fusion": fused.report["fusion"], "kernels": fused.report["kernels"]}
+    return {"batch": batch, "inputs": [s.to_json() for s in fused.inputs], "target": fused.target,
+            "mcpu": fused.metadata.target.mcpu, "rows": rows, "ratios": speedups(rows),
+            "fusion": fused.report.fusion, "kernels": fused.report.kernels}
 
 
 def bench(model_path, target: str = "native", input_shapes: dict | None = None, batches=(None,), rounds: int = 10,
@@ -295,7 +295,7 @@ def concurrency_section(model, concurrency: int, rounds: int, block_seconds: flo
     start = time.perf_counter()
     run()
     calls = max(5, math.ceil(block_seconds / (concurrency * (time.perf_counter() - start))))
-    first = model.metadata["inputs"][0]["shape"]
+    first = model.inputs[0].shape
     batch = first[0] if first else 1
     seconds = {1: [], concurrency: []}
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # threads kept: each makes its VM and pool once
@@ -306,8 +306,8 @@ def concurrency_section(model, concurrency: int, rounds: int, block_seconds: flo
     runs = concurrency * calls  # per block, for both
     rows = [{"threads": threads, "runs_per_block": runs, "median_block_s": float(np.median(times)),
              "throughput": runs * batch / float(np.median(times))} for threads, times in seconds.items()]
-    return {"batch": batch, "inputs": model.metadata["inputs"], "target": model.target,
-            "mcpu": model.metadata["target"]["mcpu"], "rows": rows,
+    return {"batch": batch, "inputs": [s.to_json() for s in model.inputs], "target": model.target,
+            "mcpu": model.metadata.target.mcpu, "rows": rows,
             "speedup": rows[1]["throughput"] / rows[0]["throughput"]}
 
 

@@ -8,13 +8,17 @@ import time
 import warnings
 from pathlib import Path
 
-from compiler.artifact import FORMAT, FORMAT_VERSION, export_executable
-from compiler.diagnose import compile_phase
-from compiler.errors import QuantvmError
-from compiler.frontend import ImportedModel, TensorSpec, import_onnx, model_source
+from compiler.artifact import export_executable
+from compiler.diagnose import compile_phase, default_opset
+from compiler.errors import ModelError, QuantvmError
+from compiler.frontend import ImportedModel, import_onnx, model_source
 from compiler.fallback import accuracy_fallback
 from compiler.int8_options import QuantizationOptions
+from compiler.metadata import (ArtifactMetadata, FusionSummary, ModelInfo, QuantizationSummary, TargetInfo,
+                               TensorSpec)
 from compiler.quantization import output_error, quantize
+from compiler.report import CompileReport, QuantizationReport
+from compiler.torch_export import export_to_onnx, is_torch_module, require_torch
 from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
                               resolve_num_threads, use_threads)
@@ -35,27 +39,27 @@ def quantvm_version() -> str:
 class CompiledModel:
     """A model compiled for one target: run it (where the host can), export it, read its metadata."""
 
-    def __init__(self, executable, metadata: dict, compile_seconds: float, report: dict | None = None,
+    def __init__(self, executable, metadata: ArtifactMetadata, compile_seconds: float, report: CompileReport,
                  num_threads: int | None = None):
         self.executable = executable
         self.metadata = metadata
         self.compile_seconds = compile_seconds
-        self.report = report or {}
+        self.report = report
         self.num_threads = num_threads  # as given to compile(): it overrides TVM_NUM_THREADS in this process
         self._predictor = None
         self._predictor_lock = threading.Lock()
 
     @property
     def target(self) -> str:
-        return self.metadata["target"]["name"]
+        return self.metadata.target.name
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_json(t) for t in self.metadata["inputs"]]
+        return list(self.metadata.inputs)
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_json(t) for t in self.metadata["outputs"]]
+        return list(self.metadata.outputs)
 
     def run(self, *args, **kwargs):
         """Run on numpy inputs (by position or name); returns the outputs in model order."""
@@ -80,8 +84,12 @@ class CompiledModel:
 def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa: A001 (the API's name)
             input_shapes: dict | None = None, constant_inputs: dict | None = None, fuse=True,
             num_threads: int | None = None, tuning_db=None, eval_data=None,
-            quantization: QuantizationOptions | None = None, **int8_options) -> CompiledModel:
+            quantization: QuantizationOptions | None = None, example_inputs=None, **int8_options) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
+
+    A PyTorch module is taken too, with `example_inputs` (a tensor or a tuple, one per forward argument):
+    it is exported to ONNX at their shapes (compiler.torch_export; needs `quantvm[torch]`), its inputs named
+    after forward's parameters.
 
     `input_shapes` fixes dynamic dimensions, e.g. {"data": (1, 3, 224, 224)}. `constant_inputs` binds
     inputs that are really constants (a shape, pads) to arrays; they are then no longer run-time inputs.
@@ -95,32 +103,32 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     `exclude_operators` (Conv, Gemm, MatMul, AveragePool, GlobalAveragePool) keep layers in fp32;
     `max_drop` with `metric` ((CompiledModel) -> float, higher is better) or, without one, agreement with
     fp32 on `eval_data` (batches like `calib`'s; default: the calibration batches) reverts the most
-    sensitive layers to fp32 until the drop is within it (`report["quantization"]["fallback"]`).
+    sensitive layers to fp32 until the drop is within it (`report.quantization.fallback`).
 
     `num_threads`: the threads the code is built for and runs on (recorded in the metadata); None: all
     cores for target native, the target's own -num-cores (or none) for the others. Runs in this process use
     it, else $TVM_NUM_THREADS, else the recorded count; see `load()` for an exported model.
 
     `tuning_db`: a database directory written by `tune()` for this target: its tuned kernels replace the
-    default schedules where it has them (`report["tuning"]` says which).
+    default schedules where it has them (`report.tuning` says which).
     """
     start = time.perf_counter()
     spec = target_with_threads(resolve_target(target), num_threads)
     tuning = open_tuning_db(tuning_db, spec) if tuning_db is not None else None
     options = QuantizationOptions.from_keywords(quantization, **int8_options)
     job = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads, eval_data,
-                        spec=spec, tuning=tuning)
+                        spec=spec, tuning=tuning, example_inputs=example_inputs)
     build = job.run(start="layout")
-    imported, report = job.imported, job.report
-    report.update(build.report())
+    imported = job.imported
+    report = CompileReport.from_build(build, job.quantization, job.calibration_seconds)
     if tuning is not None:
-        report["tuning"] = tuning.check_applied(imported, precision(report), report["schedules"])
-    compiled = CompiledModel(build.executable, _metadata(imported, spec, report), time.perf_counter() - start,
-                             report, num_threads)
+        report.tuning = tuning.check_applied(imported, report.precision, report.schedules.to_json())
+    compiled = CompiledModel(build.executable, artifact_metadata(imported, spec, report),
+                             time.perf_counter() - start, report, num_threads)
     if job.first_batch and not missing_features(spec.required_features):
         with compile_phase(imported.source, "running the int8 build on a calibration batch", imported):
             int8_output = compiled.run(**job.first_batch["inputs"])[0]
-        report["quantization"]["output_error"] = output_error(job.first_batch["fp32_output"], int8_output)
+        report.quantization.output_error = output_error(job.first_batch["fp32_output"], int8_output)
     return compiled
 
 
@@ -134,7 +142,8 @@ class ModelJob:
         self.calib, self.options, self.num_threads, self.eval_data = calib, options, num_threads, eval_data
         self.build = build
         self.imported: ImportedModel | None = None
-        self.report: dict = {}
+        self.quantization: QuantizationReport | None = None  # the int8 rewrite's report, once it ran
+        self.calibration_seconds: float | None = None
         self.first_batch: dict = {}  # the first calibration batch and its fp32 output, for the int8 output error
         build.importer = self._import
         if calib is not None or options.calib_mode == "none":
@@ -169,8 +178,8 @@ class ModelJob:
             reverted = frozenset(fallback.reverted)
         with compile_phase(self.source, "int8 rewrite", self.imported):
             graph = quantization.graph(reverted)
-        self.report["quantization"] = quantization.report(reverted)
-        self.report["calibration_seconds"] = time.perf_counter() - calibration_started
+        self.quantization = quantization.report(reverted)
+        self.calibration_seconds = time.perf_counter() - calibration_started
         self.first_batch = quantization.first
         return graph
 
@@ -179,9 +188,12 @@ LAYOUT = PHASE_NAMES.index("layout")
 
 
 def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,
-                  num_threads, eval_data=None, spec: TargetSpec | None = None, tuning=None) -> ModelJob:
-    """Run the phases up to and including `quantize` (with calibration data, or calib_mode none) on `model`:
-    its graph as the target-specific phases take it, in `job.build.mod`."""
+                  num_threads, eval_data=None, spec: TargetSpec | None = None, tuning=None,
+                  example_inputs=None) -> ModelJob:
+    """Run the phases up to and including `quantize` (with calibration data, or calib_mode none) on `model`
+    (ONNX, or a PyTorch module with `example_inputs`): its graph as the target-specific phases take it, in
+    `job.build.mod`."""
+    model = onnx_model_of(model, example_inputs)
     try:
         rules = select_rules(fuse)
     except ValueError as err:
@@ -194,6 +206,20 @@ def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: Qu
     return job
 
 
+def onnx_model_of(model, example_inputs):
+    """`model` as compile() imports it: ONNX as given, a PyTorch module exported at `example_inputs`' shapes."""
+    if is_torch_module(model):
+        if example_inputs is None:
+            raise ModelError(f"compiling a PyTorch module ({type(model).__name__}) needs example_inputs: a tensor "
+                             "or a tuple of them, one per argument of its forward, at the shapes to compile for")
+        return export_to_onnx(model, example_inputs)
+    if example_inputs is not None:
+        require_torch()  # no torch: say so, rather than that this is not a module
+        raise QuantvmError(f"example_inputs is for PyTorch modules, and the model is a {type(model).__name__}; "
+                           "an ONNX model's shapes come from the model and input_shapes")
+    return model
+
+
 def _warn_unused(calib, eval_data, options: QuantizationOptions) -> None:
     if calib is not None and options.calib_mode == "none":
         warnings.warn("calib_mode='none' computes ranges at run time: the calibration data is not used", stacklevel=4)
@@ -202,10 +228,6 @@ def _warn_unused(calib, eval_data, options: QuantizationOptions) -> None:
                            "they need calib data and a calib_mode other than 'none'")
     if options.max_drop is None and (eval_data is not None or options.metric is not None):
         warnings.warn("eval_data and metric are only used with max_drop: they are ignored", stacklevel=4)
-
-
-def precision(report: dict) -> str:
-    return "int8" if report.get("quantization") else "fp32"
 
 
 def target_with_threads(spec: TargetSpec, num_threads) -> TargetSpec:
@@ -246,11 +268,11 @@ class HostBuilder:
 
         return run
 
-    def model(self, graph, report: dict | None = None) -> CompiledModel:
+    def model(self, graph, quantization: QuantizationReport | None = None) -> CompiledModel:
         """`graph` built for this host as a CompiledModel, as a user's metric takes it."""
         build = self._build(graph)
-        report = {**(report or {}), **build.report()}
-        return CompiledModel(build.executable, _metadata(self.imported, self.spec, report), 0.0, report,
+        report = CompileReport.from_build(build, quantization)
+        return CompiledModel(build.executable, artifact_metadata(self.imported, self.spec, report), 0.0, report,
                              self.num_threads)
 
     def _build(self, graph) -> GraphBuild:
@@ -261,29 +283,20 @@ class HostBuilder:
                                                             imported))
 
 
-def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
+def artifact_metadata(imported: ImportedModel, spec: TargetSpec, report: CompileReport) -> ArtifactMetadata:
+    """What an artifact of this build records about itself: the one place metadata is made."""
     import tvm
 
-    graph = imported.onnx_model.graph
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "quantvm_version": quantvm_version(),
-        "tvm_version": tvm.__version__,
-        "target": {"name": spec.name, "mcpu": spec.mcpu, "tvm": spec.tvm_dict(),
-                   "required_features": list(spec.required_features), "num_threads": spec.num_cores},
-        "model": {"source": imported.source, "graph_name": graph.name, "sha256": imported.sha256,
-                  "opset": max((o.version for o in imported.onnx_model.opset_import if o.domain in ("", "ai.onnx")),
-                               default=None)},
-        "inputs": [s.to_json() for s in imported.inputs],
-        "outputs": [s.to_json() for s in imported.outputs],
-        "quantization": _quantization_summary(report.get("quantization")),
-        "fusion": {"rules": report["rules"], "matches": report["fusion"]},
-    }
-
-
-def _quantization_summary(quant: dict | None) -> dict:
-    if not quant:
-        return {"mode": "fp32"}
-    return {"mode": "int8", "calib_mode": quant["calib_mode"], "int8_ops": quant["int8_ops"],
-            "fp32_ops": quant["fp32_ops"]}
+    quant = report.quantization
+    return ArtifactMetadata(
+        quantvm_version=quantvm_version(),
+        tvm_version=tvm.__version__,
+        target=TargetInfo(spec.name, spec.mcpu, spec.tvm_dict(), tuple(spec.required_features), spec.num_cores),
+        model=ModelInfo(imported.source, imported.onnx_model.graph.name, imported.sha256,
+                        default_opset(imported.onnx_model)),
+        inputs=tuple(imported.inputs),
+        outputs=tuple(imported.outputs),
+        quantization=(QuantizationSummary("int8", quant.calib_mode, dict(quant.int8_ops), dict(quant.fp32_ops))
+                      if quant else QuantizationSummary("fp32")),
+        fusion=FusionSummary(tuple(report.rules), dict(report.fusion)),
+    )

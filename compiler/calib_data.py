@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from calib import CalibrationError
-from compiler.frontend import TensorSpec
+from compiler.metadata import TensorSpec
 
 
 def _as_array(value, where: str) -> np.ndarray:

@@ -17,6 +17,8 @@ import numpy as np
 
 from compiler.errors import InputError, QuantvmError
 from compiler.int8_options import add_cli_arguments, from_cli
+from compiler.metadata import ArtifactMetadata, TensorSpec
+from compiler.report import CompileReport
 from compiler.tune import DEFAULT_TRIALS, INTERRUPTED
 from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
@@ -256,15 +258,15 @@ def cmd_compile(args) -> int:
     model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse,
                     tuning_db=args.tuning_db, **_int8_options(args))
     path = model.export(args.output)
-    meta = model.metadata
-    print(f"compiled {args.model} for {meta['target']['name']} (mcpu {meta['target']['mcpu']}) "
+    target = model.metadata.target
+    print(f"compiled {args.model} for {target.name} (mcpu {target.mcpu}) "
           f"in {model.compile_seconds:.1f} s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(format_report(model.report))
     if args.report:
         from compiler.atomic import atomic_path
 
         with atomic_path(args.report) as tmp:
-            tmp.write_text(json.dumps(model.report, indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps(model.report.to_json(), indent=2, sort_keys=True) + "\n")
     return 0
 
 
@@ -290,46 +292,47 @@ def _int8_options(args) -> dict:
     return {**data, "quantization": options}
 
 
-def format_report(report: dict) -> str:
-    lines = [f"kernels: {report['kernels']}"]
-    matched = {rule: n for rule, n in report["fusion"].items() if n}
+def format_report(report: CompileReport) -> str:
+    lines = [f"kernels: {report.kernels}"]
+    matched = {rule: n for rule, n in report.fusion.items() if n}
     lines.append("fused:   " + (", ".join(f"{rule} x{n}" for rule, n in matched.items()) if matched else "nothing"))
-    unfused = report["unfused_ops"]
+    unfused = report.unfused_ops
     lines.append("unfused: " + (", ".join(f"{op} x{n}" for op, n in unfused.items()) if unfused else "nothing"))
-    for refusal in report["rejected"]:
+    for refusal in report.rejected:
         lines.append(f"not fused by {refusal['rule']} at {refusal['at']}: {refusal['reason']}")
-    tuning = report.get("tuning")
+    tuning = report.tuning
     if tuning:
         lines.append(f"tuned:   {len(tuning['tuned_kernels'])} kernel(s) from {tuning['database']}, "
                      f"{len(tuning['default_kernels'])} with the default schedule")
-    quant = report.get("quantization")
+    quant = report.quantization
     if quant:
-        lines.append(f"int8:    {quant['int8_ops']} ({quant['calib_mode']} calibration, "
-                     f"{report['calibration_seconds']:.1f} s); fp32: {quant['fp32_ops'] or 'nothing'}")
-        if "output_error" in quant:
-            err = quant["output_error"]
+        calibration = f", {report.calibration_seconds:.1f} s" if report.calibration_seconds is not None else ""
+        lines.append(f"int8:    {quant.int8_ops} ({quant.calib_mode} calibration{calibration}); "
+                     f"fp32: {quant.fp32_ops or 'nothing'}")
+        if quant.output_error is not None:
+            err = quant.output_error
             lines.append(f"output vs fp32 on a calibration batch: SQNR {err['sqnr_db']:.1f} dB, cosine {err['cosine']:.5f}")
         lines.append("layers (worst first): name, dtype, threshold, SQNR of its quantized input")
-        for row in quant["layers"]:
+        for row in quant.layers:
             if row["threshold"] is None:
                 lines.append(f"  {row['name']:30} {row['dtype']:6} range computed at run time")
                 continue
             lo, hi = row["threshold"]
             lines.append(f"  {row['name']:30} {row['dtype']:6} [{lo:.4g}, {hi:.4g}]  {row['sqnr_db']:.1f} dB")
-        for name, why in quant["fp32_layers"].items():
+        for name, why in quant.fp32_layers.items():
             lines.append(f"  {name:30} fp32   ({why})")
     return "\n".join(lines)
 
 
-def _read_inputs(specs, pairs) -> dict:
+def _read_inputs(specs: list[TensorSpec], pairs) -> dict:
     inputs = {}
     for pair in pairs:
         name, sep, file = pair.rpartition("=")
         if not sep:
             if len(specs) != 1:
                 raise InputError(f"--input {pair!r}: the model has {len(specs)} inputs; name it as NAME=FILE.npy "
-                                 f"(inputs: {', '.join(s['name'] for s in specs)})")
-            name, file = specs[0]["name"], pair
+                                 f"(inputs: {', '.join(s.name for s in specs)})")
+            name, file = specs[0].name, pair
         try:
             inputs[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as err:
@@ -341,7 +344,7 @@ def cmd_run(args) -> int:
     from compiler import load
 
     model = load(args.artifact)
-    outputs = model.run(**_read_inputs(model.metadata["inputs"], args.input))
+    outputs = model.run(**_read_inputs(model.inputs, args.input))
     names = [spec.name for spec in model.outputs]
     if args.output:
         from compiler.atomic import atomic_path
@@ -357,29 +360,28 @@ def cmd_run(args) -> int:
     return 0
 
 
-def format_metadata(meta: dict) -> str:
-    target = meta["target"]
+def format_metadata(meta: ArtifactMetadata) -> str:
+    target, model = meta.target, meta.model
     lines = [
-        f"quantvm artifact (format {meta['format_version']}), quantvm {meta['quantvm_version']}, "
-        f"TVM {meta['tvm_version']}",
-        f"target:   {target['name']} (mcpu {target['mcpu']})",
-        f"features: {' '.join(target['required_features'])}",
-        f"model:    {meta['model']['source']} (opset {meta['model']['opset']}, sha256 {meta['model']['sha256'][:16]})",
-        f"precision: {meta['quantization']['mode']}",
+        f"quantvm artifact (format {meta.format_version}), quantvm {meta.quantvm_version}, TVM {meta.tvm_version}",
+        f"target:   {target.name} (mcpu {target.mcpu})",
+        f"features: {' '.join(target.required_features)}",
+        f"model:    {model.source} (opset {model.opset}, sha256 {model.sha256[:16]})",
+        f"precision: {meta.precision}",
     ]
-    for kind in ("inputs", "outputs"):
-        for spec in meta[kind]:
-            lines.append(f"{kind[:-1] + ':':9} {spec['name']} {spec['shape']} {spec['dtype']}")
+    for kind, specs in (("input", meta.inputs), ("output", meta.outputs)):
+        for spec in specs:
+            lines.append(f"{kind + ':':9} {spec.name} {list(spec.shape)} {spec.dtype}")
     return "\n".join(lines)
 
 
 def cmd_inspect(args) -> int:
-    from compiler.artifact import DIGEST_KEY, read_metadata
+    from compiler.artifact import read_metadata
 
     meta = read_metadata(args.artifact)  # refuses, with ArtifactError, a file that fails its digest
-    verdict = f"integrity: sha256 {meta[DIGEST_KEY]} verified"
+    verdict = f"integrity: sha256 {meta.artifact_sha256} verified"
     if args.json:
-        print(json.dumps(meta, indent=2, sort_keys=True))
+        print(json.dumps(meta.to_json(), indent=2, sort_keys=True))
     else:
         print(verdict if args.verify else f"{format_metadata(meta)}\n{verdict}")
     return 0

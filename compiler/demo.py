@@ -77,7 +77,7 @@ def run_demo(keep: Path | None = None) -> bool:
         xeon = compile(model_path, target="cascadelake", input_shapes=shapes)
         xeon_so = xeon.export(out_dir / "digits_cascadelake.so")
         print(f"[cascadelake] compiled in {xeon.compile_seconds:.1f} s, exported {xeon_so.name} "
-              f"({xeon_so.stat().st_size / 1024:.0f} KiB), needs: {' '.join(xeon.metadata['target']['required_features'])}")
+              f"({xeon_so.stat().st_size / 1024:.0f} KiB), needs: {' '.join(xeon.metadata.target.required_features)}")
         xeon_ok = _show_cascadelake_on_this_host(xeon_so, images, logits)
         if keep:
             print(f"artifacts kept in {out_dir}")
@@ -95,8 +95,8 @@ def _show_int8(model_path, shapes, images, labels, fp32_model, fp32_accuracy) ->
     calib = calib[: len(calib) // BATCH * BATCH]  # whole batches only
     int8 = compile(model_path, target="native", input_shapes=shapes, calib=[calib])
     accuracy = float((predict(int8, images).argmax(1) == labels).mean())
-    quant = int8.report["quantization"]
-    print(f"[native int8] {sum(quant['int8_ops'].values())} int8 ops, {quant['calib_mode']} calibration on {len(calib)} training "
+    quant = int8.report.quantization
+    print(f"[native int8] {sum(quant.int8_ops.values())} int8 ops, {quant.calib_mode} calibration on {len(calib)} training "
           f"images, compiled in {int8.compile_seconds:.1f} s; accuracy {accuracy:.2%} (fp32 {fp32_accuracy:.2%})")
     contenders = [Contender("int8", lambda f: int8.run(**f)), Contender("fp32", lambda f: fp32_model.run(**f))]
     interleave(contenders, {"image": images[:BATCH]}, rounds=20)
@@ -106,7 +106,7 @@ def _show_int8(model_path, shapes, images, labels, fp32_model, fp32_accuracy) ->
 
 
 def _show_cascadelake_on_this_host(path: Path, images, host_logits) -> bool:
-    missing = missing_features(read_metadata(path)["target"]["required_features"])
+    missing = missing_features(read_metadata(path).target.required_features)
     try:
         outputs = predict(load(path), images)
     except HostMismatchError as err:

@@ -21,22 +21,7 @@ from compiler.diagnose import OnnxNode, default_opset, first_line, node_error, t
 from compiler.errors import InputError, ModelError
 from compiler.importer_fixes import NodeConversionError, patched_onnx_converters
 from compiler.importer_rnn import RNN_OP_TYPES
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A named model input or output with a static shape (None where the size is not known)."""
-
-    name: str
-    shape: tuple
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, data: dict) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+from compiler.metadata import TensorSpec
 
 
 @dataclass
@@ -74,7 +59,8 @@ def read_onnx(model) -> tuple[onnx.ModelProto, str, str]:
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             onnx.load_external_data_for_model(proto, str(path.parent))
     else:
-        raise ModelError(f"model must be an ONNX file path, bytes or onnx.ModelProto, got {type(model).__name__}")
+        raise ModelError(f"model must be an ONNX file path, bytes, an onnx.ModelProto or a torch.nn.Module (with "
+                         f"example_inputs), got {type(model).__name__}")
     check_supported_ops(proto, source)  # before the checker, whose message would not name the node
     proto = _with_inferred_shapes(proto)
     try:

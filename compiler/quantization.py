@@ -20,6 +20,7 @@ from calib import NaiveCollector, check_thresholds
 from compiler.bias_correction import correct_biases
 from compiler.calib_data import Progress, Replay
 from compiler.int8_options import QuantizationOptions
+from compiler.report import QuantizationReport
 from compiler.simulate import Simulator
 from compiler.smoothquant import smoothing_factors
 from relay_passes.bounds import tensor_bounds
@@ -57,18 +58,19 @@ class Quantization:
     def planned(self) -> list[QuantizableOp]:
         return [op for op in self.ops if op.plan]
 
-    def report(self, fp32_layers=frozenset()) -> dict:
+    def report(self, fp32_layers=frozenset()) -> QuantizationReport:
         left = {**self.left, **{name: "reverted to fp32 by the accuracy fallback" for name in fp32_layers}}
         int8 = [op for op in self.planned if op.name not in fp32_layers]
-        return {
-            "calib_mode": self.options.calib_mode,
-            "options": self.options.to_json(),
-            "layers": [row for row in self.rows if row["name"] not in fp32_layers],
-            "int8_ops": _kind_counts(int8),
-            "fp32_ops": _kind_counts([op for op in self.candidates if op not in int8]),
-            "fp32_layers": left,
-            **self.extra,
-        }
+        return QuantizationReport(
+            calib_mode=self.options.calib_mode,
+            options=self.options.to_json(),
+            layers=[row for row in self.rows if row["name"] not in fp32_layers],
+            int8_ops=_kind_counts(int8),
+            fp32_ops=_kind_counts([op for op in self.candidates if op not in int8]),
+            fp32_layers=left,
+            bias_correction=self.extra.get("bias_correction"),
+            fallback=self.extra.get("fallback"),
+        )
 
 
 def select_ops(ops: list[QuantizableOp], options: QuantizationOptions) -> tuple[list, dict]:

@@ -1,6 +1,7 @@
 """Running compiled models: host checks, input checks, the Relax VM, and `load()` for exported artifacts.
 
-Nothing here needs the compiler: a `.so` from `export()` loads with the TVM runtime alone.
+Nothing here needs the compiler: a `.so` from `export()` loads with the TVM runtime alone, and this module
+imports neither onnx nor the compiler's passes (tests/test_light_loader.py holds it to that).
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import numpy as np
 
 from compiler.artifact import read_metadata
 from compiler.errors import HostMismatchError, InputError, QuantvmError
-from compiler.frontend import TensorSpec
+from compiler.metadata import ArtifactMetadata, TensorSpec
 from compiler.quiet import tvm_scope_warnings_silenced
 from targets.host import host_model_name, missing_features
 
 
-def check_host_can_run(metadata: dict, what: str) -> None:
+def check_host_can_run(metadata: ArtifactMetadata, what: str) -> None:
     """Refuse, before any of its code is loaded, an artifact that needs CPU features this host lacks."""
-    target = metadata["target"]
-    missing = missing_features(target["required_features"])
+    target = metadata.target
+    missing = missing_features(target.required_features)
     if missing:
         raise HostMismatchError(
-            f"{what} was built for target {target['name']!r} (mcpu {target['mcpu']}) and needs CPU features "
+            f"{what} was built for target {target.name!r} (mcpu {target.mcpu}) and needs CPU features "
             f"this host lacks: {', '.join(missing)} (host: {host_model_name()}). "
             "Compile for target 'native' to run here.")
 
@@ -104,13 +105,13 @@ class Predictor:
     added 9 MiB in all), and the VM call releases the GIL, so threads run the model in parallel.
     """
 
-    def __init__(self, module, metadata: dict, num_threads: int | None = None):
+    def __init__(self, module, metadata: ArtifactMetadata, num_threads: int | None = None):
         import tvm
 
         self.metadata = metadata
-        self.num_threads = resolve_num_threads(num_threads, metadata["target"].get("num_threads"))
-        self.inputs = [TensorSpec.from_json(t) for t in metadata["inputs"]]
-        self.outputs = [TensorSpec.from_json(t) for t in metadata["outputs"]]
+        self.num_threads = resolve_num_threads(num_threads, metadata.target.num_threads)
+        self.inputs = list(metadata.inputs)
+        self.outputs = list(metadata.outputs)
         self._tvm = tvm
         self._module = module
         self._per_thread = threading.local()  # .main: the calling thread's VM entry point
@@ -129,10 +130,12 @@ class Predictor:
         """The calling thread's VM entry point, made on its first call."""
         main = getattr(self._per_thread, "main", None)
         if main is None:
-            from tvm import relax
+            from tvm.runtime.vm import (
+                VirtualMachine,  # (relax.VirtualMachine, without the compiler's modules)
+            )
 
             with _vm_creation:
-                main = relax.VirtualMachine(self._module, self._tvm.cpu())["main"]
+                main = VirtualMachine(self._module, self._tvm.cpu())["main"]
             main.release_gil = True  # tvm-ffi's default, unless $TVM_FFI_RELEASE_GIL_BY_DEFAULT=0: threads overlap
             self._per_thread.main = main
         return main
@@ -187,7 +190,7 @@ def load(path, num_threads: int | None = None) -> Predictor:
     path = Path(path)
     metadata = read_metadata(path)
     check_host_can_run(metadata, str(path))
-    num_threads = resolve_num_threads(num_threads, metadata["target"].get("num_threads"))  # before any code loads
+    num_threads = resolve_num_threads(num_threads, metadata.target.num_threads)  # before any code loads
     with tvm_scope_warnings_silenced():
         module = tvm.runtime.load_module(str(path))
     return Predictor(module, metadata, num_threads)

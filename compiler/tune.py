@@ -78,7 +78,7 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
     for `compile()`: tuning an int8 build needs the calibration data it will be compiled with. `progress`:
     a callable given one line of text per measured batch (None: silent).
     """
-    from compiler.build import precision, target_with_threads
+    from compiler.build import target_with_threads
     from targets import resolve_target
     from targets.tuning import without_stock_intrinsics
 
@@ -102,7 +102,7 @@ def tune(model, target="cascadelake", trials: int = DEFAULT_TRIALS, work_dir="qu
                     _search(tasks, spec, folder, trials, measurement, summary, say)
         finally:
             measurement.close()  # no worker process outlives tune()
-        add_model(folder, manifest, model_entry(prepared.imported, precision(prepared.report)))
+        add_model(folder, manifest, model_entry(prepared.imported, "int8" if prepared.quantization else "fp32"))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -119,11 +119,11 @@ def _extract(model, spec, calib, num_threads, compile_options):
 
     graph = {k: compile_options.pop(k, default) for k, default in
              (("input_shapes", None), ("constant_inputs", None), ("fuse", True), ("eval_data", None),
-                              ("quantization", None))}
+                              ("quantization", None), ("example_inputs", None))}
     # the rest are compile()'s INT8 keywords
     options = QuantizationOptions.from_keywords(graph["quantization"], **compile_options)
     prepared = prepare_model(model, graph["input_shapes"], graph["constant_inputs"], graph["fuse"], calib, options,
-                             num_threads, graph["eval_data"], spec=spec)
+                             num_threads, graph["eval_data"], spec=spec, example_inputs=graph["example_inputs"])
     # the kernels as compile() schedules them: MetaSchedule searches from there
     lowered = prepared.run(start="layout", stop="kernels").mod
     tvm_target = spec.tvm_target()

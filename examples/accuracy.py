@@ -135,9 +135,9 @@ def run_quantvm(path: Path, spec: ModelSpec, data: Data, options: dict) -> tuple
     start = time.perf_counter()
     model = compiler.compile(str(path), target="native", calib=data.calib, input_shapes=spec.input_shapes, **options)
     seconds = time.perf_counter() - start
-    quant = model.report.get("quantization") or {}
-    note = (f"compile {seconds:.0f} s, {quant.get('calib_mode')}, int8 {sum(quant.get('int8_ops', {}).values())}"
-            f" / fp32 {sum(quant.get('fp32_ops', {}).values())} ops")
+    quant = model.metadata.quantization
+    note = (f"compile {seconds:.0f} s, {quant.calib_mode}, int8 {sum(quant.int8_ops.values())}"
+            f" / fp32 {sum(quant.fp32_ops.values())} ops")
     return [model.run(**s) for s in data.samples], note
 
 

@@ -71,7 +71,7 @@ class Result:
     fp32_error: str | None = None
     kernels: int | None = None  # of the fp32 build
     layout_transforms: int | None = None
-    layout_fallbacks: int | None = None  # ops left NCHW (report["layout"]["fallbacks"])
+    layout_fallbacks: int | None = None  # ops left NCHW (report.layout["fallbacks"])
     int8_compile_s: float | None = None
     int8_cosine: float | None = None
     int8_sqnr_db: float | None = None
@@ -134,8 +134,8 @@ def run_model(path: Path, info: dict, int8: bool, bench: bool, threads: int) -> 
         result.fp32_compile_s = round(fp32.compile_seconds, 1)
         result.fp32_rel_error = relative_error(fp32.run(**feeds), want)
         result.fp32_ok = result.fp32_rel_error <= FP32_MAX_RELATIVE_ERROR
-        result.kernels, result.layout_transforms = fp32.report["kernels"], fp32.report["layout_transforms"]
-        result.layout_fallbacks = len(fp32.report.get("layout", {}).get("fallbacks", []))
+        result.kernels, result.layout_transforms = fp32.report.kernels, fp32.report.layout_transforms
+        result.layout_fallbacks = len((fp32.report.layout or {}).get("fallbacks", []))
     except Exception as err:  # noqa: BLE001 (every failure is a row of the table)
         result.fp32_error = error_text(err)
         traceback.print_exc(limit=2)

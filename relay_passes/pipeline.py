@@ -47,15 +47,6 @@ class GraphBuild:
     schedules: ScheduleLog = field(default_factory=ScheduleLog)
     executable: object | None = None
 
-    def report(self) -> dict:
-        """The compile report's fusion, layout and kernel entries."""
-        result = {**(self.fusion.to_json() if self.fusion else {}), "rules": list(self.rules), **self.kernels}
-        if self.layout is not None:
-            result["layout"] = self.layout.to_json()
-        result["schedules"] = {"applied": self.schedules.applied, "unscheduled": self.schedules.failed,
-                               "tuned": self.schedules.tuned}
-        return result
-
 
 def _import(build: GraphBuild) -> None:
     if build.importer is not None:

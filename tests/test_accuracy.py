@@ -81,7 +81,7 @@ def test_a_bounded_input_is_never_clipped_inside_its_bound(rng):
                for c in calib)
     for mode in ("entropy", "mse", "percentile"):
         built = compiler.compile(model, target="native", calib=calib, calib_mode=mode, bias_correction=None)
-        row = next(r for r in built.report["quantization"]["layers"] if r["name"] == "second.conv")
+        row = next(r for r in built.report.quantization.layers if r["name"] == "second.conv")
         assert row["threshold"][1] == pytest.approx(seen, rel=1e-6), mode
 
 
@@ -109,7 +109,7 @@ def test_bias_correction_removes_the_mean_error_of_depthwise_layers(rng):
         built = compiler.compile(model, target="native", calib=calib, calib_mode="naive", bias_correction=mode)
         errors[mode] = _channel_bias(model, built, calib)
         if mode:
-            summary = built.report["quantization"]["bias_correction"]
+            summary = built.report.quantization.bias_correction
             assert summary["mode"] == mode and summary["layers"] == 6
     assert errors["fast"].mean() < 0.5 * errors[None].mean()
     assert errors["full"].mean() <= errors["fast"].mean() * 1.05
@@ -130,14 +130,14 @@ def test_fallback_with_a_user_metric_reverts_until_the_goal_holds(rng):
         return -float(np.abs(m.run(data=probe)[0] - reference).max())
 
     built = compiler.compile(model, target="native", calib=_mlp_data(rng), max_drop=1e-6, metric=closeness)
-    fallback = built.report["quantization"]["fallback"]
+    fallback = built.report.quantization.fallback
     assert fallback["metric"] == "test_fallback_with_a_user_metric_reverts_until_the_goal_holds.<locals>.closeness"
     assert fallback["reached"] and fallback["steps"][0]["layer"] is None
     assert [s["layer"] for s in fallback["steps"][1:]] == fallback["reverted"]
     assert fallback["steps"][-1]["drop"] <= 1e-6 < fallback["steps"][0]["drop"]
     assert len(calls) == len(fallback["steps"]) + 1  # fp32 once, then once per step
     for name in fallback["reverted"]:
-        assert built.report["quantization"]["fp32_layers"][name] == "reverted to fp32 by the accuracy fallback"
+        assert built.report.quantization.fp32_layers[name] == "reverted to fp32 by the accuracy fallback"
     assert -float(np.abs(built.run(data=probe)[0] - reference).max()) >= fallback["steps"][-1]["metric"] - 1e-6
 
 
@@ -146,7 +146,7 @@ def test_fallback_without_a_metric_uses_agreement_or_cosine_on_eval_data(rng):
     calib = [rng.normal(0, 1, (2, 3, 20, 20)).astype(np.float32) for _ in range(4)]
     held_out = [rng.normal(0, 1, (2, 3, 20, 20)).astype(np.float32) for _ in range(2)]
     built = compiler.compile(model, target="native", calib=calib, eval_data=held_out, max_drop=1e-4)
-    fallback = built.report["quantization"]["fallback"]
+    fallback = built.report.quantization.fallback
     assert fallback["metric"] == "cosine" and fallback["fp32_metric"] == 1.0
     drops = [s["drop"] for s in fallback["steps"]]
     assert fallback["reached"] == (min(drops) <= 1e-4)
@@ -162,7 +162,7 @@ def test_fallback_warns_with_the_figures_when_the_goal_is_missed(rng):
     with pytest.warns(UserWarning, match=r"max_drop 0.01 not reached: .* by 1 \(0.99 over\)"):
         built = compiler.compile(model, target="native", calib=_mlp_data(rng), max_drop=0.01,
                                  metric=lambda m: next(answers))
-    fallback = built.report["quantization"]["fallback"]
+    fallback = built.report.quantization.fallback
     assert not fallback["reached"] and fallback["reverted"] == []  # the first model is as good as any
 
 
@@ -205,9 +205,9 @@ def test_one_options_object_for_every_entry_point(rng):
     by_object = compiler.compile(model, target="native", calib=data, quantization=options)
     by_keywords = compiler.compile(model, target="native", calib=data, calib_mode="naive", bias_correction=None,
                                    exclude_layers=["fc1"])
-    assert by_object.report["quantization"]["options"] == by_keywords.report["quantization"]["options"]
+    assert by_object.report.quantization.options == by_keywords.report.quantization.options
     overridden = compiler.compile(model, target="native", calib=data, quantization=options, exclude_layers=[])
-    assert "fc1" not in overridden.report["quantization"]["fp32_layers"]
+    assert "fc1" not in overridden.report.quantization.fp32_layers
     parser = argparse.ArgumentParser()
     add_cli_arguments(parser)
     parsed = from_cli(parser.parse_args(["--calib-mode", "naive", "--bias-correction", "none",
@@ -297,13 +297,13 @@ def _cosine(a, b):
 def test_attention_matmuls_run_in_int8_on_request_and_token_inputs_are_smoothed_by_default(rng):
     model = attention_block(rng)
     calib, held_out = _tokens(rng, 8), _tokens(rng, 4)
-    default = compiler.compile(model, target="native", calib=calib).report["quantization"]
-    assert default["int8_ops"] == {"dense": 4} and default["fp32_ops"] == {"matmul": 2}
-    assert "attention_int8=True" in default["fp32_layers"]["scores"]
+    default = compiler.compile(model, target="native", calib=calib).report.quantization
+    assert default.int8_ops == {"dense": 4} and default.fp32_ops == {"matmul": 2}
+    assert "attention_int8=True" in default.fp32_layers["scores"]
     built = compiler.compile(model, target="native", calib=calib, attention_int8=True)
-    quant = built.report["quantization"]
-    assert quant["int8_ops"] == {"dense": 4, "matmul": 2} and quant["fp32_ops"] == {}
-    rows = {r["name"]: r for r in quant["layers"]}
+    quant = built.report.quantization
+    assert quant.int8_ops == {"dense": 4, "matmul": 2} and quant.fp32_ops == {}
+    rows = {r["name"]: r for r in quant.layers}
     assert all("smooth_alpha" in rows[f"{n}.matmul"] for n in ("q", "k", "v", "out"))
     assert any(rows[f"{n}.matmul"]["smooth_alpha"] is not None for n in "qkv")  # the outlier channel
     assert rows["scores"]["dtype"] == "int8" and rows["context"]["dtype"] == "uint8"  # softmax: u8 over [0, 1]
@@ -323,7 +323,7 @@ def test_per_token_beats_one_range_per_tensor_on_outlier_channels(rng):
     per_tensor = worst_cosine(smooth_quant=False)
     assert worst_cosine(per_token=True, smooth_quant=False) > per_tensor
     smoothed = compiler.compile(model, target="native", calib=calib, calib_mode="naive", smooth_quant=True)
-    alphas = [r["smooth_alpha"] for r in smoothed.report["quantization"]["layers"] if r["op"] == "dense"]
+    alphas = [r["smooth_alpha"] for r in smoothed.report.quantization.layers if r["op"] == "dense"]
     assert any(a is not None for a in alphas)  # the outlier channel is worth smoothing somewhere
     assert min(_cosine(smoothed.run(data=x)[0], onnxruntime_outputs(model, {"data": x})[0]) for x in held_out) \
         >= per_tensor - 1e-3
@@ -374,8 +374,8 @@ def test_a_real_pretrained_classifier_keeps_its_answers_with_the_default_int8():
     _, old = outputs(calib_mode="naive", bias_correction=None)
     assert _sqnr(fp32, default) > _sqnr(fp32, old) + 1.0
     assert np.mean([a.argmax() == b.argmax() for a, b in zip(fp32, default)]) >= 0.95
-    quant = built.report["quantization"]
-    assert quant["bias_correction"]["layers"] > 10 and not quant["fp32_ops"]
+    quant = built.report.quantization
+    assert quant.bias_correction["layers"] > 10 and not quant.fp32_ops
 
 
 def test_cli_max_drop_with_bad_eval_data_names_it_and_writes_nothing(tmp_path, rng):

@@ -1,10 +1,10 @@
 """The exported .so: an x86-64 ELF with metadata, loadable in a fresh process, refused where it cannot run."""
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -33,14 +33,14 @@ def test_export_is_an_x86_64_shared_object_with_metadata(digits_builds, target):
     model, path = digits_builds[target]
     assert _elf_kind(path) == ("EM_X86_64", "ET_DYN")
     meta = read_metadata(path)
-    assert {key: value for key, value in meta.items() if key != DIGEST_KEY} == model.metadata
-    assert meta["format_version"] == 2 and len(meta[DIGEST_KEY]) == 64
-    assert meta["target"]["name"] == target
-    assert meta["target"]["required_features"] == list(resolve_target(target).required_features)
-    assert meta["inputs"] == [{"name": "image", "shape": [4, 1, 8, 8], "dtype": "float32"}]
-    assert meta["outputs"] == [{"name": "logits", "shape": [4, 10], "dtype": "float32"}]
-    assert meta["tvm_version"].startswith("0.27")
-    assert len(meta["model"]["sha256"]) == 64
+    assert dataclasses.replace(meta, artifact_sha256=None) == model.metadata
+    assert meta.format_version == 2 and len(meta.artifact_sha256) == 64
+    assert meta.target.name == target
+    assert meta.target.required_features == tuple(resolve_target(target).required_features)
+    assert [s.to_json() for s in meta.inputs] == [{"name": "image", "shape": [4, 1, 8, 8], "dtype": "float32"}]
+    assert [s.to_json() for s in meta.outputs] == [{"name": "logits", "shape": [4, 10], "dtype": "float32"}]
+    assert meta.tvm_version.startswith("0.27")
+    assert len(meta.model.sha256) == 64
 
 
 def test_fresh_process_loads_and_matches_onnxruntime(tmp_path, rng):
@@ -62,7 +62,7 @@ def test_fresh_process_loads_and_matches_onnxruntime(tmp_path, rng):
 def test_cascadelake_artifact_runs_where_the_host_has_its_features_and_is_refused_elsewhere(digits_builds):
     model, path = digits_builds["cascadelake"]
     images = np.zeros((4, 1, 8, 8), np.float32)
-    if missing_features(model.metadata["target"]["required_features"]):
+    if missing_features(model.metadata.target.required_features):
         with pytest.raises(compiler.HostMismatchError, match="avx512"):
             compiler.load(path)
         return
@@ -104,7 +104,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_good_file(digits_builds, tmp
     model, good = digits_builds["native"]
     target = tmp_path / "model.so"
     target.write_bytes(good.read_bytes())
-    broken = compiler.CompiledModel(_FailingExecutable(), model.metadata, 0.0)
+    broken = compiler.CompiledModel(_FailingExecutable(), model.metadata, 0.0, model.report)
     with pytest.raises(compiler.ArtifactError, match="ld: killed"):
         broken.export(target)
     assert target.read_bytes() == good.read_bytes()
@@ -123,7 +123,7 @@ def test_export_replaces_an_existing_artifact(digits_builds, tmp_path):
     path = tmp_path / "model.so"
     path.write_text("old")
     model.export(path)
-    assert read_metadata(path)["target"]["name"] == "native"
+    assert read_metadata(path).target.name == "native"
 
 
 @pytest.mark.parametrize("content, words", [
@@ -155,8 +155,7 @@ def test_newer_format_is_refused(tmp_path, digits_builds):
     from compiler.artifact import export_executable
 
     model, _ = digits_builds["native"]
-    meta = json.loads(json.dumps(model.metadata))
-    meta["format_version"] = 99
+    meta = dataclasses.replace(model.metadata, format_version=99)
     path = export_executable(model.executable, meta, tmp_path / "future.so")
     with pytest.raises(compiler.ArtifactError, match="upgrade quantvm"):
         compiler.load(path)
@@ -258,7 +257,7 @@ def test_a_refused_artifact_is_not_mapped_into_the_process(digits_builds, tmp_pa
 def test_the_digest_is_the_sha256_of_the_file_with_its_own_characters_zeroed(digits_builds, capsys):
     _, path = digits_builds["native"]
     data = path.read_bytes()
-    digest = read_metadata(path)[DIGEST_KEY]
+    digest = read_metadata(path).artifact_sha256
     assert data.count(digest.encode()) == 1
     assert hashlib.sha256(data.replace(digest.encode(), b"0" * 64)).hexdigest() == digest
     assert quantvm_main(["inspect", "--verify", str(path)]) == 0
@@ -270,7 +269,7 @@ def test_the_digest_is_the_sha256_of_the_file_with_its_own_characters_zeroed(dig
 def test_an_artifact_without_a_digest_must_be_re_exported(digits_builds, tmp_path):
     model, _ = digits_builds["native"]
     addon = tmp_path / "meta.c"  # what quantvm wrote before artifacts carried a digest (format 1)
-    addon.write_text(metadata_addon_source({**model.metadata, "format_version": 1}))
+    addon.write_text(metadata_addon_source(dataclasses.replace(model.metadata, format_version=1)))
     path = tmp_path / "old.so"
     model.executable.export_library(str(path), addons=[str(addon)], workspace_dir=str(tmp_path))
     with pytest.raises(compiler.ArtifactError, match=f"{path} has no integrity digest.*re-export"):

@@ -10,7 +10,7 @@ import pytest
 import compiler
 from calib import CalibrationError
 from compiler.calib_data import Replay, model_batches
-from compiler.frontend import TensorSpec
+from compiler.metadata import TensorSpec
 from tests.fixtures import GraphBuilder, onnxruntime_outputs
 
 AUDIO, STATE = (1, 48), (2, 1, 8)  # a streaming voice-activity model's [1, 576] audio and [2, 1, 128] state
@@ -39,7 +39,7 @@ def _normal(rng, *shape):
 
 
 def _thresholds(built) -> dict:
-    return {row["name"]: row["threshold"] for row in built.report["quantization"]["layers"]}
+    return {row["name"]: row["threshold"] for row in built.report.quantization.layers}
 
 
 def _relative_error(got, want) -> float:
@@ -61,7 +61,7 @@ def streaming():
 
 def test_a_state_input_calibrates_at_the_compiled_shapes_and_matches_onnxruntime(streaming):
     model, batches, built = streaming
-    assert built.report["quantization"]["int8_ops"] == {"dense": 2}  # the audio and the state matmuls
+    assert built.report.quantization.int8_ops == {"dense": 2}  # the audio and the state matmuls
     errors = [_relative_error(built.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]) for feeds in batches]
     assert max(errors) < 0.03, errors
 
@@ -83,7 +83,7 @@ def test_a_sequence_first_input_is_held_and_the_batch_first_one_cut(rng):
     exact = _compile(model, [{"seq": seq, "frame": f[None]} for seq in seqs for f in frames])
     cut = _compile(model, [{"seq": seq, "frame": frames} for seq in seqs])
     assert _thresholds(cut) == _thresholds(exact)
-    assert cut.report["quantization"]["int8_ops"] == {"dense": 2}
+    assert cut.report.quantization.int8_ops == {"dense": 2}
     errors = [_relative_error(cut.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0])
               for feeds in ({"seq": seq, "frame": f[None]} for seq in seqs for f in frames)]
     assert max(errors) < 0.03, errors

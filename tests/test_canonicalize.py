@@ -222,16 +222,16 @@ def test_fp32_fuses_the_canonical_forms_into_conv_and_fc_kernels(rng):
     built = compiler.compile(model, target="native")
     for g, w in zip(built.run(**feeds), onnxruntime_outputs(model, feeds)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
-    fused = {rule: n for rule, n in built.report["fusion"].items() if n}
+    fused = {rule: n for rule, n in built.report.fusion.items() if n}
     assert fused.get("conv_bn_act") == 2, built.report  # HardSwish and SiLU in the conv epilogues
-    assert built.report["unfused_ops"].get("layer_norm") == 1 and "divide" not in built.report["unfused_ops"]
+    assert built.report.unfused_ops.get("layer_norm") == 1 and "divide" not in built.report.unfused_ops
 
 
 def test_int8_compiles_and_stays_close_with_the_canonical_forms(rng):
     model = _small_cnn_with_decomposed_ops(rng)
     calib = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(4)]
     built = compiler.compile(model, target="native", calib=calib, bias_correction=None)
-    assert sum(built.report["quantization"]["int8_ops"].values()) >= 2
+    assert sum(built.report.quantization.int8_ops.values()) >= 2
     feeds = {"data": calib[0]}
     got, want = built.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
     assert float(got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.99

@@ -107,7 +107,7 @@ def test_conv1d_network_becomes_2d_with_one_squeeze_and_matches_onnxruntime(rng)
     assert ops["relax.nn.max_pool1d"] == 0 and ops["relax.nn.avg_pool1d"] == 0
     assert ops["relax.squeeze"] == 1 and ops["relax.expand_dims"] == 1  # in and out of 2-D once each
     fp32 = _check_fp32_and_int8(model, rng)
-    assert fp32.report["layout_transforms"] <= 2  # only at the graph's edges
+    assert fp32.report.layout_transforms <= 2  # only at the graph's edges
 
 
 def _unblockable_convs(rng):
@@ -121,7 +121,7 @@ def _unblockable_convs(rng):
 
 def test_convs_whose_channels_fit_no_block_get_the_nchw_rule_and_match_onnxruntime(rng):
     fp32 = _check_fp32_and_int8(_unblockable_convs(rng), rng)
-    rules = Counter(fp32.report["schedules"]["applied"].values())
+    rules = Counter(fp32.report.schedules.applied.values())
     assert rules["conv2d_nchw"] == 2 and rules["conv2d_nchw_pointwise"] == 1, rules
 
 
@@ -136,7 +136,7 @@ def test_pointwise_convs_left_nchw_are_tiled_over_whole_maps_and_match_onnxrunti
     y = g.op("Relu", [g.conv("x", "pw1", cin, cout, k=1, bias=True)], "r1")
     y = g.op("Add", [g.conv(y, "pw2", cout, cout, k=1, bias=True), y], "sum")
     fp32 = _check_fp32_and_int8(g.model("pointwise", {"x": (1, cin, size, size)}, [y]), rng)
-    rules = Counter(fp32.report["schedules"]["applied"].values())
+    rules = Counter(fp32.report.schedules.applied.values())
     assert rules["conv2d_nchw_pointwise"] == 2, rules
 
 
@@ -191,11 +191,11 @@ def test_grouped_convs_run_blocked_and_match_onnxruntime(cin, cout, groups, rng)
     y = g.conv(y, "c2", cout, 16, k=1, bias=True)
     model = g.model("grouped", {"x": (1, cin, 13, 12)}, [y])
     fp32 = _check_fp32_and_int8(model, rng)
-    rules = Counter(fp32.report["schedules"]["applied"].values())
+    rules = Counter(fp32.report.schedules.applied.values())
     blocked = cin // groups % 8 == 0 or 8 % (cin // groups) == 0
     assert rules["conv2d_nchwc"] == (3 if blocked else 2), rules
-    assert fp32.report["layout_transforms"] == (2 if blocked else 4)
+    assert fp32.report.layout_transforms == (2 if blocked else 4)
     # int8 for a VNNI Xeon (built, not run): the grouped conv takes the dot instruction like the others
     int8 = compiler.compile(model, target="cascadelake", calib=[random_inputs(model, rng)], bias_correction=None)
-    vnni = [r for r in int8.report["schedules"]["applied"].values() if "_vnni" in r]
-    assert len(vnni) == (3 if blocked else 2), int8.report["schedules"]["applied"]
+    vnni = [r for r in int8.report.schedules.applied.values() if "_vnni" in r]
+    assert len(vnni) == (3 if blocked else 2), int8.report.schedules.applied

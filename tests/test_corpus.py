@@ -54,7 +54,7 @@ def test_fp32_matches_onnxruntime(name, built):
 def test_int8_stays_close_to_onnxruntime_fp32(name, built):
     model, feeds, calib, want = built(name)
     int8 = compiler.compile(model, target="native", calib=calib, bias_correction=None)
-    assert int8.metadata["quantization"]["mode"] == "int8"
+    assert int8.metadata.quantization.mode == "int8"
     got = int8.run(**feeds)
     for k, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, (k, g.shape, w.shape)

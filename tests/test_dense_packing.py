@@ -51,7 +51,7 @@ def test_fc_matches_onnxruntime(x_shape, n, gemm, rng):
     got = np.asarray(built.run(**feeds)[0])
     want = onnxruntime_outputs(model, feeds)[0]
     assert np.abs(got - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
-    applied = built.report["schedules"]["applied"]
+    applied = built.report.schedules.applied
     packed = n % 8 == 0
     # a packed weight's unpacking is fused into the FC's kernel, which the matmul rule still schedules
     assert any("layout_transform" in name for name in applied) == packed
@@ -68,8 +68,8 @@ def test_a_lone_fc_reads_its_packed_weight(rng):
     feeds = random_inputs(model, rng)
     want = onnxruntime_outputs(model, feeds)[0]
     assert np.abs(built.run(**feeds)[0] - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
-    assert built.report["fusion"]["fc_packed"] == 1
-    assert any("layout_transform" in name for name in built.report["schedules"]["applied"])
+    assert built.report.fusion["fc_packed"] == 1
+    assert any("layout_transform" in name for name in built.report.schedules.applied)
 
 
 def _packed_weight(k: int, n: int, lanes: int):

@@ -117,7 +117,7 @@ def test_a_killed_search_leaves_a_database_that_compiles_and_resumes(conv_model,
     searched = _check_json(db)[db / SEARCH / "database_tuning_record.json"]
     assert len(searched) > len(before) and all(record in searched for record in before)  # the batch was saved
     built = compiler.compile(model, target="native", tuning_db=db)
-    assert built.report["tuning"]["tuned_kernels"]
+    assert built.report.tuning["tuned_kernels"]
     feeds = fixtures.random_inputs(model, np.random.default_rng(4))
     np.testing.assert_allclose(built.run(**feeds)[0], fixtures.onnxruntime_outputs(model, feeds)[0],
                                rtol=1e-4, atol=1e-4)

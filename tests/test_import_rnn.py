@@ -57,7 +57,7 @@ def _matches_onnxruntime(model, shapes: dict, rng):
 
 
 def _recurrent_kernels(compiled) -> list[str]:
-    return [rule for rule in compiled.report["schedules"]["applied"].values() if rule in (LSTM_RULE, GRU_RULE)]
+    return [rule for rule in compiled.report.schedules.applied.values() if rule in (LSTM_RULE, GRU_RULE)]
 
 
 @pytest.mark.parametrize("op, attrs", [("LSTM", {}), ("GRU", {"linear_before_reset": 0}),
@@ -71,7 +71,7 @@ def test_a_long_bidirectional_sequence_is_one_kernel(rng, op, attrs):
                                    hidden=32, **attrs)
         compiled = _matches_onnxruntime(model, shapes, rng)
         assert _recurrent_kernels(compiled) == [LSTM_RULE if op == "LSTM" else GRU_RULE]
-        counts.append(compiled.report["kernels"])
+        counts.append(compiled.report.kernels)
     assert counts[0] == counts[1]
 
 

@@ -84,18 +84,18 @@ def test_digits_int8_accuracy_within_half_a_point_of_fp32(mode, digits_fp32_accu
     int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
                             calib=[calib[:240]], calib_mode=mode)
     assert digits_fp32_accuracy - _accuracy(int8, images, labels) <= 0.005
-    quant = int8.report["quantization"]
-    assert quant["int8_ops"] == {"conv2d": 4, "avg_pool": 1, "dense": 1} and quant["fp32_ops"] == {}
-    names = [row["name"] for row in quant["layers"]]
+    quant = int8.report.quantization
+    assert quant.int8_ops == {"conv2d": 4, "avg_pool": 1, "dense": 1} and quant.fp32_ops == {}
+    names = [row["name"] for row in quant.layers]
     assert sorted(names) == ["block_a.conv", "block_b.conv", "gap", "head.gemm", "stem.conv", "wide.conv"]
     # the image and the stem output (also read by the residual Add) are quantized by kernels of their own;
     # the one-channel image is zero-padded to a channel block for the stem conv
-    assert int8.report["unfused_ops"] == {"max_pool2d": 1, "pad": 1, "quantize": 2, "reshape": 1}
-    sqnr = [row["sqnr_db"] for row in quant["layers"]]
+    assert int8.report.unfused_ops == {"max_pool2d": 1, "pad": 1, "quantize": 2, "reshape": 1}
+    sqnr = [row["sqnr_db"] for row in quant.layers]
     assert sqnr == sorted(sqnr) and min(sqnr) > 20  # worst first
-    assert all(row["dtype"] == "uint8" for row in quant["layers"])  # image in [0, 1] and ReLU outputs
-    assert quant["output_error"]["cosine"] > 0.999
-    assert int8.metadata["quantization"]["mode"] == "int8"
+    assert all(row["dtype"] == "uint8" for row in quant.layers)  # image in [0, 1] and ReLU outputs
+    assert quant.output_error["cosine"] > 0.999
+    assert int8.metadata.quantization.mode == "int8"
 
 
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "depthwise_separable", "mlp", "pooling"])
@@ -107,17 +107,17 @@ def test_int8_models_stay_close_to_onnxruntime_fp32(name, rng):
     got, want = int8.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
     cosine = float(got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)))
     assert cosine > 0.99, cosine
-    assert sum(int8.report["quantization"]["int8_ops"].values()) >= 3
+    assert sum(int8.report.quantization.int8_ops.values()) >= 3
 
 
 def test_signed_inputs_are_s8_and_forced_dtypes_are_honoured(rng):
     model = fixtures.MODELS["mlp"](rng)
     calib = [rng.standard_normal((4, 32)).astype(np.float32)]
     layers = {r["name"]: r["dtype"] for r in compiler.compile(model, target="native", calib=calib,
-                                                              calib_mode="naive").report["quantization"]["layers"]}
+                                                              calib_mode="naive").report.quantization.layers}
     assert layers["fc1"] == "int8" and layers["fc2.matmul"] == "uint8"  # fc1 reads the signed input
     forced = compiler.compile(model, target="native", calib=calib, calib_mode="naive", quantized_dtype="int8")
-    assert {r["dtype"] for r in forced.report["quantization"]["layers"]} == {"int8"}
+    assert {r["dtype"] for r in forced.report.quantization.layers} == {"int8"}
 
 
 def test_custom_collector_end_to_end():
@@ -126,7 +126,7 @@ def test_custom_collector_end_to_end():
     int8 = compiler.compile(model_path, target="native", input_shapes={"image": (DIGITS_BATCH, 1, 8, 8)},
                             calib=[calib[:80]], calib_mode="custom", collector=mine)
     assert mine.include_layers == {"stem.conv", "block_a.conv", "block_b.conv", "wide.conv", "gap", "head.gemm"}
-    thresholds = {r["name"]: r["threshold"] for r in int8.report["quantization"]["layers"]}
+    thresholds = {r["name"]: r["threshold"] for r in int8.report.quantization.layers}
     assert thresholds == {k: list(v) for k, v in mine.min_max_dict.items()}
     assert _accuracy(int8, images, labels) > 0.9
 
@@ -140,9 +140,9 @@ def test_exclusions_keep_layers_in_fp32():
                                  calib_mode="naive", exclude_layers=["stem.conv", "no.such.layer"],
                                  exclude_layers_match=["block_"], exclude_operators=["Gemm", "GlobalAveragePool"])
     assert any("no.such.layer" in str(w.message) for w in caught)
-    quant = model.report["quantization"]
-    assert quant["int8_ops"] == {"conv2d": 1} and quant["fp32_ops"] == {"conv2d": 3, "avg_pool": 1, "dense": 1}
-    assert quant["fp32_layers"] == {"stem.conv": "excluded by name", "block_a.conv": "excluded by name match",
+    quant = model.report.quantization
+    assert quant.int8_ops == {"conv2d": 1} and quant.fp32_ops == {"conv2d": 3, "avg_pool": 1, "dense": 1}
+    assert quant.fp32_layers == {"stem.conv": "excluded by name", "block_a.conv": "excluded by name match",
                                     "block_b.conv": "excluded by name match", "gap": "excluded by op type",
                                     "head.gemm": "excluded by op type"}
 
@@ -164,13 +164,13 @@ def test_loaders_of_every_shape_are_accepted(rng):
     for loader in ([base], [{"data": base}], [(base,)], ([_FakeTensor(base[:3]), _FakeTensor(base[3:])]),
                    (b for b in [base[:5], base[5:]])):
         built = compiler.compile(model, target="native", calib=loader, calib_mode="naive")
-        ranges.append([row["threshold"] for row in sorted(built.report["quantization"]["layers"],
+        ranges.append([row["threshold"] for row in sorted(built.report.quantization.layers,
                                                           key=lambda r: r["name"])])
     assert all(r == ranges[0] for r in ranges)
     labels = np.arange(8)
     with pytest.warns(UserWarning, match="trailing ones"):  # a DataLoader of (images, labels)
         built = compiler.compile(model, target="native", calib=[(base, labels)], calib_mode="naive")
-    assert [row["threshold"] for row in sorted(built.report["quantization"]["layers"],
+    assert [row["threshold"] for row in sorted(built.report.quantization.layers,
                                                key=lambda r: r["name"])] == ranges[0]
 
 
@@ -221,8 +221,8 @@ def test_an_all_zero_input_range_leaves_that_layer_in_fp32(rng):
     model = fixtures.MODELS["mlp"](rng)
     with pytest.warns(UserWarning, match="'fc1' is 0 on every batch"):
         built = compiler.compile(model, target="native", calib=[np.zeros((4, 32), np.float32)], calib_mode="naive")
-    quant = built.report["quantization"]
-    assert quant["fp32_layers"]["fc1"] == "zero range in calibration"
+    quant = built.report.quantization
+    assert quant.fp32_layers["fc1"] == "zero range in calibration"
     x = rng.standard_normal((4, 32)).astype(np.float32)
     assert np.isfinite(built.run(x)[0]).all()
 
@@ -233,22 +233,22 @@ def test_cascadelake_int8_build_and_metadata(tmp_path):
                              calib=[calib[:40]], calib_mode="naive")
     path = built.export(tmp_path / "digits_int8_clx.so")
     meta = compiler.artifact.read_metadata(path)
-    assert meta["quantization"] == {"mode": "int8", "calib_mode": "naive",
+    assert meta.quantization.to_json() == {"mode": "int8", "calib_mode": "naive",
                                     "int8_ops": {"conv2d": 4, "avg_pool": 1, "dense": 1}, "fp32_ops": {}}
-    if missing_features(meta["target"]["required_features"]):
-        assert "output_error" not in built.report["quantization"]  # it cannot run here to be measured
+    if missing_features(meta.target.required_features):
+        assert built.report.quantization.output_error is None  # it cannot run here to be measured
     else:  # a host with AVX-512 VNNI runs it, and measures it against fp32 as on any host target
-        assert built.report["quantization"]["output_error"]["cosine"] > 0.99
+        assert built.report.quantization.output_error["cosine"] > 0.99
 
 
 def test_calib_mode_none_computes_ranges_at_run_time(digits_fp32_accuracy):
     model_path, images, labels, calib = _digits()
     shapes = {"image": (DIGITS_BATCH, 1, 8, 8)}
     dynamic = compiler.compile(model_path, target="native", input_shapes=shapes, calib_mode="none")
-    quant = dynamic.report["quantization"]
-    assert quant["int8_ops"] == {"conv2d": 4, "dense": 1} and all(r["threshold"] is None for r in quant["layers"])
+    quant = dynamic.report.quantization
+    assert quant.int8_ops == {"conv2d": 4, "dense": 1} and all(r["threshold"] is None for r in quant.layers)
     assert digits_fp32_accuracy - _accuracy(dynamic, images, labels) <= 0.005
-    assert dynamic.report["unfused_ops"]["max"] == 5  # the run-time range: one extra reduction per int8 op
+    assert dynamic.report.unfused_ops["max"] == 5  # the run-time range: one extra reduction per int8 op
     with pytest.warns(UserWarning, match="calibration data is not used"):
         compiler.compile(model_path, target="native", input_shapes=shapes, calib=[calib[:40]], calib_mode="none")
 
@@ -299,8 +299,8 @@ def test_signed_data_runs_as_offset_u8_where_the_op_allows_it_and_stays_exact(op
     x = rng.standard_normal(shape).astype(np.float32)
     int8 = compiler.compile(model, target="native", calib=[calib], calib_mode="naive", bias_correction=None,
                             smooth_quant=False)
-    rules = [r for r in int8.report["schedules"]["applied"].values() if "int8" in r]
+    rules = [r for r in int8.report.schedules.applied.values() if "int8" in r]
     assert rules and all(stored in r for r in rules), rules
-    assert {row["dtype"] for row in int8.report["quantization"]["layers"]} == {"int8"}  # an s8 grid either way
+    assert {row["dtype"] for row in int8.report.quantization.layers} == {"int8"}  # an s8 grid either way
     want, quantum = _int8_reference(model, x, calib)
     np.testing.assert_allclose(int8.run(x)[0], want, rtol=0, atol=1.01 * quantum)

@@ -356,7 +356,7 @@ def test_resnet50_int8_for_cascadelake_has_vpdpbusd_in_every_conv_and_dense_kern
     rng = np.random.default_rng(4)
     calib = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32)]
     built = compiler.compile(resnet50(rng), target="cascadelake", calib=calib, calib_mode="naive")
-    assert built.report["quantization"]["int8_ops"] == {"conv2d": 53, "avg_pool": 1, "dense": 1}
+    assert built.report.quantization.int8_ops == {"conv2d": 53, "avg_pool": 1, "dense": 1}
     kernels = assembly_by_kernel(built.executable)
     int8 = {name: body for name, body in kernels.items()
             if ("conv2d" in name or "matmul" in name) and "astype" in name}  # int8: s32 accumulators cast

@@ -125,7 +125,7 @@ def test_fp32_fc_wider_than_no_full_vector_is_vectorized_by_half_vectors(rng):
     g = GraphBuilder(rng)
     model = g.model("fc", {"data": (2, 64)}, [g.gemm("data", "fc", 64, 1000)])
     built = compiler.compile(model, target="cascadelake")
-    assert set(built.report["schedules"]["applied"].values()) == {"matmul"}
+    assert set(built.report.schedules.applied.values()) == {"matmul"}
 
 
 # Layouts through the whole CNN: each graph below runs blocked from its first conv to its last; the only
@@ -197,8 +197,8 @@ def test_blocked_layout_flows_through_the_whole_graph(rng, build, edges):
     assert [f.op for f in report.fallbacks] == no_kernel
     built, got, want = _compiled_and_onnxruntime(model, rng)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    assert built.report["layout_transforms"] <= edges
-    assert built.report["layout"] == report.to_json()
+    assert built.report.layout_transforms <= edges
+    assert built.report.layout == report.to_json()
 
 
 def test_int8_squeeze_excite_stays_blocked(rng):
@@ -207,8 +207,8 @@ def test_int8_squeeze_excite_stays_blocked(rng):
     built, got, want = _compiled_and_onnxruntime(model, rng, calib=[calib], bias_correction=None)
     # int8 against fp32 onnxruntime: quantization noise, where a wrong layout scrambles the whole output
     assert np.abs(got - want).mean() <= 0.1 * np.abs(want).mean()
-    assert built.report["layout_transforms"] <= 2
-    assert built.report["layout"]["fallbacks"] == []
+    assert built.report.layout_transforms <= 2
+    assert built.report.layout["fallbacks"] == []
 
 
 def _conv_sigmoid_conv():

@@ -33,8 +33,8 @@ def test_dynamic_batch_fixed_by_input_shapes(rng, demo_model_path):
     compiled = compiler.compile(demo_model_path, target="native", input_shapes={"image": images.shape})
     expected = ReferenceEvaluator(str(demo_model_path)).run(None, {"image": images})[0]
     np.testing.assert_allclose(compiled.run(image=images)[0], expected, rtol=1e-4, atol=1e-5)
-    assert compiled.metadata["inputs"] == [{"name": "image", "shape": [3, 1, 8, 8], "dtype": "float32"}]
-    assert compiled.metadata["outputs"] == [{"name": "logits", "shape": [3, 10], "dtype": "float32"}]
+    assert [s.to_json() for s in compiled.metadata.inputs] == [{"name": "image", "shape": [3, 1, 8, 8], "dtype": "float32"}]
+    assert [s.to_json() for s in compiled.metadata.outputs] == [{"name": "logits", "shape": [3, 10], "dtype": "float32"}]
 
 
 def test_compiled_model_describes_its_inputs_and_outputs_before_running(demo_model_path):

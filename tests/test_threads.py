@@ -71,14 +71,14 @@ def mlp_model():
 
 def test_compile_records_the_chosen_thread_count(digits_builds, mlp_model):
     native, _ = digits_builds["native"]
-    assert native.metadata["target"]["num_threads"] == CORES  # all of this host's cores by default
-    assert native.metadata["target"]["tvm"]["num-cores"] == CORES
+    assert native.metadata.target.num_threads == CORES  # all of this host's cores by default
+    assert native.metadata.target.tvm["num-cores"] == CORES
     xeon, _ = digits_builds["cascadelake"]
-    assert xeon.metadata["target"]["num_threads"] is None and "num-cores" not in xeon.metadata["target"]["tvm"]
+    assert xeon.metadata.target.num_threads is None and "num-cores" not in xeon.metadata.target.tvm
     one = compiler.compile(mlp_model, target="native", num_threads=1)
-    assert one.metadata["target"]["num_threads"] == 1 and one.metadata["target"]["tvm"]["num-cores"] == 1
+    assert one.metadata.target.num_threads == 1 and one.metadata.target.tvm["num-cores"] == 1
     four = compiler.compile(mlp_model, target="llvm -mcpu=cascadelake -num-cores=4")
-    assert four.metadata["target"]["num_threads"] == 4
+    assert four.metadata.target.num_threads == 4
 
 
 def test_the_count_comes_from_the_argument_then_the_environment_then_the_metadata(monkeypatch, no_env_threads):

@@ -132,8 +132,8 @@ def test_compile_applies_the_database_and_still_matches_onnxruntime(tuned_throug
     summary = compiler.tune(block_model, target="native", trials=0, work_dir=db, rpc=f"127.0.0.1:{tracker}:{KEY}")
     tuned = compiler.compile(block_model, target="native", tuning_db=db)
     default = compiler.compile(block_model, target="native")
-    assert tuned.report["tuning"]["tuned_kernels"] == sorted(t.name for t in summary.tasks)
-    assert set(tuned.report["schedules"]["applied"]) == set(summary.skipped)
+    assert tuned.report.tuning["tuned_kernels"] == sorted(t.name for t in summary.tasks)
+    assert set(tuned.report.schedules.applied) == set(summary.skipped)
     # a kernel whose best is not its default tiling runs other code than the default build's; the rest the same
     tuned_asm, default_asm = _code_by_kernel(tuned.executable), _code_by_kernel(default.executable)
     assert any(not t.best_is_default for t in summary.tasks)
@@ -170,8 +170,8 @@ def test_int8_kernels_stay_tensorized_when_tuned(tmp_path, rng):
     assert len(searched) > len(summary.tasks)
     assert all("quantvm_dot_" in json.dumps(record) for record in searched + _records(db))  # all: the intrinsic
     built = compiler.compile(model, target="native", calib=calib, calib_mode="naive", tuning_db=db)
-    assert built.report["tuning"]["tuned_kernels"]
-    assert built.report["quantization"]["output_error"]["cosine"] > 0.99
+    assert built.report.tuning["tuned_kernels"]
+    assert built.report.quantization.output_error["cosine"] > 0.99
 
 
 def _worker_processes() -> list:
@@ -268,6 +268,6 @@ def test_a_model_with_nothing_to_tune_gets_a_database_that_applies(tmp_path):
     summary = compiler.tune(model, target="native", trials=4, work_dir=tmp_path / "db")
     assert summary.tasks == [] and summary.skipped
     built = compiler.compile(model, target="native", tuning_db=tmp_path / "db")
-    assert built.report["tuning"]["tuned_kernels"] == []
+    assert built.report.tuning["tuned_kernels"] == []
     data = np.random.default_rng(9).standard_normal((1, 8, 4, 4)).astype("float32")
     np.testing.assert_array_equal(built.run(data)[0], np.maximum(data, 0))
