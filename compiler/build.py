@@ -14,6 +14,7 @@ from compiler.errors import QuantvmError
 from compiler.frontend import ImportedModel, TensorSpec, import_onnx, model_source
 from compiler.fallback import accuracy_fallback
 from compiler.int8_options import QuantizationOptions
+from compiler.kernel_origins import metadata_entry as kernel_origins_entry
 from compiler.quantization import output_error, quantize
 from compiler.tuning_db import open_tuning_db
 from compiler.runtime import (Predictor, check_host_can_run, check_thread_count, flatten_outputs, host_cores,
@@ -279,6 +280,7 @@ def _metadata(imported: ImportedModel, spec: TargetSpec, report: dict) -> dict:
         "outputs": [s.to_json() for s in imported.outputs],
         "quantization": _quantization_summary(report.get("quantization")),
         "fusion": {"rules": report["rules"], "matches": report["fusion"]},
+        **kernel_origins_entry(imported.onnx_model, report.get("kernel_calls")),
     }
 
 

@@ -24,6 +24,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
+from relay_passes.kernel_origins import binding_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.layout import LayoutReport, vector_lanes
 
@@ -45,11 +46,13 @@ class GraphBuild:
     fusion: FusionReport | None = None
     kernels: dict = field(default_factory=dict)  # count_kernels of the lowered graph
     schedules: ScheduleLog = field(default_factory=ScheduleLog)
+    kernel_calls: list = field(default_factory=list)  # (kernel, source tags) per kernel call, in order
     executable: object | None = None
 
     def report(self) -> dict:
         """The compile report's fusion, layout and kernel entries."""
-        result = {**(self.fusion.to_json() if self.fusion else {}), "rules": list(self.rules), **self.kernels}
+        result = {**(self.fusion.to_json() if self.fusion else {}), "rules": list(self.rules), **self.kernels,
+                  "kernel_calls": [[name, list(sources)] for name, sources in self.kernel_calls]}
         if self.layout is not None:
             result["layout"] = self.layout.to_json()
         result["schedules"] = {"applied": self.schedules.applied, "unscheduled": self.schedules.failed,
@@ -99,6 +102,7 @@ def _fuse(build: GraphBuild) -> None:
 def _kernels(build: GraphBuild) -> None:
     """Every op (and fused group) becomes one unscheduled TIR kernel."""
     target = build.spec.tvm_target()
+    sources = _best_effort(binding_sources, build.mod) or {}
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
             relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
@@ -107,6 +111,15 @@ def _kernels(build: GraphBuild) -> None:
             relax.transform.FuseTIR(),
         ])(build.mod)
     build.kernels = count_kernels(build.mod)
+    build.kernel_calls = _best_effort(kernel_sources, build.mod, sources) or []
+
+
+def _best_effort(function, *args):
+    """Following the source tags (relay_passes.kernel_origins) never fails a build: None if it fails."""
+    try:
+        return function(*args)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _schedule(build: GraphBuild) -> None:
