@@ -40,27 +40,75 @@ def _bindings(func) -> list:
 
 
 def binding_sources(mod: tvm.IRModule) -> dict:
-    """Var -> the source names (in order, no repeats) of the tagged calls in each binding of `main`, looking
-    into the functions it calls (a fused group's)."""
+    """Var -> the source names (in order, no repeats) of the tagged calls in each binding of `main`, and of
+    the ops inside the function it calls where that function is called once (a fused group's function
+    serves every match of the same shape: functions are deduplicated, its tags are those of one of them)."""
+    main = mod["main"]
+    call_sites: dict = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.GlobalVar):
+            call_sites[expr.op] = call_sites.get(expr.op, 0) + 1
+
+    relax.analysis.post_order_visit(main.body, count)
     result = {}
-    for binding in _bindings(mod["main"]):
+    for binding in _bindings(main):
         found: list = []
 
         def visit(expr, found=found):
             if not isinstance(expr, relax.Call):
                 return
             span = expr.span
-            if span is not None and span.source_name is not None:
-                name = span.source_name.name
-                if name not in found:
-                    found.append(name)
-            if isinstance(expr.op, tvm.ir.GlobalVar) and expr.op in mod.get_global_vars():
+            if span is not None and span.source_name is not None and span.source_name.name not in found:
+                found.append(span.source_name.name)
+            if isinstance(expr.op, tvm.ir.GlobalVar) and call_sites.get(expr.op, 0) == 1:
                 callee = mod[expr.op]
                 if isinstance(callee, relax.Function):
                     relax.analysis.post_order_visit(callee.body, visit)
 
         relax.analysis.post_order_visit(binding.value, visit)
         result[binding.var] = found
+    return result
+
+
+def _op_calls(mod: tvm.IRModule, func) -> int:
+    """The op calls in a group's function (and the functions it calls)."""
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call):
+            if isinstance(expr.op, tvm.ir.Op):
+                count += 1
+            elif isinstance(expr.op, tvm.ir.GlobalVar) and isinstance(mod[expr.op], relax.Function):
+                relax.analysis.post_order_visit(mod[expr.op].body, visit)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return count
+
+
+def group_sources(before: tvm.IRModule, after: tvm.IRModule) -> dict:
+    """Var -> source tags of the bindings of `after`'s main (fused) that call a group's function: the tags of
+    the ops of `before` (unfused) the group took. FuseOpsByPattern makes new variables, so the groups are
+    matched by order: the ops of `before` whose variable is gone, in order, are cut into the groups' ops
+    (as many as each group's function holds), in the order the groups are called. Where the counts do not
+    add up, no group gets tags."""
+    tags = binding_sources(before)
+    kept = {b.var for b in _bindings(after["main"])}
+    gone = [b.var for b in _bindings(before["main"]) if b.var not in kept and isinstance(b.value, relax.Call)
+            and isinstance(b.value.op, tvm.ir.Op)]
+    groups = [(b.var, _op_calls(after, after[b.value.op])) for b in _bindings(after["main"])
+              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)
+              and isinstance(after[b.value.op], relax.Function)]
+    if sum(n for _, n in groups) != len(gone):
+        return {}
+    result, at = {}, 0
+    for var, n in groups:
+        found: list = []
+        for old in gone[at:at + n]:
+            found.extend(t for t in tags.get(old, ()) if t not in found)
+        result[var] = found
+        at += n
     return result
 
 

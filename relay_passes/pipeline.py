@@ -24,7 +24,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
-from relay_passes.kernel_origins import binding_sources, kernel_sources
+from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.layout import LayoutReport, vector_lanes
 
@@ -46,6 +46,7 @@ class GraphBuild:
     fusion: FusionReport | None = None
     kernels: dict = field(default_factory=dict)  # count_kernels of the lowered graph
     schedules: ScheduleLog = field(default_factory=ScheduleLog)
+    sources: dict = field(default_factory=dict)  # Var -> its fused group's source tags (relay_passes.kernel_origins)
     kernel_calls: list = field(default_factory=list)  # (kernel, source tags) per kernel call, in order
     executable: object | None = None
 
@@ -96,13 +97,16 @@ def _layout(build: GraphBuild) -> None:
 
 
 def _fuse(build: GraphBuild) -> None:
+    before = build.mod
     build.mod, build.fusion = fuse(build.mod, build.rules)
+    build.sources = _best_effort(group_sources, before, build.mod) or {}  # each group's ops' tags
 
 
 def _kernels(build: GraphBuild) -> None:
     """Every op (and fused group) becomes one unscheduled TIR kernel."""
     target = build.spec.tvm_target()
-    sources = _best_effort(binding_sources, build.mod) or {}
+    sources = {var: build.sources.get(var, []) + tags
+               for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
             relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
