@@ -14,6 +14,7 @@ from compiler.errors import ModelError, QuantvmError
 from compiler.frontend import ImportedModel, import_onnx, model_source
 from compiler.fallback import accuracy_fallback
 from compiler.int8_options import QuantizationOptions
+from compiler.kernel_origins import kernel_table
 from compiler.metadata import (ArtifactMetadata, FusionSummary, ModelInfo, QuantizationSummary, TargetInfo,
                                TensorSpec)
 from compiler.quantization import output_error, quantize
@@ -123,7 +124,7 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     report = CompileReport.from_build(build, job.quantization, job.calibration_seconds)
     if tuning is not None:
         report.tuning = tuning.check_applied(imported, report.precision, report.schedules.to_json())
-    compiled = CompiledModel(build.executable, artifact_metadata(imported, spec, report),
+    compiled = CompiledModel(build.executable, artifact_metadata(imported, spec, report, build.kernel_calls),
                              time.perf_counter() - start, report, num_threads)
     if job.first_batch and not missing_features(spec.required_features):
         with compile_phase(imported.source, "running the int8 build on a calibration batch", imported):
@@ -272,7 +273,8 @@ class HostBuilder:
         """`graph` built for this host as a CompiledModel, as a user's metric takes it."""
         build = self._build(graph)
         report = CompileReport.from_build(build, quantization)
-        return CompiledModel(build.executable, artifact_metadata(self.imported, self.spec, report), 0.0, report,
+        return CompiledModel(build.executable, artifact_metadata(self.imported, self.spec, report, build.kernel_calls),
+                             0.0, report,
                              self.num_threads)
 
     def _build(self, graph) -> GraphBuild:
@@ -283,8 +285,10 @@ class HostBuilder:
                                                             imported))
 
 
-def artifact_metadata(imported: ImportedModel, spec: TargetSpec, report: CompileReport) -> ArtifactMetadata:
-    """What an artifact of this build records about itself: the one place metadata is made."""
+def artifact_metadata(imported: ImportedModel, spec: TargetSpec, report: CompileReport,
+                      kernel_calls=()) -> ArtifactMetadata:
+    """What an artifact of this build records about itself: the one place metadata is made. `kernel_calls`:
+    the build's (kernel, source tags) per call, for the ONNX nodes of each kernel (compiler.kernel_origins)."""
     import tvm
 
     quant = report.quantization
@@ -299,4 +303,5 @@ def artifact_metadata(imported: ImportedModel, spec: TargetSpec, report: Compile
         quantization=(QuantizationSummary("int8", quant.calib_mode, dict(quant.int8_ops), dict(quant.fp32_ops))
                       if quant else QuantizationSummary("fp32")),
         fusion=FusionSummary(tuple(report.rules), dict(report.fusion)),
+        kernels=kernel_table(imported.onnx_model, list(kernel_calls)),
     )

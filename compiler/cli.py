@@ -102,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="an input (repeatable); a single-input model also takes a bare FILE.npy")
     p.add_argument("--output", help="write the outputs to this .npz (by output name)")
 
+    p = sub.add_parser("profile", help="time each kernel of a compiled .so, grouped by ONNX nodes", description=(
+        "Run a compiled artifact with every VM call timed; print per fused group (the ONNX nodes it came from) "
+        "its time and share, slowest first, and the total against the model's measured latency. Only profile "
+        "artifacts you trust: loading one runs its code."))
+    p.add_argument("artifact", help="the .so written by 'quantvm compile'")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="an input (repeatable); the others are random (default: all random)")
+    p.add_argument("--threads", type=_count_arg, metavar="N",
+                   help="threads (default: TVM_NUM_THREADS, else the count compiled for, else all cores)")
+    p.add_argument("--repeat", type=_count_arg, default=10, metavar="N",
+                   help="timed runs; each call's median is reported (default 10)")
+    p.add_argument("--top", type=_whole_arg, default=25, metavar="N", help="groups shown (default 25; 0: all)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+
     p = sub.add_parser("inspect", help="check an artifact's digest, print its metadata; runs nothing", description=(
         "Check that a compiled artifact matches the SHA-256 digest it records (refusing a damaged or modified "
         "file), then print its metadata. Reads the file only; runs none of its code."))
@@ -360,6 +374,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from compiler.artifact import read_metadata
+    from compiler.profile import format_profile, profile
+
+    meta = read_metadata(args.artifact)  # a missing or foreign file: ArtifactError naming it, before any input
+    result = profile(args.artifact, _read_inputs(meta.inputs, args.input), args.threads, args.repeat)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_profile(result, args.top or None))
+    return 0
+
+
 def format_metadata(meta: ArtifactMetadata) -> str:
     target, model = meta.target, meta.model
     lines = [
@@ -514,6 +538,7 @@ def cmd_analyze(args) -> int:
 
 
 COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
+            "profile": cmd_profile,
             "tune": cmd_tune}
 
 if __name__ == "__main__":

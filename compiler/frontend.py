@@ -21,6 +21,7 @@ from compiler.diagnose import OnnxNode, default_opset, first_line, node_error, t
 from compiler.errors import InputError, ModelError
 from compiler.importer_fixes import NodeConversionError, patched_onnx_converters
 from compiler.importer_rnn import RNN_OP_TYPES
+from compiler.kernel_origins import tag_imported
 from compiler.metadata import TensorSpec
 
 
@@ -353,7 +354,9 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
                 raise node_error(source, pending, "imported", first_line(err)) from err
             raise ModelError(f"{source}: the ONNX importer failed (opset {default_opset(proto)}): "
                              f"{first_line(err)}") from err
-    return ImportedModel(mod, proto, inputs, outputs, source, digest, trace_origins(mod["main"], converted))
+    origins = trace_origins(mod["main"], converted)
+    mod = tag_imported(mod, origins, [node for _, node in converted], proto)  # for the kernels' ONNX nodes
+    return ImportedModel(mod, proto, inputs, outputs, source, digest, origins)
 
 
 def _node_being_imported(proto: onnx.ModelProto, converted: list) -> OnnxNode | None:

@@ -117,6 +117,7 @@ class ArtifactMetadata:
     outputs: tuple[TensorSpec, ...]
     quantization: QuantizationSummary
     fusion: FusionSummary
+    kernels: dict | None = None  # kernel -> the ONNX nodes it came from (compiler.kernel_origins); None: unknown
     format_version: int = FORMAT_VERSION
     artifact_sha256: str | None = None  # set by export; None before
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
@@ -142,6 +143,8 @@ class ArtifactMetadata:
             "quantization": self.quantization.to_json(),
             "fusion": self.fusion.to_json(),
         }
+        if self.kernels:
+            data["kernels"] = self.kernels
         if self.artifact_sha256 is not None:
             data[DIGEST_KEY] = self.artifact_sha256
         return data
@@ -150,7 +153,7 @@ class ArtifactMetadata:
     def from_json(cls, data: dict) -> ArtifactMetadata:
         """Read metadata as any quantvm wrote it (KeyError/TypeError/ValueError on a malformed one)."""
         known = {"format", "format_version", "quantvm_version", "tvm_version", "target", "model", "inputs",
-                 "outputs", "quantization", "fusion", DIGEST_KEY}
+                 "outputs", "quantization", "fusion", "kernels", DIGEST_KEY}
         return cls(
             quantvm_version=data.get("quantvm_version", "unknown"),
             tvm_version=data.get("tvm_version", "unknown"),
@@ -160,6 +163,7 @@ class ArtifactMetadata:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             quantization=QuantizationSummary.from_json(data.get("quantization", {"mode": "fp32"})),
             fusion=FusionSummary.from_json(data.get("fusion", {})),
+            kernels=data.get("kernels"),
             format_version=data.get("format_version", 0),
             artifact_sha256=data.get(DIGEST_KEY),
             extra={k: v for k, v in data.items() if k not in known},

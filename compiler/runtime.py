@@ -113,13 +113,13 @@ class Predictor:
         self.inputs = list(metadata.inputs)
         self.outputs = list(metadata.outputs)
         self._tvm = tvm
-        self._module = module
+        self.module = module  # the loaded runtime module (VM executable), for tools that make their own VM
         self._per_thread = threading.local()  # .main: the calling thread's VM entry point
         self._main()  # a module the VM cannot run fails here, in the loading thread, not at a first run
 
     def run(self, *args, **kwargs) -> list[np.ndarray]:
         """Run the model; inputs by position (model order) or by name. Returns the outputs in model order."""
-        arrays = self._bind_inputs(args, kwargs)
+        arrays = self.bind_inputs(*args, **kwargs)
         use_threads(self.num_threads)  # per thread too: a thread's first run sizes its own TVM pool
         result = self._main()(*(self._tvm.runtime.tensor(a) for a in arrays))
         return [t.numpy() for t in flatten_outputs(result)]
@@ -135,12 +135,14 @@ class Predictor:
             )
 
             with _vm_creation:
-                main = VirtualMachine(self._module, self._tvm.cpu())["main"]
+                main = VirtualMachine(self.module, self._tvm.cpu())["main"]
             main.release_gil = True  # tvm-ffi's default, unless $TVM_FFI_RELEASE_GIL_BY_DEFAULT=0: threads overlap
             self._per_thread.main = main
         return main
 
-    def _bind_inputs(self, args, kwargs) -> list[np.ndarray]:
+    def bind_inputs(self, *args, **kwargs) -> list[np.ndarray]:
+        """The inputs (by position or name) as run() takes them: in model order, each checked by name,
+        shape and dtype (InputError naming the input otherwise), C-contiguous."""
         names = [spec.name for spec in self.inputs]
         if len(args) > len(names):
             raise InputError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} "

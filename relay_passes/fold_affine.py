@@ -50,7 +50,7 @@ class _Folder:
                 return None
             weight = weight * scale.reshape(1, -1)
         return relax.Call(producer.op, [producer.args[0], relax.const(weight.astype(weight.dtype))],
-                          producer.attrs, producer.ty_args)
+                          producer.attrs, producer.ty_args, producer.span)  # (its ONNX node's tag)
 
     @staticmethod
     def bias(producer, vector: np.ndarray):

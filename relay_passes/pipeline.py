@@ -24,6 +24,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
+from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.layout import LayoutReport, vector_lanes
 
@@ -45,8 +46,9 @@ class GraphBuild:
     fusion: FusionReport | None = None
     kernels: dict = field(default_factory=dict)  # count_kernels of the lowered graph
     schedules: ScheduleLog = field(default_factory=ScheduleLog)
+    sources: dict = field(default_factory=dict)  # Var -> its fused group's source tags (relay_passes.kernel_origins)
+    kernel_calls: list = field(default_factory=list)  # (kernel, source tags) per kernel call, in order
     executable: object | None = None
-
 
 def _import(build: GraphBuild) -> None:
     if build.importer is not None:
@@ -84,12 +86,16 @@ def _layout(build: GraphBuild) -> None:
 
 
 def _fuse(build: GraphBuild) -> None:
+    before = build.mod
     build.mod, build.fusion = fuse(build.mod, build.rules)
+    build.sources = _best_effort(group_sources, before, build.mod) or {}  # each group's ops' tags
 
 
 def _kernels(build: GraphBuild) -> None:
     """Every op (and fused group) becomes one unscheduled TIR kernel."""
     target = build.spec.tvm_target()
+    sources = {var: build.sources.get(var, []) + tags
+               for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
             relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
@@ -98,6 +104,15 @@ def _kernels(build: GraphBuild) -> None:
             relax.transform.FuseTIR(),
         ])(build.mod)
     build.kernels = count_kernels(build.mod)
+    build.kernel_calls = _best_effort(kernel_sources, build.mod, sources) or []
+
+
+def _best_effort(function, *args):
+    """Following the source tags (relay_passes.kernel_origins) never fails a build: None if it fails."""
+    try:
+        return function(*args)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _schedule(build: GraphBuild) -> None:

@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 
 from relay_passes.analysis import channel_vector, use_counts
+from relay_passes.kernel_origins import with_span
 from relay_passes.quantize_motion import MoveQuantizeUp
 
 BIAS_LIMIT = 2**30
@@ -241,7 +242,9 @@ class _Rewriter(relax.PyExprMutator):
         self.simulation = simulation
         self.pending = {}  # op -> its int8 value, until the bias add it replaces
 
-    def _bind(self, var, value):
+    def _bind(self, var, value, span=None):
+        if span is not None:  # its arguments bound first: normalizing them would rebuild the call without it
+            value = with_span(self.builder_.normalize(value), span)
         new = self.builder_.emit(value) if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(value)
         self.set_var_remap(var, new)
 
@@ -255,11 +258,11 @@ class _Rewriter(relax.PyExprMutator):
                 if self.simulation is not None:
                     super().visit_var_binding_(binding)  # the fp32 op, for the fp32 value
                 return
-            self._bind(binding.var, self._result(op, int8, binding.value))
+            self._bind(binding.var, self._result(op, int8, binding.value), binding.value.span)
             return
         op = self.by_bias.get(binding.var)
         if op is not None and op in self.pending:
-            self._bind(binding.var, self._result(op, self.pending.pop(op), binding.value))
+            self._bind(binding.var, self._result(op, self.pending.pop(op), binding.value), binding.value.span)
             return
         super().visit_var_binding_(binding)
 
@@ -299,7 +302,7 @@ class _Rewriter(relax.PyExprMutator):
         if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
             dq = self.builder_.emit(relax.op.dequantize(q, x_scale, relax.const(0, plan["dtype"]), axis=-1,
                                                         out_dtype=str(data.ty.dtype)))
-            return relax.Call(call.op, [dq, *call.args[1:]], call.attrs, call.ty_args)
+            return relax.Call(call.op, [dq, *call.args[1:]], call.attrs, call.ty_args, call.span)
         if op.kind == "matmul":
             y_scale = relax.const(np.float32(plan["y_scale"]))
             other = self.visit_expr(op.other)

@@ -24,7 +24,7 @@ def test_console_script_is_installed():
     assert shutil.which("quantvm"), "pip install should put the quantvm command on PATH"
 
 
-@pytest.mark.parametrize("command", ["compile", "tune", "run", "inspect", "bench", "analyze", "demo"])
+@pytest.mark.parametrize("command", ["compile", "tune", "run", "inspect", "bench", "analyze", "demo", "profile"])
 def test_every_command_has_help(command):
     done = quantvm(command, "--help")
     assert "usage: quantvm " + command in done.stdout
