@@ -145,6 +145,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE.html", help="also write the report as one self-contained HTML page")
     _add_int8_options(p)
 
+    p = sub.add_parser("bundle", help="one folder that runs an artifact without Python (C API, runner, runtime)",
+                       description=(
+        "Write a self-contained folder: the artifact, the TVM runtime libraries, quantvm.h and libquantvm.so (the "
+        "C API) and the quantvm-run runner, both built with the system C++ compiler ($CXX, else c++), and a "
+        "README. Only load artifacts you trust: loading one runs its code."))
+    p.add_argument("artifact", help="the .so written by 'quantvm compile'")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+
+    p = sub.add_parser("capi-flags", help="print the flags that build a C/C++ program against quantvm.h",
+                       description=(
+        "Print compiler and linker flags for a program using quantvm's C API with the installed TVM runtime, e.g. "
+        "cc main.c $(quantvm capi-flags). libquantvm.so is built on first use into $QUANTVM_CACHE_DIR (else "
+        "~/.cache/quantvm/capi)."))
+    from compiler.capi.flags import add_arguments
+    add_arguments(p)
+
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
         "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
         "held-out data and check it against the ONNX reference."))
@@ -385,6 +402,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from compiler.bundle import bundle, format_bundle
+
+    print(format_bundle(bundle(args.artifact, args.output, force=args.force)))
+    return 0
+
+
+def cmd_capi_flags(args) -> int:
+    from compiler.capi.flags import flags
+
+    print(flags(args))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from compiler.demo import run_demo
 
@@ -511,7 +542,7 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
+COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "bundle": cmd_bundle, "capi-flags": cmd_capi_flags, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
             "tune": cmd_tune}
 
 if __name__ == "__main__":
