@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count_arg, default=10, help="timed rounds per contender (default 10)")
     p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
     p.add_argument("--int8", action="store_true", help="also time quantvm's and onnxruntime's INT8 (needs --calib)")
+    p.add_argument("--runner", action="store_true",
+                   help="also time the C++ runner (quantvm-run from 'quantvm bundle', its own process) on the builds")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also time quantvm's builds with the kernels tuned into DIR (the precisions tuned there)")
     p.add_argument("--concurrency", type=_count_arg, metavar="N",
@@ -494,7 +496,8 @@ def cmd_bench(args) -> int:
         result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                        batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
                        compare_unfused=args.no_fuse, calib=calib, quantization=from_cli(args),
-                       threads=args.threads, command=args.command_line, tuning_db=args.tuning_db)
+                       threads=args.threads, command=args.command_line, tuning_db=args.tuning_db,
+                       runner=args.runner)
         print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path
@@ -510,7 +513,7 @@ def _bench_concurrency(args, calib) -> dict:
     if args.concurrency < 2:
         raise InputError(f"--concurrency needs at least 2 threads to compare with 1, got {args.concurrency}")
     unused = [flag for flag, given in (("--threads", args.threads), ("--no-fuse", args.no_fuse),
-                                       ("--tuning-db", args.tuning_db)) if given]
+                                       ("--tuning-db", args.tuning_db), ("--runner", args.runner)) if given]
     if unused:
         raise InputError(f"--concurrency runs every call on 1 TVM thread, fused and untuned: drop {', '.join(unused)}")
     result = bench_concurrency(args.model, args.concurrency, target=args.target,
