@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -34,6 +35,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace ffi = tvm::ffi;
@@ -85,6 +87,7 @@ T guarded(T on_error, F&& body) {
   } catch (...) {
     set_error(QUANTVM_ERR_RUNTIME, "unknown C++ exception");
   }
+  if constexpr (std::is_same_v<T, int>) return last_code;  // the cause's code, not one fixed per function
   return on_error;
 }
 
@@ -399,6 +402,40 @@ void flatten(const ffi::Any& value, std::vector<ffi::Tensor>* out) {
   }
 }
 
+// TVM 0.27's VM executable logs "Warning: Scope Loaded:" from C++ for every constant it loads,
+// unconditionally (compiler/quiet.py drops them in Python). While alive, this sends fd 2 to a temporary file;
+// on destruction it restores fd 2 and writes back every line but those.
+class ScopeWarningsSilenced {
+ public:
+  ScopeWarningsSilenced() {
+    std::fflush(stderr);
+    capture_ = std::tmpfile();
+    saved_ = capture_ ? dup(2) : -1;
+    if (saved_ < 0 || dup2(fileno(capture_), 2) < 0) restore();
+  }
+  ~ScopeWarningsSilenced() { restore(); }
+
+ private:
+  void restore() {
+    if (saved_ >= 0) {
+      std::fflush(stderr);
+      dup2(saved_, 2);
+      close(saved_);
+      saved_ = -1;
+      std::rewind(capture_);
+      char line[4096];
+      while (std::fgets(line, sizeof line, capture_))
+        if (!std::strstr(line, "Warning: Scope Loaded:") && !std::strstr(line, "Warning: Scope Saving:"))
+          std::fputs(line, stderr);
+      std::fflush(stderr);
+    }
+    if (capture_) std::fclose(capture_);
+    capture_ = nullptr;
+  }
+  std::FILE* capture_ = nullptr;
+  int saved_ = -1;
+};
+
 }  // namespace
 
 struct quantvm_model {
@@ -500,6 +537,7 @@ quantvm_model* quantvm_load(const char* path_arg, int num_threads) {
 
     // only now does any of its code load
     try {
+      ScopeWarningsSilenced quiet;
       // dlopen searches the library path for a name without '/': hand it the file's absolute path
       char* absolute = realpath(path.c_str(), nullptr);
       std::string resolved = absolute ? absolute : path;
