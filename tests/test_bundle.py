@@ -258,3 +258,15 @@ def test_examples_build_against_the_wheel_and_match_python(example, builds, tmp_
     assert header == "logits float32 4 10"
     expected = load(builds["fp32"]).run(pattern_input())[0]
     np.testing.assert_array_equal(np.array(values, dtype=np.float32).reshape(expected.shape), expected)
+
+
+def test_bench_times_the_runner_beside_python(tmp_path, demo_model_path):
+    from compiler.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", demo_model_path, "--input-shape", "image=4,1,8,8", "--compare", "none", "--runner",
+                 "--rounds", "2", "--threads", "1", "--json", out]) == 0
+    section = json.loads(out.read_text())["batches"][0]
+    rows = {row["name"]: row for row in section["rows"]}
+    assert set(rows) == {"quantvm fp32", "quantvm-run fp32"} and rows["quantvm-run fp32"]["median_ms"] > 0
+    assert [(r["contender"], r["baseline"]) for r in section["ratios"]] == [("quantvm-run fp32", "quantvm fp32")]
