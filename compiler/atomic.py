@@ -52,3 +52,38 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replace: bool = False):
+    """Yield a temporary folder beside `path`; when the block succeeds it becomes `path`. An existing `path` is
+    an error unless it is empty or `replace` is true; it is then swapped out and removed only after the new
+    folder is complete. Whatever fails, the temporary folder is removed and `path` is left as it was."""
+    import shutil
+
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {path}: folder {parent} does not exist")
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"cannot write folder {path}: a file of that name exists")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise ArtifactError(f"{path} exists and is not empty: pass --force to replace it")
+    tmp = old = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        if old is not None and (old / path.name).exists() and not path.exists():
+            os.replace(old / path.name, path)  # put the previous folder back
+        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)

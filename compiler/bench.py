@@ -6,14 +6,19 @@ are noisy, so the contenders take turns round by round instead of running one af
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from compiler.errors import QuantvmError
 from compiler.int8_options import QuantizationOptions
 from compiler.peers import (PEERS, Contender, onnxruntime_contender, onnxruntime_int8_contender,
                             openvino_contenders, peer_version)
@@ -24,7 +29,8 @@ RATIOS = (("quantvm fp32", "onnxruntime fp32"), ("quantvm int8", "onnxruntime in
           ("quantvm int8", "quantvm fp32"), ("quantvm fp32", "quantvm fp32 --no-fuse"),
           ("quantvm fp32 tuned", "quantvm fp32"), ("quantvm int8 tuned", "quantvm int8"),
           ("quantvm fp32 tuned", "onnxruntime fp32"), ("quantvm int8 tuned", "onnxruntime int8"),
-          ("quantvm fp32", "openvino fp32"), ("quantvm int8", "openvino int8"))
+          ("quantvm fp32", "openvino fp32"), ("quantvm int8", "openvino int8"),
+          ("quantvm-run fp32", "quantvm fp32"), ("quantvm-run int8", "quantvm int8"))
 COMPARE = ("onnxruntime", "openvino", "none")
 
 
@@ -40,6 +46,7 @@ class Settings:
     quantization: QuantizationOptions | None = None  # the int8 contenders' options (None: the defaults)
     threads: int = 1
     tuning_db: str | None = None  # also time the builds this database was tuned for, with its kernels
+    runner: bool = False  # also time the C++ runner (quantvm-run, as `quantvm bundle` builds it) on the builds
 
 
 # Both runtimes keep their worker threads spinning for a while after a call; a contender timed straight after
@@ -60,6 +67,9 @@ def interleave(contenders: list[Contender], feeds: dict, rounds: int, warmup: in
     for turn in range(rounds):
         first = turn % len(contenders)
         for c in contenders[first:] + contenders[:first]:
+            if c.block is not None:
+                c.seconds.extend(c.block(feeds, SETTLE_SECONDS, BLOCK_SECONDS))
+                continue
             _calls_for(c, feeds, SETTLE_SECONDS)
             c.seconds.extend(_calls_for(c, feeds, BLOCK_SECONDS))
 
@@ -116,10 +126,10 @@ def quantvm_contenders(model_path, shapes: dict | None, settings: Settings) -> t
 
     int8_options = {"calib": [settings.calib], "quantization": settings.quantization}
     fused = build()
-    contenders = [Contender("quantvm fp32", lambda f: fused.run(**f))]
+    contenders = [Contender("quantvm fp32", lambda f: fused.run(**f), model=fused)]
     if settings.calib is not None:
         int8 = build(**int8_options)
-        contenders.insert(0, Contender("quantvm int8", lambda f: int8.run(**f)))
+        contenders.insert(0, Contender("quantvm int8", lambda f: int8.run(**f), model=int8))
     if settings.compare_unfused:
         unfused = build(fuse=False)
         contenders.append(Contender("quantvm fp32 --no-fuse", lambda f: unfused.run(**f)))
@@ -147,6 +157,49 @@ def tuned_contenders(build, int8_options: dict | None, tuning_db) -> list[Conten
     if not contenders:
         raise TuningError(refusals[0])
     return contenders
+
+
+def runner_contenders(contenders: list[Contender], work: Path, threads: int) -> list[Contender]:
+    """The C++ runner on each build of `contenders` ("quantvm fp32", "quantvm int8"): `quantvm bundle` of its
+    artifact into `work`, timed by the runner itself (`quantvm-run --repeat`), one process per block."""
+    from compiler.bundle import bundle
+
+    runners = []
+    for c in contenders:
+        if c.model is None or c.name not in ("quantvm fp32", "quantvm int8"):
+            continue
+        precision = c.name.split()[-1]
+        artifact = c.model.export(work / f"model_{precision}.so")
+        folder = work / f"bundle_{precision}"
+        bundle(artifact, folder)
+        runners.append(_runner_contender(f"quantvm-run {precision}", folder / "quantvm-run", folder / artifact.name,
+                                         work / f"inputs_{precision}", threads))
+    return runners
+
+
+def _runner_contender(name: str, runner: Path, artifact: Path, input_dir: Path, threads: int) -> Contender:
+    estimate = [None]  # seconds per call, from the previous block
+
+    def block(feeds, settle_seconds, block_seconds):
+        if not input_dir.exists():
+            input_dir.mkdir()
+            for i, (key, value) in enumerate(feeds.items()):
+                np.save(input_dir / f"{i}.npy", np.ascontiguousarray(value))
+        per_call = estimate[0]
+        warmup = 1 if per_call is None else max(1, math.ceil(settle_seconds / per_call))
+        repeat = 1 if per_call is None else max(1, math.ceil(block_seconds / per_call))
+        command = [str(runner), str(artifact), "--repeat", str(repeat), "--warmup", str(warmup),
+                   "--threads", str(threads)]
+        for i, key in enumerate(feeds):
+            command += ["--input", f"{key}={input_dir / f'{i}.npy'}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise QuantvmError(f"{name}: {result.stderr.strip() or f'exit status {result.returncode}'}")
+        times = [t / 1e3 for t in json.loads(result.stdout.strip().splitlines()[-1])["times_ms"]]
+        estimate[0] = float(np.median(times))
+        return times
+
+    return Contender(name, lambda feeds: block(feeds, 0.0, 0.0), block=block)
 
 
 def peer_contenders(model_path, proto, fused, settings: Settings) -> list[Contender]:
@@ -178,8 +231,11 @@ def speedups(rows: list[dict]) -> list[dict]:
 def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> dict:
     """Compile and time every contender at one set of input shapes; one section of the results."""
     fused, contenders = quantvm_contenders(model_path, shapes, settings)
-    contenders += peer_contenders(model_path, proto, fused, settings)
-    interleave(contenders, random_feeds(fused.inputs), settings.rounds)
+    with tempfile.TemporaryDirectory(prefix="quantvm-bench-") as work:
+        if settings.runner:
+            contenders += runner_contenders(contenders, Path(work), settings.threads)
+        contenders += peer_contenders(model_path, proto, fused, settings)
+        interleave(contenders, random_feeds(fused.inputs), settings.rounds)
     first = fused.inputs[0].shape
     batch = first[0] if first else 1
     rows = [c.summary(batch) for c in contenders]
@@ -193,11 +249,12 @@ def bench_batch(model_path, proto, shapes: dict | None, settings: Settings) -> d
 def bench(model_path, target: str = "native", input_shapes: dict | None = None, batches=(None,), rounds: int = 10,
           compare: str = "onnxruntime", compare_unfused: bool = False, calib: dict | None = None,
           quantization: QuantizationOptions | None = None, threads: int | None = None,
-          command: str | None = None, tuning_db=None) -> dict:
+          command: str | None = None, tuning_db=None, runner: bool = False) -> dict:
     """Time quantvm's builds (fp32; int8 when `calib` is given; unfused on request) and onnxruntime's
     (unless `compare` is "none") on the same random inputs and thread count, interleaved, once per batch
     size in `batches` (None: the shapes as given). `threads`: None is $TVM_NUM_THREADS, else all cores.
-    `tuning_db`: also time the builds with the kernels of this database (see `tune()`)."""
+    `tuning_db`: also time the builds with the kernels of this database (see `tune()`). `runner`: also time
+    the C++ runner, quantvm-run, on quantvm's fp32 (and int8) build, in its own process (see `runner_contenders`)."""
     import tvm
 
     from compiler.build import quantvm_version
@@ -217,7 +274,7 @@ def bench(model_path, target: str = "native", input_shapes: dict | None = None, 
                       "pip install '.[bench]' in its checkout, or onnxruntime and sympy)", stacklevel=2)
     threads = resolve_num_threads(threads)
     use_threads(threads)  # before onnxruntime starts its threads, which inherit this thread's CPU affinity
-    settings = Settings(target, rounds, compare, compare_unfused, calib, quantization, threads, tuning_db)
+    settings = Settings(target, rounds, compare, compare_unfused, calib, quantization, threads, tuning_db, runner)
     proto, source, _ = read_onnx(model_path)
     sections = [bench_batch(model_path, proto, batch_input_shapes(proto, input_shapes, b), settings) for b in batches]
     return {"command": command, "model": source, "target": sections[0]["target"], "threads": threads,

@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_count_arg, default=10, help="timed rounds per contender (default 10)")
     p.add_argument("--no-fuse", action="store_true", help="also time the unfused build: the fusion speedup")
     p.add_argument("--int8", action="store_true", help="also time quantvm's and onnxruntime's INT8 (needs --calib)")
+    p.add_argument("--runner", action="store_true",
+                   help="also time the C++ runner (quantvm-run from 'quantvm bundle', its own process) on the builds")
     p.add_argument("--tuning-db", metavar="DIR",
                    help="also time quantvm's builds with the kernels tuned into DIR (the precisions tuned there)")
     p.add_argument("--concurrency", type=_count_arg, metavar="N",
@@ -160,6 +162,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the JSON here instead of printing it")
     p.add_argument("--html", metavar="FILE.html", help="also write the report as one self-contained HTML page")
     _add_int8_options(p)
+
+    p = sub.add_parser("bundle", help="one folder that runs an artifact without Python (C API, runner, runtime)",
+                       description=(
+        "Write a self-contained folder: the artifact, the TVM runtime libraries, quantvm.h and libquantvm.so (the "
+        "C API) and the quantvm-run runner, both built with the system C++ compiler ($CXX, else c++), and a "
+        "README. Only load artifacts you trust: loading one runs its code."))
+    p.add_argument("artifact", help="the .so written by 'quantvm compile'")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+
+    p = sub.add_parser("capi-flags", help="print the flags that build a C/C++ program against quantvm.h",
+                       description=(
+        "Print compiler and linker flags for a program using quantvm's C API with the installed TVM runtime, e.g. "
+        "cc main.c $(quantvm capi-flags). libquantvm.so is built on first use into $QUANTVM_CACHE_DIR (else "
+        "~/.cache/quantvm/capi)."))
+    from compiler.capi.flags import add_arguments
+    add_arguments(p)
 
     p = sub.add_parser("demo", help="compile and check the built-in digits model", description=(
         "Compile the built-in digits CNN for this host and for cascadelake, run the host build on its "
@@ -411,6 +430,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from compiler.bundle import bundle, format_bundle
+
+    print(format_bundle(bundle(args.artifact, args.output, force=args.force)))
+    return 0
+
+
+def cmd_capi_flags(args) -> int:
+    from compiler.capi.flags import flags
+
+    print(flags(args))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from compiler.demo import run_demo
 
@@ -489,7 +522,8 @@ def cmd_bench(args) -> int:
         result = bench(args.model, target=args.target, input_shapes=dict(args.input_shape) or None,
                        batches=args.batch or (None,), rounds=args.rounds, compare=args.compare,
                        compare_unfused=args.no_fuse, calib=calib, quantization=from_cli(args),
-                       threads=args.threads, command=args.command_line, tuning_db=args.tuning_db)
+                       threads=args.threads, command=args.command_line, tuning_db=args.tuning_db,
+                       runner=args.runner)
         print(format_table(result))
     if args.json:
         from compiler.atomic import atomic_path
@@ -505,7 +539,7 @@ def _bench_concurrency(args, calib) -> dict:
     if args.concurrency < 2:
         raise InputError(f"--concurrency needs at least 2 threads to compare with 1, got {args.concurrency}")
     unused = [flag for flag, given in (("--threads", args.threads), ("--no-fuse", args.no_fuse),
-                                       ("--tuning-db", args.tuning_db)) if given]
+                                       ("--tuning-db", args.tuning_db), ("--runner", args.runner)) if given]
     if unused:
         raise InputError(f"--concurrency runs every call on 1 TVM thread, fused and untuned: drop {', '.join(unused)}")
     result = bench_concurrency(args.model, args.concurrency, target=args.target,
@@ -537,8 +571,8 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "demo": cmd_demo,
-            "profile": cmd_profile,
+COMMANDS = {"analyze": cmd_analyze, "bench": cmd_bench, "bundle": cmd_bundle, "capi-flags": cmd_capi_flags,
+            "compile": cmd_compile, "demo": cmd_demo, "inspect": cmd_inspect, "profile": cmd_profile, "run": cmd_run,
             "tune": cmd_tune}
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class Contender:
     name: str
     run: object  # callable(feeds) -> outputs
     seconds: list = field(default_factory=list)
+    model: object = None  # quantvm's contenders: the CompiledModel they run
+    block: object = None  # callable(feeds, settle_seconds, block_seconds) -> seconds of each timed call: a
+    # contender that times itself (another process); None: interleave times `run`
 
     def summary(self, batch: int) -> dict:
         times = np.array(self.seconds)
