@@ -11,7 +11,7 @@ _EXPORTS = {
     "QuantizationOptions": "compiler.int8_options",
     "Predictor": "compiler.runtime", "load": "compiler.runtime",
     "SensitivityReport": "compiler.sensitivity", "analyze": "compiler.sensitivity",
-    "tune": "compiler.tune",
+    "tune": "compiler.tuner",
     "ArtifactMetadata": "compiler.metadata", "TensorSpec": "compiler.metadata",
     "CompileReport": "compiler.report",
     **{name: "compiler.errors" for name in ("ArtifactError", "CalibrationError", "HostMismatchError", "InputError",

@@ -19,7 +19,7 @@ from compiler.errors import InputError, QuantvmError
 from compiler.int8_options import add_cli_arguments, from_cli
 from compiler.metadata import ArtifactMetadata, TensorSpec
 from compiler.report import CompileReport
-from compiler.tune import DEFAULT_TRIALS, INTERRUPTED
+from compiler.tuner import DEFAULT_TRIALS, INTERRUPTED
 from relay_passes.patterns import RULE_NAMES
 from targets import NAMED_TARGETS
 
@@ -454,7 +454,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from compiler.tune import tune
+    from compiler.tuner import tune
 
     fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
     int8 = _int8_options(args)

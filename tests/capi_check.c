@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
     report("run_input_size", quantvm_run(m, inputs, small, outputs, out_bytes));
     size_t big[1] = {out.num_bytes + 4};
     report("run_output_size", quantvm_run(m, inputs, in_bytes, outputs, big));
+    quantvm_dtype wrong[1] = {QUANTVM_INT8}, right[1] = {in.dtype_code};
+    report("run_typed_dtype", quantvm_run_typed(m, inputs, wrong, in_bytes, outputs, out_bytes));
+    report("run_typed_null_dtypes", quantvm_run_typed(m, inputs, NULL, in_bytes, outputs, out_bytes));
+    report("run_typed", quantvm_run_typed(m, inputs, right, in_bytes, outputs, out_bytes));
     report("run_after_errors", quantvm_run(m, inputs, in_bytes, outputs, out_bytes));
   } else {
     report("run_aligned", quantvm_run(m, inputs, in_bytes, outputs, out_bytes));

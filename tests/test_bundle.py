@@ -184,6 +184,9 @@ def test_capi_misuse_is_an_error_not_a_crash(capi_check, builds):
     assert lines["run_null_input"] == "error -1: quantvm_run: input 0 (image) is NULL"
     assert lines["run_input_size"].startswith("error -1: quantvm_run: input 0 (image) has 1020 bytes; it takes 1024")
     assert lines["run_output_size"].startswith("error -1: quantvm_run: output 0 (logits) buffer has 164 bytes; it needs 160")
+    assert lines["run_typed_dtype"].startswith("error -1: quantvm_run_typed: input 0 (image) is int8; it takes float32")
+    assert lines["run_typed_null_dtypes"].startswith("error -1: quantvm_run_typed: input_dtypes is NULL")
+    assert lines["run_typed"] == "ok 0"
     assert lines["run_after_errors"] == "ok 0"
 
 

@@ -14,7 +14,7 @@ from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerInput, 
 
 from compiler.build import target_with_threads
 from compiler.remote import fastest_run
-from compiler.tune import _extract
+from compiler.tuner import _extract
 from targets import resolve_target
 from targets.tuning import tile_decisions
 from tests import fixtures

@@ -81,3 +81,12 @@ def test_the_compile_report_is_typed_and_its_json_keeps_the_keys_earlier_version
     assert CompileReport.from_json(json.loads(json.dumps(data))) == dataclasses.replace(
         report, rules=tuple(report.rules))
     assert built.metadata.quantization.int8_ops == report.quantization.int8_ops
+
+
+def test_every_public_name_is_the_api_not_a_submodule_of_the_same_name():
+    import types
+
+    import compiler.cli  # imports most of compiler's modules, as the quantvm command does
+
+    shadowed = [name for name in compiler.__all__ if isinstance(getattr(compiler, name), types.ModuleType)]
+    assert shadowed == []

@@ -681,6 +681,22 @@ int quantvm_run(quantvm_model* model, const void* const* inputs, const size_t* i
   });
 }
 
+int quantvm_run_typed(quantvm_model* model, const void* const* inputs, const quantvm_dtype* input_dtypes,
+                      const size_t* input_bytes, void* const* outputs, const size_t* output_bytes) {
+  int checked = guarded<int>(QUANTVM_ERR_RUNTIME, [&] {
+    if (!model) fail(QUANTVM_ERR_ARGUMENT, "quantvm_run_typed: model is NULL");
+    if (!model->inputs.empty() && !input_dtypes) fail(QUANTVM_ERR_ARGUMENT, "quantvm_run_typed: input_dtypes is NULL");
+    for (size_t i = 0; i < model->inputs.size(); ++i) {
+      const TensorSpec& s = model->inputs[i];
+      if (input_dtypes[i] != s.type->code)
+        fail(QUANTVM_ERR_ARGUMENT, "quantvm_run_typed: input " + std::to_string(i) + " (" + s.name + ") is " +
+                                       quantvm_dtype_name(input_dtypes[i]) + "; it takes " + s.dtype);
+    }
+    return QUANTVM_OK;
+  });
+  return checked != QUANTVM_OK ? checked : quantvm_run(model, inputs, input_bytes, outputs, output_bytes);
+}
+
 const char* quantvm_last_error(void) { return last_error.c_str(); }
 
 int quantvm_last_error_code(void) { return last_code; }

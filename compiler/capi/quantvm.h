@@ -91,6 +91,10 @@ QUANTVM_API const char* quantvm_metadata_json(const quantvm_model* model);
 QUANTVM_API int quantvm_run(quantvm_model* model, const void* const* inputs, const size_t* input_bytes,
                             void* const* outputs, const size_t* output_bytes);
 
+/* quantvm_run, with the dtype of each input checked too (input_dtypes[i] must be input i's dtype_code). */
+QUANTVM_API int quantvm_run_typed(quantvm_model* model, const void* const* inputs, const quantvm_dtype* input_dtypes,
+                                  const size_t* input_bytes, void* const* outputs, const size_t* output_bytes);
+
 /* The last error of the calling thread ("" if none), valid until its next quantvm call. */
 QUANTVM_API const char* quantvm_last_error(void);
 
