@@ -82,9 +82,9 @@ def random_inputs(specs) -> dict:
 
 
 def profile(path, inputs: dict | None = None, num_threads: int | None = None, repeat: int = 10,
-            warmup: int = 2, block_seconds: float = 0.05) -> Profile:
+            warmup: int = 2, block_seconds: float = 0.2) -> Profile:
     """Profile the artifact at `path`: `repeat` instrumented runs (after `warmup`), each call timed; between
-    them, blocks of runs (of about `block_seconds`) timed whole without the instrument through `load().run`,
+    them, blocks of runs (of about `block_seconds`, after one untimed run) timed whole without the instrument through `load().run`,
     for the latency (the median over the blocks of a block's time per run). `inputs` by name; the missing
     ones random, as `quantvm bench` makes them."""
     import tvm
@@ -109,6 +109,7 @@ def profile(path, inputs: dict | None = None, num_threads: int | None = None, re
     block = max(1, min(100, round(block_seconds / max(per_run, 1e-6))))
     timer, latencies = _CallTimer(), []
     for _ in range(repeat):  # interleaved, so that both see the same machine load
+        model.run(*arrays)  # untimed: the first run after the instrumented one (another VM) refills the caches
         started = time.perf_counter()
         for _ in range(block):
             model.run(*arrays)
