@@ -123,7 +123,7 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     imported = job.imported
     report = CompileReport.from_build(build, job.quantization, job.calibration_seconds)
     if tuning is not None:
-        report.tuning = tuning.check_applied(imported, report.precision, report.schedules.to_json())
+        report.tuning = tuning.check_applied(imported, report.precision, report.schedules)
     compiled = CompiledModel(build.executable, artifact_metadata(imported, spec, report, build.kernel_calls),
                              time.perf_counter() - start, report, num_threads)
     if job.first_batch and not missing_features(spec.required_features):

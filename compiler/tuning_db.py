@@ -27,6 +27,7 @@ from pathlib import Path
 
 from compiler.atomic import atomic_path, current_umask
 from compiler.errors import TargetError, TuningError
+from compiler.report import ScheduleSummary
 
 MANIFEST = "quantvm_tuning.json"
 FORMAT = "quantvm-tuning-db"
@@ -78,10 +79,10 @@ class TuningDB:
         key = ("sha256", "precision", "inputs")
         return any(all(m.get(k) == entry[k] for k in key) for m in self.manifest["models"])
 
-    def check_applied(self, imported, precision: str, schedules: dict) -> dict:
+    def check_applied(self, imported, precision: str, schedules: ScheduleSummary) -> dict:
         """After a build: refuse a database none of whose kernels this model has when it was tuned for other
         models (or for this model at another precision); warn when it was tuned for others but some match."""
-        tuned = schedules["tuned"]
+        tuned = schedules.tuned
         this = model_entry(imported, precision)
         if not self.has_model(this):
             tuned_for = "; ".join(describe(m) for m in self.manifest["models"]) or "no model yet"
@@ -92,7 +93,7 @@ class TuningDB:
             warnings.warn(f"tuning database {self.path} was tuned for {tuned_for}, not for {describe(this)}; "
                           f"applying the {len(tuned)} kernel(s) this build shares with it", stacklevel=3)
         return {"database": str(self.path), "tuned_kernels": sorted(tuned),
-                "default_kernels": sorted(schedules["applied"])}
+                "default_kernels": sorted(schedules.applied)}
 
 
 def open_tuning_db(path, spec) -> TuningDB:

@@ -94,6 +94,39 @@ def test_runner_without_python_matches_python_run(bundled, builds, image, tmp_pa
         np.testing.assert_allclose(written, session.run(None, {"image": x})[0], rtol=1e-4, atol=1e-4)
 
 
+def _root_without_python(bundle_dir: Path, root: Path) -> None:
+    """A file tree with the bundle in /app and only the system libraries its binaries load (ldd): no Python,
+    no /usr/bin, no /tmp."""
+    shutil.copytree(bundle_dir, root / "app")
+    binaries = [root / "app" / name for name in ("quantvm-run", "libquantvm.so", "libtvm_runtime.so", "libtvm_ffi.so")]
+    listing = subprocess.run(["ldd", *binaries], capture_output=True, text=True, check=True).stdout
+    for word in listing.split():
+        if word.startswith("/") and not word.startswith(str(root)) and Path(word).is_file():
+            target = root / word.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(word, target)
+    (root / "out").mkdir()
+
+
+def test_runner_runs_in_a_root_with_no_python_at_all(bundled, builds, image, tmp_path):
+    out, _ = bundled
+    root = tmp_path / "root"
+    _root_without_python(out, root)
+    shutil.copy(image[1], root / "app" / "image.npy")
+    assert not list(root.rglob("*python*"))
+    # The root gets its own /proc, as every Linux machine has (the loader resolves $ORIGIN through
+    # /proc/self/exe), in private mount and pid namespaces; not root: a user namespace as well.
+    namespaces = ["unshare", "--mount", "--pid", "--fork", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+    script = ('mount -t proc proc "$1/proc" && exec chroot "$1" /app/quantvm-run /app/digits.so '
+              '--input image=/app/image.npy --output-dir /out')
+    (root / "proc").mkdir()
+    done = subprocess.run([*namespaces, "sh", "-c", script, "sh", str(root)], capture_output=True, text=True,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Scope Loaded" not in done.stderr  # TVM's per-constant noise is dropped without a /tmp, too
+    np.testing.assert_array_equal(np.load(root / "out" / "logits.npy"), load(builds["fp32"]).run(image=image[0])[0])
+
+
 def test_runner_repeat_prints_one_json_line(bundled, image):
     out, _ = bundled
     result = run_clean([out / "quantvm-run", out / "digits.so", "--input", image[1], "--repeat", "5",

@@ -403,13 +403,15 @@ void flatten(const ffi::Any& value, std::vector<ffi::Tensor>* out) {
 }
 
 // TVM 0.27's VM executable logs "Warning: Scope Loaded:" from C++ for every constant it loads,
-// unconditionally (compiler/quiet.py drops them in Python). While alive, this sends fd 2 to a temporary file;
+// unconditionally (compiler/quiet.py drops them in Python). While alive, this sends fd 2 to an in-memory file;
 // on destruction it restores fd 2 and writes back every line but those.
 class ScopeWarningsSilenced {
  public:
   ScopeWarningsSilenced() {
     std::fflush(stderr);
-    capture_ = std::tmpfile();
+    int memory = memfd_create("quantvm-stderr", MFD_CLOEXEC);  // in memory: a root with no /tmp works too
+    capture_ = memory >= 0 ? fdopen(memory, "w+") : std::tmpfile();
+    if (!capture_ && memory >= 0) close(memory);
     saved_ = capture_ ? dup(2) : -1;
     if (saved_ < 0 || dup2(fileno(capture_), 2) < 0) restore();
   }
