@@ -53,9 +53,9 @@ def test_groups_are_sorted_share_the_total_and_name_onnx_nodes(demo_artifacts, d
 
 def test_total_is_close_to_the_measured_latency(demo_artifacts):
     """The instrumented calls sum to about the uninstrumented latency. Timing on a shared machine is noisy:
-    the best of three attempts, within a loose bound."""
+    up to five attempts (stopping at the first inside the bound), within a loose bound."""
     ratios = []
-    for _ in range(3):
+    for _ in range(5):
         ratios.append(profile(demo_artifacts["fp32"], num_threads=1, repeat=10).ratio)
         if 0.7 <= ratios[-1] <= 1.3:
             break
@@ -111,3 +111,4 @@ def test_an_artifact_exported_before_kernel_origins_were_recorded_profiles_by_ke
     legacy = Path(__file__).parent / "data" / "artifact_v2_mlp_avx2.so"  # format 2, no `kernels` key
     done = quantvm("profile", legacy, "--repeat", "2")
     assert "records no kernel origins" in done.stdout and "(no ONNX node known)" in done.stdout
+
