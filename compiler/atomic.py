@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,8 +60,6 @@ def atomic_folder(path, replace: bool = False):
     """Yield a temporary folder beside `path`; when the block succeeds it becomes `path`. An existing `path` is
     an error unless it is empty or `replace` is true; it is then swapped out and removed only after the new
     folder is complete. Whatever fails, the temporary folder is removed and `path` is left as it was."""
-    import shutil
-
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():

@@ -394,11 +394,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from compiler.artifact import read_metadata
     from compiler.profile import format_profile, profile
+    from compiler.runtime import load
 
-    meta = read_metadata(args.artifact)  # a missing or foreign file: ArtifactError naming it, before any input
-    result = profile(args.artifact, _read_inputs(meta.inputs, args.input), args.threads, args.repeat)
+    model = load(args.artifact, args.threads)  # a missing or foreign file: ArtifactError naming it, before any input
+    result = profile(args.artifact, _read_inputs(model.inputs, args.input), repeat=args.repeat, model=model)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_profile(result, args.top or None))
     return 0
 

@@ -75,27 +75,23 @@ class Profile:
                 "groups": [g.to_json() for g in self.groups], **self.extra}
 
 
-def random_inputs(specs) -> dict:
-    from compiler.bench import random_feeds
-
-    return random_feeds(specs)
-
-
 def profile(path, inputs: dict | None = None, num_threads: int | None = None, repeat: int = 10,
-            warmup: int = 2, block_seconds: float = 0.2) -> Profile:
+            warmup: int = 2, block_seconds: float = 0.2, model=None) -> Profile:
     """Profile the artifact at `path`: `repeat` instrumented runs (after `warmup`), each call timed; between
     them, blocks of runs (of about `block_seconds`, after one untimed run) timed whole without the instrument through `load().run`,
     for the latency (the median over the blocks of a block's time per run). `inputs` by name; the missing
-    ones random, as `quantvm bench` makes them."""
+    ones random, as `quantvm bench` makes them. `model`: the artifact already loaded (`load(path)`), so that
+    its file is read and checked once."""
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    from compiler.bench import random_feeds
     from compiler.runtime import load, use_threads
 
     if repeat < 1:
         raise InputError(f"repeat must be >= 1, got {repeat}")
-    model = load(path, num_threads)  # checks the digest and the host first
-    feeds = {**random_inputs([s for s in model.inputs if s.name not in (inputs or {})]), **(inputs or {})}
+    model = model or load(path, num_threads)  # checks the digest and the host first
+    feeds = {**random_feeds([s for s in model.inputs if s.name not in (inputs or {})]), **(inputs or {})}
     arrays = model.bind_inputs(**feeds)  # checked by name, shape and dtype, as run() checks them
     use_threads(model.num_threads)
     vm = VirtualMachine(model.module, tvm.cpu())
