@@ -60,6 +60,7 @@ def blocked_rules(mod: tvm.IRModule) -> dict:
         rules.update({"relax.quantize": unary, "relax.dequantize": unary})
     rules["relax.image.resize2d"] = _resize2d_rule(tvm.ir.Op.get("relax.image.resize2d").get_attr(INFER_LAYOUT))
     rules["relax.split"] = _split_rule(tvm.ir.Op.get("relax.split").get_attr(INFER_LAYOUT))
+    rules["relax.strided_slice"] = _spatial_slice_rule(tvm.ir.Op.get("relax.strided_slice").get_attr(INFER_LAYOUT))
     rules.update({name: _plain_layout_rule(name, layouts) for name, layouts in PLAIN_LAYOUT_ONLY.items()})
     return rules
 
@@ -139,6 +140,30 @@ def _split_rule(tvm_rule):
         return tvm_rule(call, desired_layouts, var_layout_map)
 
     return rule
+
+
+def _spatial_slice_rule(tvm_rule):
+    """A strided slice of an NCHW{c} tensor along H and W only stays NCHW{c}: those axes keep their
+    positions in the blocked layout (the slices of a conv split into regions of live taps,
+    relay_passes.canonicalize_conv_taps). TVM's rule sends it back to NCHW."""
+    unary = follow_input_rule()
+
+    def rule(call, desired_layouts, var_layout_map):
+        axes = _constant_ints(call.args[1])
+        if channel_block_of(var_layout_map, call.args[0]) is not None and axes and all(a in (2, 3) for a in axes):
+            return unary(call, desired_layouts, var_layout_map)
+        return tvm_rule(call, desired_layouts, var_layout_map) if tvm_rule is not None else None
+
+    return rule
+
+
+def _constant_ints(expr) -> list[int] | None:
+    """The values of a tuple of integer constants (a strided slice's axes), else None."""
+    values = getattr(expr, "fields", None) or getattr(expr, "values", None)
+    try:
+        return [int(getattr(v, "value", v)) for v in values] if values is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_sections(split_attrs) -> bool:

@@ -10,7 +10,7 @@ import pytest
 
 import compiler
 from compiler.frontend import import_onnx
-from relay_passes import prepare_graph
+from relay_passes import canonicalize_conv_taps, prepare_graph
 from relay_passes.canonicalize_conv_transpose import phase_weight
 from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
 from tests.test_passes import _ops
@@ -158,7 +158,8 @@ def _atrous_pyramid(rng):
     return g.model("atrous", {"x": (1, 32, 9, 11)}, branches)
 
 
-def test_taps_that_read_only_padding_are_dropped_and_the_outputs_match_onnxruntime(rng):
+def test_taps_that_read_only_padding_are_dropped_and_the_outputs_match_onnxruntime(rng, monkeypatch):
+    monkeypatch.setattr(canonicalize_conv_taps, "MIN_SAVED_WORK", 1.0)  # the dead taps alone, no region split
     model = _atrous_pyramid(rng)
     kernels = sorted(tuple(int(k) for k in call.args[1].ty.shape.values[2:])
                      for call in _conv_calls(prepare_graph(import_onnx(model).mod)))
@@ -168,6 +169,41 @@ def test_taps_that_read_only_padding_are_dropped_and_the_outputs_match_onnxrunti
     got = compiler.compile(model, target="native").run(**feeds)
     for g_, w_ in zip(got, want):
         assert _relative_error(g_, w_) <= 1e-4
+
+
+def _atrous_conv_after_a_conv(rng, size=20, dilation=12, stride=1, channels=64):
+    """DeepLabV3's rate-12 branch: a 3x3 conv at dilation 12 on a 20x20 map that a conv computed (so the
+    map arrives blocked), with bias, BN and ReLU."""
+    g = GraphBuilder(rng)
+    y = g.op("Relu", [g.conv("x", "pre", 24, channels, k=1, bias=True)], "pre.relu")
+    w = g.const("atrous.w", rng.normal(0, 0.05, (channels, channels, 3, 3)).astype(np.float32))
+    y = g.op("Conv", [y, w], "atrous", kernel_shape=[3, 3], dilations=[dilation] * 2, pads=[dilation] * 4,
+             strides=[stride] * 2)
+    y = g.op("Relu", [g.bn(y, "atrous.bn", channels)], "atrous.relu")
+    return g.model("atrous_regions", {"x": (1, 24, size, size)}, [y])
+
+
+def test_taps_that_read_padding_for_some_outputs_are_skipped_region_by_region(rng):
+    """At dilation 12 on 20 rows, rows 0-7 read through the middle and bottom taps, rows 8-11 through the
+    middle one, rows 12-19 through the top and middle ones (columns alike): 9 regions, 36% of the work."""
+    model = _atrous_conv_after_a_conv(rng)
+    kernels = sorted(tuple(int(k) for k in call.args[1].ty.shape.values[2:])
+                     for call in _conv_calls(prepare_graph(import_onnx(model).mod)))
+    assert kernels == [(1, 1), (1, 1), (1, 2), (1, 2), (2, 1), (2, 1), (2, 2), (2, 2), (2, 2), (2, 2)], kernels
+    fp32 = _check_fp32_and_int8(model, rng)
+    assert fp32.report.layout_transforms == 2  # the region slices and their concatenation stay blocked
+    assert fp32.report.layout["fallbacks"] == []
+
+
+def test_a_strided_atrous_conv_split_into_regions_matches_onnxruntime(rng):
+    model = _atrous_conv_after_a_conv(rng, size=40, dilation=16, stride=2, channels=96)
+    assert len(_conv_calls(prepare_graph(import_onnx(model).mod))) > 2
+    _check_fp32_and_int8(model, rng)
+
+
+def test_a_conv_whose_taps_all_read_the_input_everywhere_is_not_split(rng):
+    model = _atrous_conv_after_a_conv(rng, size=20, dilation=1)
+    assert len(_conv_calls(prepare_graph(import_onnx(model).mod))) == 2
 
 
 def _conv_calls(mod):
