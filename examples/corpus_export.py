@@ -467,6 +467,8 @@ def export(entry: Entry, path: Path, exporter: str) -> None:
     torch.manual_seed(SEED)
     model = entry.build().eval()
     redraw_zero_weights(model)
+    settle_batch_norms(model, entry)
+    check_outputs_vary(model, entry)
     feeds = entry.inputs()
     with torch.no_grad():
         model(*feeds.values())  # a model that does not run in torch is not an export failure
@@ -482,6 +484,40 @@ def redraw_zero_weights(model: nn.Module) -> None:
         for param in model.parameters():
             if param.dim() >= 2 and not param.any():
                 nn.init.normal_(param, std=param.shape[-1] ** -0.5)
+
+
+def settle_batch_norms(model: nn.Module, entry: Entry) -> None:
+    """BatchNorm statistics measured on random inputs (one pass, its batch statistics kept), as training
+    would leave them. With the default ones (mean 0, variance 1) activations shrink layer by layer under
+    default init: DeepLabV3's and SSDlite's outputs came out constant, their numerics checks comparing biases."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    draws = [entry.inputs() for _ in range(2)]  # two samples: a 1x1 map's batch statistics need more than one
+    batch = [torch.cat([d[name] for d in draws]) for name in draws[0]]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the cumulative average: after one pass, that pass's statistics
+        norm.train()
+    with torch.no_grad():
+        model(*batch)
+    model.eval()
+
+
+def check_outputs_vary(model: nn.Module, entry: Entry, min_change: float = 1e-3) -> None:
+    """Every output must change with the input, or comparing it with onnxruntime checks nothing."""
+    with torch.no_grad():
+        first, second = (_tensors(model(*entry.inputs().values())) for _ in range(2))
+    for index, (a, b) in enumerate(zip(first, second)):
+        scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+        if float((a - b).abs().max()) < min_change * scale:
+            raise RuntimeError(f"{entry.name}: output {index} {tuple(a.shape)} does not depend on the input")
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _tensors(item)]
 
 
 def write_entry(entry: Entry, cache: Path) -> dict:
