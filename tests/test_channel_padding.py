@@ -119,3 +119,35 @@ def test_channel_shuffle_is_recognized_as_a_permutation_and_other_reshapes_are_n
     assert list(_channel_permutation(shape, [1, 2, 3, 2, 2], [0, 2, 1, 3, 4])) == [0, 3, 1, 4, 2, 5]
     # moving the width into the channels is no permutation of channels alone
     assert _channel_permutation(shape, [1, 6, 2, 2], [0, 1, 3, 2]) is None
+
+
+def test_squeeze_excite_reducing_to_four_channels_stays_blocked(rng):
+    """EfficientNet's squeeze-excite reduces 96 channels to 4 on the pooled 1x1 map: padded to a whole
+    vector (the padding is no work on one pixel), so the gate stays blocked between the convs."""
+    g = GraphBuilder(rng)
+    x = g.conv_bn("data", "stem", 16, 96)
+    pooled = g.op("GlobalAveragePool", [x], "se.pool")
+    squeezed = g.conv(pooled, "se.reduce", 96, 4, k=1, bias=True)
+    gate = g.op("Mul", [squeezed, g.op("Sigmoid", [squeezed], "se.silu.sigmoid")], "se.silu")
+    gate = g.op("Sigmoid", [g.conv(gate, "se.expand", 4, 96, k=1, bias=True)], "se.gate")
+    y = g.conv_bn(g.op("Mul", [x, gate], "se.scale"), "head", 96, 16, k=1, act=None)
+    model = g.model("squeeze_excite_4", {"data": (1, 16, 8, 8)}, [y])
+    mod, report = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert all(c.attrs.data_layout != "NCHW" for c in _ops(mod, "relax.nn.conv2d"))
+    assert report.fallbacks == []
+    built, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
+def test_a_conv_whose_padded_channels_only_an_uncovered_op_would_read_keeps_its_own(rng):
+    """58 channels transposed to NHWC (a detection head's boxes): padded, they would only be gathered back
+    for the transpose, so the conv keeps its 58 channels and no gather is added."""
+    g = GraphBuilder(rng)
+    y = g.op("Transpose", [g.conv_bn("data", "head", 16, 58, act=None)], "nhwc", perm=[0, 2, 3, 1])
+    model = g.model("head", {"data": (1, 16, 8, 8)}, [y])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert not _ops(mod, "relax.take")
+    assert [int(c.ty.shape.values[1]) for c in _ops(mod, "relax.nn.conv2d")] == [58]
+    _, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
