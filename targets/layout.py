@@ -15,6 +15,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from targets.channel_gather import blocked_gathers
+from targets.channel_padding import pad_channels
 from targets.layout_fallback import (CONVERSION_ERRORS, LayoutFallback, convert_pinning_failures, error_reason,
                                      plain_layout_readers)
 from targets.layout_rules import (INFER_LAYOUT, layout_friendly_forms, blocked_rules, channel_block_of,
@@ -260,6 +262,7 @@ def _convert_with_fallbacks(mod: tvm.IRModule, lanes: int, report: LayoutReport)
             try:
                 with override_layout_rules({"relax.nn.conv2d": _conv_rule(block, mixed)}):
                     converted, fallbacks = convert_pinning_failures(mod, _convert_conv_layouts, max_pins)
+                converted = blocked_gathers(converted)
             except CONVERSION_ERRORS as err:
                 error = err
                 continue
@@ -275,7 +278,8 @@ def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, L
     """Rewrite convs (and the ops around them) to NCHW{lanes}c with packed, folded weights."""
     report = LayoutReport()
     lanes = vector_lanes(spec)
-    mod = layout_friendly_forms(merge_groups_to_block(pad_int8_stem(mod, lanes), lanes))
+    mod = merge_groups_to_block(pad_int8_stem(mod, lanes), lanes)
+    mod = layout_friendly_forms(pad_channels(mod, lanes, lambda channels: channel_block(channels, lanes) is not None))
     with _CONVERSION_LOCK, override_layout_rules(blocked_rules(mod)):
         mod = _convert_with_fallbacks(mod, lanes, report)
     mod = tvm.transform.Sequential([relax.transform.FoldConstant(),

@@ -61,6 +61,7 @@ def blocked_rules(mod: tvm.IRModule) -> dict:
     rules["relax.image.resize2d"] = _resize2d_rule(tvm.ir.Op.get("relax.image.resize2d").get_attr(INFER_LAYOUT))
     rules["relax.split"] = _split_rule(tvm.ir.Op.get("relax.split").get_attr(INFER_LAYOUT))
     rules["relax.strided_slice"] = _spatial_slice_rule(tvm.ir.Op.get("relax.strided_slice").get_attr(INFER_LAYOUT))
+    rules["relax.concat"] = _concat_rule(tvm.ir.Op.get("relax.concat").get_attr(INFER_LAYOUT))
     rules.update({name: _plain_layout_rule(name, layouts) for name, layouts in PLAIN_LAYOUT_ONLY.items()})
     return rules
 
@@ -157,6 +158,25 @@ def _spatial_slice_rule(tvm_rule):
     return rule
 
 
+def _concat_rule(tvm_rule):
+    """A concat of plain and NCHW{c} inputs takes the blocked layout where the block divides every input's
+    channels: TVM's rule blocks a concat only when all its inputs already are, so one plain input (a channel
+    gather, targets.channel_padding) took the blocked ones back to NCHW. TVM's rule, asked about the blocked
+    input alone in every place, gives that decision (the inputs it leaves plain are then transformed)."""
+
+    def rule(call, desired_layouts, var_layout_map):
+        fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else []
+        blocks = {channel_block_of(var_layout_map, f) for f in fields} - {None}
+        if len(blocks) == 1 and None in {channel_block_of(var_layout_map, f) for f in fields}:
+            block = blocks.pop()
+            if int(call.attrs.axis) == 1 and all(_divides_channels(f, block) for f in fields):
+                first = next(f for f in fields if channel_block_of(var_layout_map, f) == block)
+                call = relax.Call(call.op, [relax.Tuple([first] * len(fields))], call.attrs)
+        return tvm_rule(call, desired_layouts, var_layout_map)
+
+    return rule
+
+
 def _constant_ints(expr) -> list[int] | None:
     """The values of a tuple of integer constants (a strided slice's axes), else None."""
     values = getattr(expr, "fields", None) or getattr(expr, "values", None)
@@ -164,6 +184,13 @@ def _constant_ints(expr) -> list[int] | None:
         return [int(getattr(v, "value", v)) for v in values] if values is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _divides_channels(expr, block: int) -> bool:
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", None)
+    return (values is not None and len(values) == 4 and isinstance(values[1], tvm.tirx.IntImm)
+            and int(values[1]) % block == 0)
 
 
 def _is_sections(split_attrs) -> bool:

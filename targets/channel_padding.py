@@ -1,0 +1,395 @@
+"""Channel counts no vector block divides (ShuffleNet's 58 and 116), padded to whole blocks, and channel
+permutations (ShuffleNet's channel shuffle and split) carried as an index instead of moved data.
+
+A value whose channels live padded or permuted inside a larger tensor is written
+
+    take(padded, index, axis=1)
+
+logical channel i being the padded tensor's channel index[i]; the padded tensor's other channels hold finite
+values that no reader uses (its weights there are zero). That take sinks through what follows:
+
+- a conv whose output channels fit no block computes them padded (zero weights and bias for the extra ones);
+- elementwise ops, pooling and per-channel constants (scattered to the padded channels) apply to the padded
+  tensor; a channel shuffle (reshape, transpose, reshape) and a channel slice only change the index;
+- a concat concatenates the padded tensors;
+- a conv reads the padded tensor, its weights scattered to the index (a depthwise conv: its channels).
+
+A take a conv or a concat reads, whose padded tensor holds more than its own channels (one half of a
+shuffle), is first gathered into a tensor of its own channels padded to a block: a real gather, which
+runs blocked (targets.channel_gather). Where the take reaches an op none of these rules covers, it is an
+ordinary gather into the logical channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+_CHANNELS = 1
+# A conv's output is padded only where that adds at most this fraction of its channels (58 -> 64, 116 ->
+# 128, 546 -> 560), or where its output is one pixel (squeeze-excite's reduction convs: 4 -> 16 channels of
+# nothing): a 4-channel head over a whole image padded to 16 would do 4x the work; it keeps its NCHW rule.
+MAX_PADDING = 0.25
+# Unary ops the same on every element (their other arguments, if any, are attributes or scalars).
+_ELEMENTWISE = frozenset("relax." + name for name in (
+    "nn.relu nn.gelu nn.gelu_tanh nn.silu sigmoid tanh clip nn.leakyrelu nn.softplus astype negative abs "
+    "exp sqrt erf").split())  # noqa: SIM905 (the fusion table's form)
+_UNARY = _ELEMENTWISE | {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}  # the same on every channel
+_QUANTIZE = frozenset(("relax.quantize", "relax.dequantize"))  # unary when their scale and zero point are scalars
+# Binary ops and the constant a padded channel is given (so that it stays finite: never a division by 0).
+_BINARY_FILL = {"relax.add": 0.0, "relax.subtract": 0.0, "relax.multiply": 1.0, "relax.divide": 1.0,
+                "relax.maximum": 0.0, "relax.minimum": 0.0}
+
+
+def op_name(expr) -> str | None:
+    """The op of a call to a Relax op (targets does not import relay_passes, whose analysis has the same)."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def static_shape(expr) -> list[int] | None:
+    values = getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
+    if values is None or not all(isinstance(d, tvm.tirx.IntImm) for d in values):
+        return None
+    return [int(d) for d in values]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _constant(expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
+
+
+@relax.expr_functor.mutator
+class _PadChannels(relax.PyExprMutator):
+    def __init__(self, mod, lanes: int, blockable: Callable[[int], bool], unpadded_weights=()):
+        super().__init__(mod)
+        self.lanes, self._blockable = lanes, blockable
+        self.unpadded_weights = unpadded_weights  # convs (by weight) whose output is not to be padded
+        self.padded_outputs: dict[relax.Var, relax.Expr] = {}  # padded conv output -> its original weight
+        self.gathers: list[relax.Var] = []  # the gathers of channels into a tensor of their own (_compact)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        name = op_name(call)
+        if name is None or call.ty is None or not isinstance(call.ty, relax.TensorType):
+            return call
+        if name == "relax.nn.conv2d":
+            return self._conv(call)
+        if name == "relax.concat":
+            return self._concat(call)
+        if name == "relax.strided_slice":
+            return self._slice(call)
+        if name == "relax.reshape":
+            return self._shuffle(call)
+        if name in _UNARY or _is_scalar_quantize(call):
+            return self._unary(call)
+        if name == "relax.mean":
+            return self._mean(call)
+        if name in _BINARY_FILL and len(call.args) == 2:
+            return self._binary(call, _BINARY_FILL[name])
+        return call
+
+    def visit_tuple_getitem_(self, item):
+        """A part of a channel split of a padded value: the index, split."""
+        item = super().visit_tuple_getitem_(item)
+        split = self.lookup_binding(item.tuple_value) if isinstance(item.tuple_value, relax.Var) else None
+        if op_name(split) != "relax.split" or int(split.attrs.axis) != _CHANNELS:
+            return item
+        gathered = self._gathered(split.args[0])
+        if gathered is None:
+            return item
+        padded, index = gathered
+        sections = split.attrs.indices_or_sections
+        if isinstance(sections, (int, tvm.tirx.IntImm)):
+            parts = np.split(index, int(sections))
+        else:
+            parts = np.split(index, [int(i) for i in sections])
+        return self._take(padded, parts[int(item.index)])
+
+    # -- the take that stands for a padded or permuted value
+
+    def _gathered(self, expr) -> tuple[relax.Expr, np.ndarray] | None:
+        """(padded tensor, index) when `expr` is the take of channels of a padded tensor."""
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if op_name(value) != "relax.take" or int(value.attrs.axis) != _CHANNELS:
+            return None
+        index = _constant(value.args[1])
+        if index is None or index.ndim != 1 or getattr(value.args[0].ty, "ndim", 0) != 4:
+            return None
+        return value.args[0], index.astype(np.int64)
+
+    def _compact(self, padded, index) -> tuple[relax.Expr, np.ndarray]:
+        """The channels `index` picks, in a tensor of their own padded to whole blocks: `padded` itself when
+        it holds nothing else, else a gather of them (the extra indices repeat the first channel: unread)."""
+        blocks = self._padded_count(len(index))
+        if _channels(padded) == blocks:
+            return padded, index
+        picked = np.concatenate([index, np.full(blocks - len(index), index[0])]).astype("int32")
+        gathered = self.builder_.emit(relax.op.take(padded, relax.const(picked), axis=_CHANNELS, mode="clip"))
+        self.gathers.append(gathered)
+        return gathered, np.arange(len(index))
+
+    def _padded_count(self, channels: int) -> int:
+        """The channels a tensor of `channels` takes: as many where they have a block, else whole vectors."""
+        return channels if self._blockable(channels) else _round_up(channels, self.lanes)
+
+    @staticmethod
+    def _take(padded, index) -> relax.Expr:
+        return relax.op.take(padded, relax.const(np.asarray(index, "int32")), axis=_CHANNELS, mode="clip")
+
+    # -- ops that make or read padded channels
+
+    def _conv(self, call):
+        attrs = call.attrs
+        weight = _constant(call.args[1])
+        if (weight is None or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
+                or (attrs.out_layout or "NCHW") != "NCHW" or static_shape(call.args[0]) is None
+                or static_shape(call) is None):
+            return call
+        groups, in_channels = int(attrs.groups), _channels(call.args[0])
+        depthwise = groups == in_channels == weight.shape[0] and weight.shape[1] == 1
+        if depthwise:
+            return self._depthwise(call, weight)
+        if groups != 1:
+            return call
+        data, gathered = call.args[0], self._gathered(call.args[0])
+        if gathered is not None:
+            data, index = self._compact(*gathered)
+            if not self._blockable(_channels(data)):
+                return call
+            scattered = np.zeros((weight.shape[0], _channels(data), *weight.shape[2:]), weight.dtype)
+            np.add.at(scattered, (slice(None), index), weight)
+            weight = scattered
+        elif not (self._blockable(in_channels) or in_channels < self.lanes):
+            return call
+        out_channels = weight.shape[0]
+        padded_out = self._padded_count(out_channels)
+        height, width = static_shape(call)[2:]
+        if (padded_out > out_channels * (1 + MAX_PADDING) and height * width > 1) or any(
+                call.args[1].same_as(w) for w in self.unpadded_weights):
+            padded_out = out_channels
+        if gathered is None and padded_out == out_channels:
+            return call
+        weight = np.concatenate([weight, np.zeros((padded_out - out_channels, *weight.shape[1:]), weight.dtype)])
+        conv = self._conv_like(call, data, weight, groups=1)
+        if padded_out == out_channels:
+            return conv
+        padded = self.builder_.emit(conv)
+        self.padded_outputs[padded] = call.args[1]
+        return self._take(padded, np.arange(out_channels))
+
+    def stranded(self, func: relax.Function) -> list[relax.Expr]:
+        """The original weights of the padded convs whose channels an op no rule covers still reads back
+        through a gather in `func` (the gathers between blocked tensors aside): there the padding bought an
+        extra gather and no blocked reader."""
+        values = relax.analysis.get_var2val(func)
+        found = []
+        for var, value in values.items():
+            if op_name(value) == "relax.take" and not any(var.same_as(g) for g in self.gathers):
+                found += self._padded_sources(value.args[0], values)
+        return found
+
+    def _padded_sources(self, expr, values) -> list[relax.Expr]:
+        """The original weights of the padded convs `expr` is computed from, up to the nearest convs."""
+        if isinstance(expr, relax.Var) and expr in self.padded_outputs:
+            return [self.padded_outputs[expr]]
+        value = values.get(expr) if isinstance(expr, relax.Var) else None
+        if value is None or op_name(value) == "relax.nn.conv2d":
+            return []
+        args = value.fields if isinstance(value, relax.Tuple) else getattr(value, "args", [])
+        return [w for arg in args for w in self._padded_sources(arg, values)]
+
+    def _depthwise(self, call, weight):
+        gathered = self._gathered(call.args[0])
+        if gathered is None:
+            return call
+        data, index = self._compact(*gathered)
+        channels = _channels(data)
+        if len(np.unique(index)) != len(index) or not self._blockable(channels):
+            return call
+        scattered = np.zeros((channels, *weight.shape[1:]), weight.dtype)
+        scattered[index] = weight
+        conv = self._conv_like(call, data, scattered, groups=channels)
+        return self._take(self.builder_.emit(conv), index)
+
+    @staticmethod
+    def _conv_like(call, data, weight: np.ndarray, groups: int):
+        attrs = call.attrs
+        return relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=attrs.padding,
+                                  dilation=attrs.dilation, groups=groups, data_layout="NCHW",
+                                  kernel_layout="OIHW", out_dtype=str(call.ty.dtype))
+
+    def _concat(self, call):
+        if int(call.attrs.axis) != _CHANNELS or not isinstance(call.args[0], relax.Tuple):
+            return call
+        parts, indices, offset = [], [], 0
+        for field in call.args[0].fields:
+            gathered = self._gathered(field)
+            if gathered is not None:
+                tensor, index = self._compact(*gathered)
+            elif getattr(field.ty, "ndim", 0) == call.ty.ndim and self._blockable(_channels(field)):
+                tensor, index = field, np.arange(_channels(field))
+            else:
+                return call
+            parts.append(tensor)
+            indices.append(index + offset)
+            offset += _channels(tensor)
+        if all(self._gathered(f) is None for f in call.args[0].fields) or not self._blockable(offset):
+            return call
+        joined = self.builder_.emit(relax.op.concat(parts, axis=_CHANNELS))
+        return self._take(joined, np.concatenate(indices))
+
+    def _slice(self, call):
+        gathered = self._gathered(call.args[0])
+        bounds = [_ints(arg) for arg in call.args[1:]]  # axes, begin, end, strides
+        if gathered is None or None in bounds or bounds[0] != [_CHANNELS]:
+            return call
+        padded, index = gathered
+        _, (begin,), (end,), strides = bounds
+        picked = index[begin:end:strides[0] if strides else 1]
+        if len(picked) != _channels(call):
+            return call
+        return self._take(padded, picked)
+
+    def _shuffle(self, call):
+        """reshape(permute_dims(reshape(x))) that only permutes x's channels (elementwise ops may sit before
+        the last reshape: the int8 rewrite's quantize): the index, permuted."""
+        elementwise, permute = [], self._bound(call.args[0])
+        while op_name(permute) in _ELEMENTWISE or _is_scalar_quantize(permute):
+            elementwise.append(permute)
+            permute = self._bound(permute.args[0])
+        split = self._bound(permute.args[0]) if op_name(permute) == "relax.permute_dims" else None
+        if op_name(split) != "relax.reshape":
+            return call
+        source = split.args[0]
+        shape = static_shape(source)
+        if shape is None or len(shape) != 4 or static_shape(call) != shape:
+            return call
+        permutation = _channel_permutation(shape, static_shape(split), [int(a) for a in permute.attrs.axes])
+        if permutation is None:
+            return call
+        gathered = self._gathered(source)
+        padded, index = gathered if gathered is not None else (source, np.arange(shape[_CHANNELS]))
+        for op in reversed(elementwise):
+            padded = self.builder_.emit(relax.Call(op.op, [padded, *op.args[1:]], op.attrs))
+        return self._take(padded, index[permutation])
+
+    def _bound(self, expr):
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+
+    def _unary(self, call):
+        gathered = self._gathered(call.args[0])
+        if gathered is None or call.ty.ndim != call.args[0].ty.ndim:
+            return call
+        padded, index = gathered
+        return self._take(self.builder_.emit(relax.Call(call.op, [padded, *call.args[1:]], call.attrs)), index)
+
+    def _mean(self, call):
+        gathered = self._gathered(call.args[0])
+        axes = [int(a) for a in call.attrs.axis] if call.attrs.axis is not None else []
+        if gathered is None or not call.attrs.keepdims or not axes or _CHANNELS in axes or 0 in axes:
+            return call
+        return self._unary(call)
+
+    def _binary(self, call, fill: float):
+        if call.ty.ndim != 4:
+            return call
+        left, right = (self._gathered(a) for a in call.args)
+        if left is not None and right is not None:
+            if not (left[0].same_as(right[0]) and np.array_equal(left[1], right[1])):
+                return call
+            return self._take(self.builder_.emit(relax.Call(call.op, [left[0], right[0]], call.attrs)), left[1])
+        gathered, position = (left, 0) if left is not None else (right, 1)
+        other = _constant(call.args[1 - position])
+        if gathered is None or other is None:
+            return call
+        padded, index = gathered
+        scattered = _scatter_channels(other, index, _channels(padded), fill)
+        if scattered is None:
+            return call
+        args = [padded, relax.const(scattered)] if position == 0 else [relax.const(scattered), padded]
+        return self._take(self.builder_.emit(relax.Call(call.op, args, call.attrs)), index)
+
+
+def _channels(expr) -> int:
+    return int(expr.ty.shape.values[_CHANNELS])
+
+
+def _ints(expr) -> list[int] | None:
+    """The integers of a tuple argument (strided_slice's axes, begin, end, strides)."""
+    fields = getattr(expr, "fields", None)
+    if fields is None or not all(hasattr(f, "value") for f in fields):
+        return None
+    return [int(f.value) for f in fields]
+
+
+def _is_scalar_quantize(call) -> bool:
+    return op_name(call) in _QUANTIZE and all(_is_scalar(a) for a in call.args[1:])
+
+
+def _is_scalar(expr) -> bool:
+    value = _constant(expr)
+    return value is not None and value.size == 1
+
+
+def _scatter_channels(value: np.ndarray, index: np.ndarray, channels: int, fill: float) -> np.ndarray | None:
+    """A constant broadcast against [N, C, H, W] (a scalar, or one value per channel) against the padded
+    tensor: its channel c at index[c], `fill` in the unread channels; None if it varies along other axes."""
+    if value.ndim > 4:
+        return None
+    value = value.reshape((1,) * (4 - value.ndim) + value.shape)
+    if value.shape[0] != 1 or value.shape[2:] != (1, 1) or value.shape[1] not in (1, len(index)):
+        return None
+    if value.shape[1] == 1:
+        return value
+    scattered = np.full((1, channels, 1, 1), fill, value.dtype)
+    scattered[0, index] = value[0]
+    return scattered
+
+
+def _channel_permutation(shape: list[int], split_shape: list[int] | None, axes: list[int]) -> np.ndarray | None:
+    """The channel order reshape(shape -> split_shape), permute_dims(axes), reshape back gives, when that is
+    a permutation of the channels alone (ShuffleNet's channel shuffle); else None."""
+    if split_shape is None or int(np.prod(split_shape)) != int(np.prod(shape)) or len(axes) != len(split_shape):
+        return None
+    positions = np.arange(int(np.prod(shape))).reshape(shape)
+    moved = positions.reshape(split_shape).transpose(axes).reshape(shape)
+    permutation = moved[0, :, 0, 0] // (shape[2] * shape[3]) % shape[1]
+    if not np.array_equal(moved, positions[:, permutation]):
+        return None
+    return permutation
+
+
+def pad_channels(mod: tvm.IRModule, lanes: int, blockable: Callable[[int], bool]) -> tvm.IRModule:
+    """Convs' channels padded to whole blocks of `lanes` where `blockable` (a channel count has a block)
+    says they have none, and channel permutations carried as an index (see the module)."""
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gvar] = _pad_function(mod, func, lanes, blockable)
+    return relax.transform.Normalize()(mod)
+
+
+# Rounds of padding, each leaving unpadded the convs whose padding the previous one found stranded.
+MAX_ROUNDS = 8
+
+
+def _pad_function(mod, func: relax.Function, lanes: int, blockable) -> relax.Function:
+    """`func` padded, except the convs whose padded output would only be unpadded again for an op no rule
+    covers (a 130-channel conv feeding an LSTM, SSDlite's 546-class heads feeding their reshape to boxes):
+    those keep their own channels, as before."""
+    unpadded: list[relax.Expr] = []
+    for _ in range(MAX_ROUNDS):
+        mutator = _PadChannels(mod, lanes, blockable, tuple(unpadded))
+        padded = relax.analysis.remove_all_unused(mutator.visit_expr(func))
+        stranded = mutator.stranded(padded)
+        if not stranded:
+            return padded
+        unpadded += stranded
+    return func

@@ -1,0 +1,153 @@
+"""Channels no vector block divides, padded to whole blocks, and channel shuffles carried as an index
+(targets.channel_padding), with the gathers left between blocked tensors run blocked (targets.channel_gather)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from onnx import helper
+from tvm import relax
+
+import compiler
+from compiler.frontend import import_onnx
+from relay_passes import prepare_graph
+from targets import block_channels, resolve_target
+from targets.channel_padding import _channel_permutation
+from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+
+
+def _ops(mod, name: str) -> list[relax.Call]:
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"].body,
+        lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+        and e.op.name == name else None)
+    return found
+
+
+def _channel_shuffle(g: GraphBuilder, x: str, name: str, channels: int, size: int) -> str:
+    """torchvision's ShuffleNetV2 channel shuffle: view as (2, C/2), transpose, flatten back."""
+    split = g.const(f"{name}.split", np.array([1, 2, channels // 2, size, size], np.int64))
+    merged = g.const(f"{name}.merged", np.array([1, channels, size, size], np.int64))
+    y = g.op("Reshape", [x, split], f"{name}.view")
+    y = g.op("Transpose", [y], f"{name}.transpose", perm=[0, 2, 1, 3, 4])
+    return g.op("Reshape", [y, merged], f"{name}.flatten")
+
+
+def _halves(g: GraphBuilder, x: str, name: str, channels: int, form: str) -> tuple[str, str]:
+    half = channels // 2
+    if form == "Split":
+        sizes = g.const(f"{name}.sizes", np.array([half, half], np.int64))
+        g.nodes.append(helper.make_node("Split", [x, sizes], [f"{name}.0", f"{name}.1"], name=name, axis=1))
+        return f"{name}.0", f"{name}.1"
+    bounds = [g.const(f"{name}.{k}", np.array(v, np.int64)) for k, v in
+              (("b0", [0]), ("e0", [half]), ("b1", [half]), ("e1", [channels]), ("axes", [1]))]
+    first = g.op("Slice", [x, bounds[0], bounds[1], bounds[4]], f"{name}.first")
+    second = g.op("Slice", [x, bounds[2], bounds[3], bounds[4]], f"{name}.second")
+    return first, second
+
+
+def _shuffle_unit(rng, form: str = "Slice", branch: int = 58, size: int = 8):
+    """Two ShuffleNetV2 units on `branch`-channel branches (58: no vector block divides it): a downsampling
+    one (two branches concatenated), then a basic one (half passed through, half through 1x1, depthwise
+    3x3, 1x1 convs), each followed by the channel shuffle; then a conv reading the shuffled channels."""
+    g = GraphBuilder(rng)
+    channels = 2 * branch
+    a = g.conv_bn("data", "down.a.dw", 24, 24, k=3, stride=2, groups=24, act=None)
+    a = g.conv_bn(a, "down.a.pw", 24, branch, k=1)
+    b = g.conv_bn("data", "down.b.pw1", 24, branch, k=1)
+    b = g.conv_bn(b, "down.b.dw", branch, branch, k=3, stride=2, groups=branch, act=None)
+    b = g.conv_bn(b, "down.b.pw2", branch, branch, k=1)
+    x = _channel_shuffle(g, g.op("Concat", [a, b], "down.cat", axis=1), "down.shuffle", channels, size)
+    kept, through = _halves(g, x, "unit.split", channels, form)
+    y = g.conv_bn(through, "unit.pw1", branch, branch, k=1)
+    y = g.conv_bn(y, "unit.dw", branch, branch, k=3, groups=branch, act=None)
+    y = g.conv_bn(y, "unit.pw2", branch, branch, k=1)
+    x = _channel_shuffle(g, g.op("Concat", [kept, y], "unit.cat", axis=1), "unit.shuffle", channels, size)
+    out = g.conv_bn(x, "head", channels, 32, k=1)
+    return g.model("shuffle_unit", {"data": (1, 24, 2 * size, 2 * size)}, [out])
+
+
+def _compiled(model, rng, **options):
+    feeds = random_inputs(model, rng)
+    built = compiler.compile(model, target="native", **options)
+    return built, built.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
+
+
+@pytest.mark.parametrize("form", ["Slice", "Split"])
+def test_shuffle_units_run_blocked_from_input_to_output(rng, form):
+    """Every conv blocked (58 channels padded to 64), the shuffles and splits gone into indices and
+    gathers of blocked tensors: layout transforms at the input and the output only."""
+    model = _shuffle_unit(rng, form)
+    mod, report = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert all(c.attrs.data_layout != "NCHW" for c in _ops(mod, "relax.nn.conv2d"))
+    assert len(_ops(mod, "relax.layout_transform")) == 2
+    assert report.fallbacks == []
+    assert not _ops(mod, "relax.take") and not _ops(mod, "relax.permute_dims")
+    built, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
+def test_int8_shuffle_units_run_blocked(rng):
+    model = _shuffle_unit(rng)
+    calib = random_inputs(model, rng)["data"]
+    built, got, want = _compiled(model, rng, calib=[calib], bias_correction=None)
+    # int8 against fp32 onnxruntime: quantization noise, where a wrong channel order scrambles the output
+    assert np.abs(got - want).mean() <= 0.1 * np.abs(want).mean()
+    # the input (quantized to int8 and uint8 for its two readers) and the output: none between convs
+    assert built.report.layout_transforms == 3
+    assert built.report.layout["fallbacks"] == []
+
+
+def test_a_conv_with_channels_no_block_divides_computes_them_padded(rng):
+    """58 output channels: the conv writes 64 (zero weights and bias for the last 6), the next conv reads
+    all 64 with zero weights for them; the result is the unpadded model's."""
+    g = GraphBuilder(rng)
+    y = g.conv_bn(g.conv_bn("data", "narrow", 16, 58), "next", 58, 16, act="Relu6")
+    model = g.model("narrow", {"data": (1, 16, 12, 12)}, [y])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    convs = _ops(mod, "relax.nn.conv2d")
+    assert [int(c.ty.shape.values[1]) * int(c.ty.shape.values[4]) for c in convs] == [64, 16]
+    _, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_channel_shuffle_is_recognized_as_a_permutation_and_other_reshapes_are_not():
+    shape = [1, 6, 2, 2]
+    assert list(_channel_permutation(shape, [1, 2, 3, 2, 2], [0, 2, 1, 3, 4])) == [0, 3, 1, 4, 2, 5]
+    # moving the width into the channels is no permutation of channels alone
+    assert _channel_permutation(shape, [1, 6, 2, 2], [0, 1, 3, 2]) is None
+
+
+def test_squeeze_excite_reducing_to_four_channels_stays_blocked(rng):
+    """EfficientNet's squeeze-excite reduces 96 channels to 4 on the pooled 1x1 map: padded to a whole
+    vector (the padding is no work on one pixel), so the gate stays blocked between the convs."""
+    g = GraphBuilder(rng)
+    x = g.conv_bn("data", "stem", 16, 96)
+    pooled = g.op("GlobalAveragePool", [x], "se.pool")
+    squeezed = g.conv(pooled, "se.reduce", 96, 4, k=1, bias=True)
+    gate = g.op("Mul", [squeezed, g.op("Sigmoid", [squeezed], "se.silu.sigmoid")], "se.silu")
+    gate = g.op("Sigmoid", [g.conv(gate, "se.expand", 4, 96, k=1, bias=True)], "se.gate")
+    y = g.conv_bn(g.op("Mul", [x, gate], "se.scale"), "head", 96, 16, k=1, act=None)
+    model = g.model("squeeze_excite_4", {"data": (1, 16, 8, 8)}, [y])
+    mod, report = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert all(c.attrs.data_layout != "NCHW" for c in _ops(mod, "relax.nn.conv2d"))
+    assert report.fallbacks == []
+    built, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
+def test_a_conv_whose_padded_channels_only_an_uncovered_op_would_read_keeps_its_own(rng):
+    """58 channels transposed to NHWC (a detection head's boxes): padded, they would only be gathered back
+    for the transpose, so the conv keeps its 58 channels and no gather is added."""
+    g = GraphBuilder(rng)
+    y = g.op("Transpose", [g.conv_bn("data", "head", 16, 58, act=None)], "nhwc", perm=[0, 2, 3, 1])
+    model = g.model("head", {"data": (1, 16, 8, 8)}, [y])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert not _ops(mod, "relax.take")
+    assert [int(c.ty.shape.values[1]) for c in _ops(mod, "relax.nn.conv2d")] == [58]
+    _, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
