@@ -33,7 +33,10 @@ POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register t
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
 # Below this many loop iterations a kernel runs on one thread: waking the pool costs more than it saves.
-MIN_PARALLEL_WORK = 1 << 16
+# Measured on Zen 4, 2 threads: a wake-up costs 3-4 us, a 128x512 matvec (1 << 16 multiply-adds) takes ~1.5 us
+# on one thread; at 1 << 16, vad_lstm_streaming's 4 small parallel kernels made it 1.5x slower on 2 threads
+# than on 1. From 1 << 18 (several us on one thread) halving the time pays for the wake-up.
+MIN_PARALLEL_WORK = 1 << 18
 # Aim for this many parallel chunks per core, so uneven rows still balance.
 CHUNKS_PER_CORE = 4
 # What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
