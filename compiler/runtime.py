@@ -10,6 +10,7 @@ import operator
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from compiler.artifact import read_metadata
 from compiler.errors import HostMismatchError, InputError, QuantvmError
 from compiler.metadata import ArtifactMetadata, TensorSpec
 from compiler.quiet import tvm_scope_warnings_silenced
+from compiler.vm_io import InputStager, output_arrays
 from targets.host import host_model_name, missing_features
 
 
@@ -112,17 +114,19 @@ class Predictor:
         self.num_threads = resolve_num_threads(num_threads, metadata.target.num_threads)
         self.inputs = list(metadata.inputs)
         self.outputs = list(metadata.outputs)
+        self._names = [spec.name for spec in self.inputs]
+        self._expected = [_ExpectedInput.of(spec) for spec in self.inputs]
         self._tvm = tvm
         self.module = module  # the loaded runtime module (VM executable), for tools that make their own VM
-        self._per_thread = threading.local()  # .main: the calling thread's VM entry point
+        self._per_thread = threading.local()  # .main: the calling thread's VM entry point; .stager: its inputs
         self._main()  # a module the VM cannot run fails here, in the loading thread, not at a first run
 
     def run(self, *args, **kwargs) -> list[np.ndarray]:
         """Run the model; inputs by position (model order) or by name. Returns the outputs in model order."""
         arrays = self.bind_inputs(*args, **kwargs)
         use_threads(self.num_threads)  # per thread too: a thread's first run sizes its own TVM pool
-        result = self._main()(*(self._tvm.runtime.tensor(a) for a in arrays))
-        return [t.numpy() for t in flatten_outputs(result)]
+        main = self._main()
+        return output_arrays(flatten_outputs(main(*self._per_thread.stager.tensors(arrays))))
 
     __call__ = run
 
@@ -138,12 +142,23 @@ class Predictor:
                 main = VirtualMachine(self.module, self._tvm.cpu())["main"]
             main.release_gil = True  # tvm-ffi's default, unless $TVM_FFI_RELEASE_GIL_BY_DEFAULT=0: threads overlap
             self._per_thread.main = main
+            self._per_thread.stager = InputStager(len(self.inputs))
         return main
 
     def bind_inputs(self, *args, **kwargs) -> list[np.ndarray]:
         """The inputs (by position or name) as run() takes them: in model order, each checked by name,
         shape and dtype (InputError naming the input otherwise), C-contiguous."""
-        names = [spec.name for spec in self.inputs]
+        names = self._names
+        if not kwargs and len(args) == len(names):  # the common calls, without building a dict
+            values = args
+        elif not args and len(kwargs) == len(names) and all(n in kwargs for n in names):
+            values = [kwargs[n] for n in names]
+        else:
+            values = self._gather(names, args, kwargs)
+        return [_check_input(expected, value) for expected, value in zip(self._expected, values)]
+
+    def _gather(self, names: list[str], args: tuple, kwargs: dict) -> list:
+        """Inputs given partly by position, partly by name, in model order; InputError for what is amiss."""
         if len(args) > len(names):
             raise InputError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} "
                              "positional")
@@ -158,16 +173,29 @@ class Predictor:
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected "
                              + ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in self.inputs))
-        return [_check_input(spec, given[spec.name]) for spec in self.inputs]
+        return [given[n] for n in names]
 
 
-def _check_input(spec: TensorSpec, value) -> np.ndarray:
+@dataclass(frozen=True)
+class _ExpectedInput:
+    """An input's spec as run() checks it, its dtype and shape made once (checked on every call)."""
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @classmethod
+    def of(cls, spec: TensorSpec) -> _ExpectedInput:
+        return cls(spec.name, np.dtype(spec.dtype), tuple(spec.shape))
+
+
+def _check_input(expected: _ExpectedInput, value) -> np.ndarray:
     array = np.asarray(value)
-    if array.dtype != np.dtype(spec.dtype):
-        raise InputError(f"input {spec.name!r}: dtype {array.dtype} given, {spec.dtype} expected")
-    if tuple(array.shape) != tuple(spec.shape):
-        raise InputError(f"input {spec.name!r}: shape {list(array.shape)} given, {list(spec.shape)} expected")
-    return np.require(array, requirements="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
+    if array.dtype != expected.dtype:
+        raise InputError(f"input {expected.name!r}: dtype {array.dtype} given, {expected.dtype} expected")
+    if array.shape != expected.shape:
+        raise InputError(f"input {expected.name!r}: shape {list(array.shape)} given, {list(expected.shape)} "
+                         "expected")
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (a 0-d array is contiguous)
 
 
 def flatten_outputs(result):

@@ -8,6 +8,8 @@ constant folding into producers and before fusion, so that fusion and kernels se
     Conv1d networks -> 2-D of height 1    relay_passes/canonicalize_conv1d.py (likewise)
     Conv taps that read only padding      relay_passes/canonicalize_conv_taps.py (dropped; after the two
                                           above: it sees the convs they wrote)
+    Strided 1-D conv on 1-3 channels      relay_passes/canonicalize_conv_stride.py (the stride folded into
+                                          channels: space-to-depth; after the taps are trimmed)
     FC on [S, 1, K] -> FC on [S, K]       relay_passes/canonicalize_fc_rows.py
 
 Each is a list of `rewrite_forms.Form`s: a dpl pattern and a builder that checks every constant.
@@ -19,6 +21,7 @@ import tvm
 
 from relay_passes.canonicalize_activations import CanonicalizeActivations
 from relay_passes.canonicalize_conv1d import Conv1dAsConv2d
+from relay_passes.canonicalize_conv_stride import ConvStrideAsChannels
 from relay_passes.canonicalize_conv_taps import ConvWithoutDeadTaps
 from relay_passes.canonicalize_conv_transpose import ConvTransposeAsConv
 from relay_passes.canonicalize_fc_rows import FcRowsAsOneMatrix
@@ -26,10 +29,10 @@ from relay_passes.canonicalize_gelu import CanonicalizeGelu
 from relay_passes.canonicalize_layer_norm import CanonicalizeLayerNorm
 
 __all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm", "Conv1dAsConv2d",
-           "ConvTransposeAsConv", "ConvWithoutDeadTaps", "FcRowsAsOneMatrix"]
+           "ConvStrideAsChannels", "ConvTransposeAsConv", "ConvWithoutDeadTaps", "FcRowsAsOneMatrix"]
 
 # Every rewrite of decomposed forms into single ops, in the order prepare_graph runs them.
 Canonicalize = tvm.transform.Sequential([CanonicalizeGelu, CanonicalizeActivations, CanonicalizeLayerNorm,
                                          ConvTransposeAsConv, Conv1dAsConv2d, ConvWithoutDeadTaps,
-                                         FcRowsAsOneMatrix],
+                                         ConvStrideAsChannels, FcRowsAsOneMatrix],
                                         name="quantvm.Canonicalize")

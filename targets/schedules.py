@@ -33,7 +33,10 @@ POINTWISE_VECTORS = 8  # vectors of pixels in a pointwise NCHW conv's register t
 NARROW_LANES = 4  # the narrowest vector a rule uses where no full or half vector divides the columns
 PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pass left unblocked
 # Below this many loop iterations a kernel runs on one thread: waking the pool costs more than it saves.
-MIN_PARALLEL_WORK = 1 << 16
+# Measured on Zen 4, 2 threads: a wake-up costs 3-4 us, a 128x512 matvec (1 << 16 multiply-adds) takes ~1.5 us
+# on one thread; at 1 << 16, vad_lstm_streaming's 4 small parallel kernels made it 1.5x slower on 2 threads
+# than on 1. From 1 << 18 (several us on one thread) halving the time pays for the wake-up.
+MIN_PARALLEL_WORK = 1 << 18
 # Aim for this many parallel chunks per core, so uneven rows still balance.
 CHUNKS_PER_CORE = 4
 # What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
@@ -558,10 +561,14 @@ def _transpose_tile(sch, block, loops: list, lanes: int) -> bool:
     """A copy whose output is contiguous along another loop than the innermost (NCHW{c} -> NCHW: the
     source's lane loop is innermost, the output's width is contiguous): store whole vectors along the
     output's contiguous loop, with the innermost loop unrolled around them, so that a tile of lanes x lanes
-    is read from cache lines already loaded. Stores one element per lane otherwise. Rewrites `loops` in
-    place to the new order (the last two: the unrolled and the vectorized loop); False if not such a copy."""
+    is read from cache lines already loaded. Stores one element per lane otherwise. A longer innermost loop
+    (NCHW -> NCHW{c}: a whole row) is cut first into tiles of the widest vector that divides it. Rewrites `loops` in place to the new
+    order (the last two: the unrolled and the vectorized loop); False if not such a copy."""
     written = sch.get(block).writes
-    if len(written) != 1 or _extent(sch, loops[-1]) > 4 * lanes:
+    innermost = _extent(sch, loops[-1])
+    tile = innermost if innermost <= 4 * lanes else next(
+        (v for v in (lanes, lanes // 2, NARROW_LANES) if innermost % v == 0), None)
+    if len(written) != 1 or tile is None:
         return False
     index = written[0].region[-1].min
     iter_vars = [iv.var for iv in sch.get(block).iter_vars]
@@ -571,6 +578,8 @@ def _transpose_tile(sch, block, loops: list, lanes: int) -> bool:
     position = next(i for i, v in enumerate(iter_vars) if index.same_as(v))
     if _extent(sch, loops[position]) % lanes:
         return False
+    if tile < innermost:
+        loops[-1:] = sch.split(loops[-1], [None, tile])
     outer, vector = sch.split(loops[position], [None, lanes])
     unrolled = loops[-1]
     loops[position] = outer

@@ -236,3 +236,28 @@ def test_grouped_convs_run_blocked_and_match_onnxruntime(cin, cout, groups, rng)
     int8 = compiler.compile(model, target="cascadelake", calib=[random_inputs(model, rng)], bias_correction=None)
     vnni = [r for r in int8.report.schedules.applied.values() if "_vnni" in r]
     assert len(vnni) == (3 if blocked else 2), int8.report.schedules.applied
+
+
+# (in channels, kernel, stride, pads, width, folded): a keyword spotter's stem; padding on both sides; an
+# unread tail cropped; 3 channels with padding on the left only; then convs left alone: 4 channels (a full
+# int8 group), a kernel that is no multiple of the stride
+STRIDED_1D = [(1, 80, 16, (0, 0), 1600, True), (1, 8, 4, (2, 2), 1001, True), (2, 6, 3, (0, 0), 100, True),
+              (3, 4, 2, (1, 0), 50, True), (4, 8, 4, (0, 0), 200, False), (1, 9, 4, (4, 4), 200, False)]
+
+
+@pytest.mark.parametrize("cin,kernel,stride,pads,width,folded", STRIDED_1D, ids=lambda v: str(v))
+def test_a_strided_conv1d_on_few_channels_folds_its_stride_into_channels_and_matches_onnxruntime(
+        cin, kernel, stride, pads, width, folded, rng):
+    g = GraphBuilder(rng)
+    w = g.const("stem.w", rng.normal(0, (1 / (cin * kernel)) ** 0.5, (16, cin, kernel)).astype(np.float32))
+    y = g.op("Conv", ["audio", w, g.const("stem.b", rng.normal(0, 0.1, 16).astype(np.float32))], "stem",
+             kernel_shape=[kernel], strides=[stride], pads=list(pads))
+    model = g.model("strided_stem", {"audio": (1, cin, width)}, [g.op("Relu", [y], "relu")], opset=18)
+    (conv,) = _conv_calls(prepare_graph(import_onnx(model).mod))
+    weight_shape = [int(d) for d in conv.args[1].ty.shape.values]
+    if folded:
+        assert weight_shape == [16, cin * stride, 1, kernel // stride]
+        assert [int(s) for s in conv.attrs.strides] == [1, 1]
+    else:
+        assert weight_shape == [16, cin, 1, kernel]
+    _check_fp32_and_int8(model, rng)

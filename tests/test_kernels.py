@@ -385,6 +385,26 @@ def test_unblocking_layout_transform_matches_numpy(target):
     np.testing.assert_array_equal(run_lib(lib, [x], (1, 48, 5, 32), "float32"), _unblock(x))
 
 
+@pytest.mark.parametrize("width", [1000, 256, 36])
+def test_blocking_layout_transform_of_long_rows_matches_numpy(width):
+    """NCHW -> NCHW16c of 16 channels (the write indexed by the channel itself) over rows longer than a tile
+    (a 1-D input of 1000 steps: tiles of 8 steps; 256: of 16; 36: of 4) stores whole vectors of channels, and
+    moves every value."""
+    from tvm import s_tir
+
+    spec = resolve_target("native")
+    plain = te.placeholder((1, 16, 1, width), "float32", name="plain")
+    copy = te.compute(plain.shape, lambda *i: plain(*i), name="block")
+    sch = s_tir.Schedule(te.create_prim_func([plain, copy]))
+    sch.transform_layout("block", ("write", 0), lambda n, c, h, w: (n, c // 16, h, w, c % 16))
+    mod, rule = schedule_func(sch.mod["main"], spec)
+    assert rule == "generic"
+    assert "T.vectorized" in mod.script() and "T.unroll" in mod.script()
+    lib = tvm.compile(mod, target=spec.tvm_target())
+    x = np.random.default_rng(0).standard_normal((1, 16, 1, width)).astype("float32")
+    np.testing.assert_array_equal(run_lib(lib, [x], (1, 1, 1, width, 16), "float32"), _block(x, 16))
+
+
 def test_ragged_fc_tile_is_chosen_by_fmas_per_load():
     """ViT's 197 rows over 48 column vectors: the tile with the most accumulators is 25 rows x 1 vector,
     26 loads for 25 FMAs (a 3072-deep FC ran at a quarter of its speed); the chosen one loads at most 2
