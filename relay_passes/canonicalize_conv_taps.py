@@ -16,7 +16,7 @@ that share their live taps (the taps live for an output form a run), each on the
 taps read, without padding; the regions are concatenated back. Done where it saves at least
 `MIN_SAVED_WORK` of the multiply-adds and `MIN_SAVED_MACS_PER_REGION` for each conv it adds, in at most
 `MAX_REGIONS` convs (a 3x3 conv on a 2x2 map reads padding through half its taps too, but four kernels,
-slices and a concatenation cost more than its few thousand multiply-adds).
+slices and a concatenation cost more than a few million multiply-adds).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from relay_passes.rewrite_forms import Form, forms_pass
 
 # A region split pays for its extra kernels and the concatenation only when it skips this much of the work.
 MIN_SAVED_WORK = 0.25
-MIN_SAVED_MACS_PER_REGION = 1 << 20  # about 10 us of a 2-core AVX-512 host's FMAs, more than a kernel launch
+# About 40 us of a 2-core AVX-512 host's FMAs: several kernel launches, and the fused bias and activation that
+# move past the concatenation (ResNet-50's 3x3 convs on a 2x2 map at a 64-pixel input would split for 1.7M each).
+MIN_SAVED_MACS_PER_REGION = 1 << 22
 MAX_REGIONS = 25
 
 _DATA, _WEIGHT = wildcard(), is_const()

@@ -172,7 +172,7 @@ def test_taps_that_read_only_padding_are_dropped_and_the_outputs_match_onnxrunti
         assert _relative_error(g_, w_) <= 1e-4
 
 
-def _atrous_conv_after_a_conv(rng, size=20, dilation=12, stride=1, channels=64):
+def _atrous_conv_after_a_conv(rng, size=20, dilation=12, stride=1, channels=128):
     """DeepLabV3's rate-12 branch: a 3x3 conv at dilation 12 on a 20x20 map that a conv computed (so the
     map arrives blocked), with bias, BN and ReLU."""
     g = GraphBuilder(rng)
@@ -197,7 +197,7 @@ def test_taps_that_read_padding_for_some_outputs_are_skipped_region_by_region(rn
 
 
 def test_a_strided_atrous_conv_split_into_regions_matches_onnxruntime(rng):
-    model = _atrous_conv_after_a_conv(rng, size=40, dilation=16, stride=2, channels=96)
+    model = _atrous_conv_after_a_conv(rng, size=40, dilation=16, stride=2, channels=160)
     assert len(_conv_calls(prepare_graph(import_onnx(model).mod))) > 2
     _check_fp32_and_int8(model, rng)
 
