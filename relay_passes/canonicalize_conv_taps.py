@@ -126,17 +126,22 @@ def _by_regions(matches: dict) -> relax.Expr | None:
         return None
     bands = [live_tap_bands(conv.in_shape[2 + a], conv.out_shape[2 + a], conv.weight.shape[2 + a],
                             conv.strides[a], conv.dilation[a], conv.padding[a]) for a in (0, 1)]
-    if any(not band.taps for axis in bands for band in axis) or len(bands[0]) * len(bands[1]) > MAX_REGIONS:
+    regions = len(bands[0]) * len(bands[1])
+    if any(not band.taps for axis in bands for band in axis) or regions > MAX_REGIONS:
         return None  # an output that reads only padding is its bias alone: left as it is
     live = [sum((b.stop - b.start) * len(b.taps) for b in axis) for axis in bands]
     full = [conv.out_shape[2 + a] * conv.weight.shape[2 + a] for a in (0, 1)]
-    regions = len(bands[0]) * len(bands[1])
     macs_per_tap = conv.out_shape[0] * conv.weight.shape[0] * conv.weight.shape[1]  # batch x out x in per group
     saved = (full[0] * full[1] - live[0] * live[1]) * macs_per_tap
     if saved < MIN_SAVED_WORK * full[0] * full[1] * macs_per_tap or saved < MIN_SAVED_MACS_PER_REGION * (regions - 1):
         return None
-    rows = [relax.op.concat([_region(conv, row, col) for col in bands[1]], axis=3) for row in bands[0]]
-    return relax.op.concat(rows, axis=2) if len(rows) > 1 else rows[0]
+    rows = [_joined([_region(conv, row, col) for col in bands[1]], axis=3) for row in bands[0]]
+    return _joined(rows, axis=2)
+
+
+def _joined(parts: list, axis: int) -> relax.Expr:
+    """The parts concatenated along `axis`; a single part as it is (a concat of one would be a copy kernel)."""
+    return relax.op.concat(parts, axis=axis) if len(parts) > 1 else parts[0]
 
 
 def _region(conv: _Conv, row: _Band, col: _Band) -> relax.Expr:
