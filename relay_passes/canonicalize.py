@@ -10,6 +10,8 @@ constant folding into producers and before fusion, so that fusion and kernels se
                                           above: it sees the convs they wrote)
     Strided 1-D conv on 1-3 channels      relay_passes/canonicalize_conv_stride.py (the stride folded into
                                           channels: space-to-depth; after the taps are trimmed)
+    Channels-last islands (permute,       relay_passes/canonicalize_channels_last.py (before the FC
+    LayerNorm/Linear, permute back)       rewrite below, which would reshape their Linear layers)
     FC on [S, 1, K] -> FC on [S, K]       relay_passes/canonicalize_fc_rows.py
 
 Each is a list of `rewrite_forms.Form`s: a dpl pattern and a builder that checks every constant.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import tvm
 
 from relay_passes.canonicalize_activations import CanonicalizeActivations
+from relay_passes.canonicalize_channels_last import ChannelsLastIslandsAsChannelsFirst
 from relay_passes.canonicalize_conv1d import Conv1dAsConv2d
 from relay_passes.canonicalize_conv_stride import ConvStrideAsChannels
 from relay_passes.canonicalize_conv_taps import ConvWithoutDeadTaps
@@ -28,11 +31,13 @@ from relay_passes.canonicalize_fc_rows import FcRowsAsOneMatrix
 from relay_passes.canonicalize_gelu import CanonicalizeGelu
 from relay_passes.canonicalize_layer_norm import CanonicalizeLayerNorm
 
-__all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm", "Conv1dAsConv2d",
-           "ConvStrideAsChannels", "ConvTransposeAsConv", "ConvWithoutDeadTaps", "FcRowsAsOneMatrix"]
+__all__ = ["Canonicalize", "CanonicalizeActivations", "CanonicalizeGelu", "CanonicalizeLayerNorm",
+           "ChannelsLastIslandsAsChannelsFirst", "Conv1dAsConv2d", "ConvStrideAsChannels", "ConvTransposeAsConv",
+           "ConvWithoutDeadTaps", "FcRowsAsOneMatrix"]
 
 # Every rewrite of decomposed forms into single ops, in the order prepare_graph runs them.
 Canonicalize = tvm.transform.Sequential([CanonicalizeGelu, CanonicalizeActivations, CanonicalizeLayerNorm,
                                          ConvTransposeAsConv, Conv1dAsConv2d, ConvWithoutDeadTaps,
-                                         ConvStrideAsChannels, FcRowsAsOneMatrix],
+                                         ConvStrideAsChannels, ChannelsLastIslandsAsChannelsFirst,
+                                         FcRowsAsOneMatrix],
                                         name="quantvm.Canonicalize")

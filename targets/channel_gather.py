@@ -45,7 +45,7 @@ class _BlockedGathers(relax.PyExprMutator):
             return call
         source, plain, out = static_shape(unblock.args[0]), static_shape(unblock), static_shape(call)
         if not (source and plain and out and len(source) == len(out) == 5 and len(plain) == 4
-                and _is_channel_blocking(source, plain) and _is_channel_blocking(out, static_shape(take))
+                and is_channel_blocking(source, plain) and is_channel_blocking(out, static_shape(take))
                 and out[1] * out[4] == len(index) and index.max() < plain[1]):
             return call
         return self.builder_.call_te(_blocked_channel_gather, unblock.args[0],
@@ -56,7 +56,7 @@ class _BlockedGathers(relax.PyExprMutator):
         return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
 
 
-def _is_channel_blocking(blocked: list[int], plain: list[int] | None) -> bool:
+def is_channel_blocking(blocked: list[int], plain: list[int] | None) -> bool:
     """[N, C/b, H, W, b] is the NCHW{b}c form of [N, C, H, W] (C a multiple of b)."""
     return (plain is not None and len(plain) == 4 and blocked[0] == plain[0] and blocked[2:4] == plain[2:4]
             and blocked[1] * blocked[4] == plain[1])

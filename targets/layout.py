@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 
 from targets.channel_gather import blocked_gathers
+from targets.channel_norm import blocked_channel_norms
 from targets.channel_padding import pad_channels
 from targets.layout_fallback import (CONVERSION_ERRORS, LayoutFallback, convert_pinning_failures, error_reason,
                                      plain_layout_readers)
@@ -262,7 +263,7 @@ def _convert_with_fallbacks(mod: tvm.IRModule, lanes: int, report: LayoutReport)
             try:
                 with override_layout_rules({"relax.nn.conv2d": _conv_rule(block, mixed)}):
                     converted, fallbacks = convert_pinning_failures(mod, _convert_conv_layouts, max_pins)
-                converted = blocked_gathers(converted)
+                converted = blocked_channel_norms(blocked_gathers(converted))
             except CONVERSION_ERRORS as err:
                 error = err
                 continue

@@ -18,6 +18,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from targets.channel_norm import channel_norm_rule
+
 INFER_LAYOUT = "FRelaxInferLayout"
 _LEVEL = 10  # TVM's own rules' level (an attribute is reset before it is registered again)
 
@@ -62,6 +64,7 @@ def blocked_rules(mod: tvm.IRModule) -> dict:
     rules["relax.split"] = _split_rule(tvm.ir.Op.get("relax.split").get_attr(INFER_LAYOUT))
     rules["relax.strided_slice"] = _spatial_slice_rule(tvm.ir.Op.get("relax.strided_slice").get_attr(INFER_LAYOUT))
     rules["relax.concat"] = _concat_rule(tvm.ir.Op.get("relax.concat").get_attr(INFER_LAYOUT))
+    rules["relax.nn.layer_norm"] = channel_norm_rule(tvm.ir.Op.get("relax.nn.layer_norm").get_attr(INFER_LAYOUT))
     rules.update({name: _plain_layout_rule(name, layouts) for name, layouts in PLAIN_LAYOUT_ONLY.items()})
     return rules
 

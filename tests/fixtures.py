@@ -265,6 +265,34 @@ MODELS = {
 }
 
 
+def convnext_block(rng, channels: int = 32, size: int = 14, per_pixel: str = "LayerNormalization") -> onnx.ModelProto:
+    """A ConvNeXt block as torch exports it: a depthwise 7x7 conv, a permute to NHWC, LayerNorm, Linear, GELU
+    (written out), Linear, a permute back, the layer scale and the residual; then a LayerNorm2d written as
+    two permutes around a LayerNorm and a stride-2 conv. `per_pixel` replaces the downsampling's LayerNorm
+    (`Softmax` over the channels: an op the channels-first rewrite does not know)."""
+    g, c = GraphBuilder(rng), channels
+
+    def layer_norm(x, name):
+        return g.op("LayerNormalization", [x, g.const(f"{name}.g", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+                                           g.const(f"{name}.beta", rng.normal(0, 0.1, c).astype(np.float32))],
+                    name, axis=-1, epsilon=1e-6)
+
+    def linear(x, name, cin, cout):
+        y = g.op("MatMul", [x, g.const(f"{name}.w", rng.normal(0, cin ** -0.5, (cin, cout)).astype(np.float32))], name)
+        return g.op("Add", [y, g.const(f"{name}.bias", rng.normal(0, 0.1, cout).astype(np.float32))], f"{name}.add")
+
+    y = g.op("Transpose", [g.conv("x", "dw", c, c, 7, groups=c, bias=True)], "to_nhwc", perm=[0, 2, 3, 1])
+    y = linear(_gelu_as_math(g, linear(layer_norm(y, "ln"), "fc1", c, 4 * c), "gelu", "erf"), "fc2", 4 * c, c)
+    y = g.op("Transpose", [y], "to_nchw", perm=[0, 3, 1, 2])
+    y = g.op("Mul", [g.const("layer_scale", rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32)), y], "scaled")
+    y = g.op("Add", [y, "x"], "residual")
+    z = g.op("Transpose", [y], "down.to_nhwc", perm=[0, 2, 3, 1])
+    z = layer_norm(z, "down.ln") if per_pixel == "LayerNormalization" else g.op(per_pixel, [z], "down.ln", axis=-1)
+    z = g.op("Transpose", [z], "down.to_nchw", perm=[0, 3, 1, 2])
+    z = g.conv(z, "down", c, 2 * c, 2, stride=2, bias=True)
+    return g.model("convnext_block", {"x": (1, c, size, size)}, [z])
+
+
 def random_inputs(model: onnx.ModelProto, rng) -> dict[str, np.ndarray]:
     """Normal random float32 data for every (static-shaped) graph input."""
     weights = {t.name for t in model.graph.initializer}

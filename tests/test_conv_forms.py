@@ -12,7 +12,7 @@ import compiler
 from compiler.frontend import import_onnx
 from relay_passes import canonicalize_conv_taps, prepare_graph
 from relay_passes.canonicalize_conv_transpose import phase_weight
-from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
+from tests.fixtures import GraphBuilder, convnext_block, onnxruntime_outputs, random_inputs
 from tests.test_passes import _ops
 
 
@@ -260,4 +260,27 @@ def test_a_strided_conv1d_on_few_channels_folds_its_stride_into_channels_and_mat
         assert [int(s) for s in conv.attrs.strides] == [1, 1]
     else:
         assert weight_shape == [16, cin, 1, kernel]
+    _check_fp32_and_int8(model, rng)
+
+
+def test_channels_last_islands_run_channels_first_and_blocked_and_match_onnxruntime(rng):
+    """ConvNeXt's permute -> LayerNorm/Linear/GELU -> permute back becomes a channel norm and 1x1 convs
+    (relay_passes/canonicalize_channels_last.py), and the norm runs on the blocked layout
+    (targets/channel_norm.py): no transform between the blocked ops."""
+    model = convnext_block(rng)
+    ops = _canonical_ops(model)
+    assert ops["relax.permute_dims"] == 0 and ops["relax.matmul"] == 0
+    assert ops["relax.nn.layer_norm"] == 2 and ops["relax.nn.conv2d"] == 4
+    fp32 = _check_fp32_and_int8(model, rng)
+    assert fp32.report.layout_transforms == 2  # the graph's input and output
+    applied = fp32.report.schedules.applied
+    assert "layer_norm" in applied.values(), applied  # the row rule (the two norms share one kernel)
+    assert all(rule != "generic" for kernel, rule in applied.items() if not kernel.startswith("te_layout")), applied
+
+
+def test_a_channels_last_island_with_an_op_it_does_not_know_stays_channels_last(rng):
+    model = convnext_block(rng, per_pixel="Softmax")
+    ops = _canonical_ops(model)
+    assert ops["relax.permute_dims"] == 2 and ops["relax.nn.softmax"] == 1  # the downsampling's island
+    assert ops["relax.nn.layer_norm"] == 1 and ops["relax.matmul"] == 0  # the block's island
     _check_fp32_and_int8(model, rng)
