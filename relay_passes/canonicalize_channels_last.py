@@ -25,6 +25,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 
 from relay_passes.analysis import op_name, static_shape, use_counts
+from relay_passes.kernel_origins import with_span
 
 TO_CHANNELS_LAST, TO_CHANNELS_FIRST = [0, 2, 3, 1], [0, 3, 1, 2]
 # Ops of one tensor argument that act on each element alone (their other arguments are attributes or scalars).
@@ -108,12 +109,15 @@ class _ChannelsFirst(relax.PyExprMutator):
             return super().visit_call_(call)
         start, steps = island
         value = self.visit_expr(start)  # the island's input as this function now names it
-        for step in steps:
-            value = self.builder_.normalize(step(value))
+        for i, (step, span) in enumerate(steps):
+            if i:
+                value = self.builder_.emit(value)
+            value = with_span(self.builder_.normalize(step(value)), span)  # the replaced op's ONNX node
         return value
 
-    def _trace(self, tensor: relax.Expr) -> tuple[relax.Expr, list[Step]] | None:
-        """Walk back from the island's last value to permute_dims(x, [0, 2, 3, 1]): (x, the steps in order)."""
+    def _trace(self, tensor: relax.Expr) -> tuple[relax.Expr, list[tuple[Step, object]]] | None:
+        """Walk back from the island's last value to permute_dims(x, [0, 2, 3, 1]): (x, the steps in order,
+        each with the span of the op it replaces)."""
         steps = []
         while True:
             if not isinstance(tensor, relax.Var) or self.uses.get(tensor) != 1:
@@ -131,7 +135,7 @@ class _ChannelsFirst(relax.PyExprMutator):
             step = _step(call, data) if data is not None else None
             if step is None:
                 return None
-            steps.append(step)
+            steps.append((step, call.span))
             tensor = data
 
 

@@ -105,3 +105,51 @@ def blocked_channel_norms(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             mod[gvar] = relax.analysis.remove_all_unused(mutator.visit_expr(func))
     return relax.transform.Normalize()(mod)
+
+
+# --- the kernel's schedule ---------------------------------------------------------------------------------
+
+def is_blocked_channel_norm(sch) -> bool:
+    """The kernel is TOPI's layer norm over axes 1 and 4 of a 5-D (NCHW{c}) tensor: its reductions read
+    x[n, k1, h, w, k4] and write [n, h, w]."""
+    from targets.schedules import _all_blocks, _is_reduction
+
+    blocks = list(_all_blocks(sch))
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if not reductions or len(sch.get(blocks[-1]).writes[0].region) != 5:
+        return False
+    kinds = "".join("R" if iv.iter_type == tvm.tirx.IterVar.CommReduce else "S" for iv in
+                    sch.get(reductions[0]).iter_vars)
+    return all(len(sch.get(b).writes[0].region) == 3 for b in reductions) and kinds == "SSSRR"
+
+
+def schedule_channel_norm(sch, spec) -> bool:
+    """Parallel over image rows (n, h); under each row, every pixel's sums over the channels as one vector of
+    lane partials (the block axis summed into it, the lanes summed once at the end), then the normalization
+    vectorized over the lanes. TOPI's order would redo a pixel's reduction for every channel block."""
+    from targets.schedules import _all_blocks, _is_reduction
+
+    *passes, output = _all_blocks(sch)
+    for block in passes:
+        if not _is_reduction(sch, block):
+            sch.compute_inline(block)  # the mean into the variance, the normalization into an epilogue
+    passes = [b for b in _all_blocks(sch)][:-1]
+    n, blocks, h, w, lanes = sch.get_loops(output)
+    sch.reorder(n, h, blocks, w, lanes)
+    row = sch.fuse(n, h)
+    partials = []
+    for block in passes:
+        if _is_reduction(sch, block):
+            partials.append(sch.rfactor(sch.get_loops(block)[-1], factor_axis=3))
+    for block in reversed(list(_all_blocks(sch))[:-1]):
+        sch.compute_at(block, row)
+    sch.parallel(row)
+    for partial in partials:
+        # under the row: (w, k1, k4): the lanes innermost, the block axis summed into them
+        _, lane, width, block = sch.get_loops(partial)  # compute_at's order: the rfactor block's iterators
+        sch.reorder(width, block, lane)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(partial, block)
+        sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(lanes)
+    return True

@@ -1,5 +1,6 @@
 """Rule-based TIR schedules for a transformer's kernels (targets.schedules dispatches here first).
 
+- A layer norm over the channels of a blocked tensor (ConvNeXt's): targets.channel_norm's schedule.
 - Row kernels (softmax, layer norm, and any kernel of reductions over the innermost axis with elementwise
   passes over the same rows): parallel over rows, each row's passes computed under its row (its
   intermediates stay in cache), reductions vectorized through an rfactor across the vector's lanes,
@@ -18,6 +19,7 @@ import tvm
 from tvm import tirx
 
 import targets.vector_math  # noqa: F401 - erf and exp lowered to vector arithmetic for every kernel
+from targets.channel_norm import is_blocked_channel_norm, schedule_channel_norm
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
 from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, register_tile
@@ -37,6 +39,9 @@ def schedule_transformer_kernel(sch, spec: TargetSpec, tiles) -> str | None:
             return schedule_batch_matmul(sch, block, spec, tiles)
     if any(name.startswith(MATMUL_BLOCK) for name in blocks):
         return None  # a dense matmul (a weight): the matmul rule's, GELU epilogue and all
+    if is_blocked_channel_norm(sch):
+        schedule_channel_norm(sch, spec)
+        return "channel_norm"
     rule = _row_rule(sch, blocks)
     if rule is not None and _schedules_cleanly(sch, spec):
         schedule_rows(sch, spec)
