@@ -18,9 +18,10 @@ from targets.channel_padding import op_name, static_shape
 
 def is_channel_norm(call: relax.Call) -> bool:
     """A layer norm of a 4-D tensor over axis 1 alone."""
+    if op_name(call) != "relax.nn.layer_norm":
+        return False
     shape = static_shape(call.args[0])
-    return (op_name(call) == "relax.nn.layer_norm" and shape is not None and len(shape) == 4
-            and [int(a) % 4 for a in call.attrs.axes] == [1])
+    return shape is not None and len(shape) == 4 and [int(a) % 4 for a in call.attrs.axes] == [1]
 
 
 def channel_norm_rule(tvm_rule):

@@ -234,3 +234,25 @@ def test_an_op_the_layout_conversion_fails_on_alone_stays_nchw_and_is_reported()
     assert report.block == 8
     assert [(f.at, f.op, f.reason) for f in report.fallbacks] == [("lv1", "relax.sigmoid", "no rule for this sigmoid")]
     assert tvm.ir.Op.get("relax.sigmoid").get_attr("FRelaxInferLayout") is not None  # TVM's rule is back
+
+
+def _unequal_split(rng):
+    """A channel split into unequal parts (it stays NCHW), each part read by a blocked conv: the transforms
+    back to the blocked layout read the split's outputs (tuple items), which the post-conversion rewrites
+    (targets.channel_gather, targets.channel_norm) must pass over."""
+    g = GraphBuilder(rng)
+    x = g.conv_bn("data", "stem", 16, 48)
+    sizes = g.const("split.sizes", np.array([16, 32], np.int64))
+    g.nodes.append(onnx.helper.make_node("Split", [x, sizes], ["small", "large"], name="split", axis=1))
+    y = g.op("Concat", [g.conv_bn("small", "a", 16, 16), g.conv_bn("large", "b", 32, 16)], "cat", axis=1)
+    return g.model("unequal_split", {"data": (1, 16, 8, 8)}, [g.conv_bn(y, "head", 32, 16, k=1, act=None)])
+
+
+def test_an_unequal_split_between_blocked_convs_compiles_fp32_and_int8_and_matches_onnxruntime(rng):
+    model = _unequal_split(rng)
+    _, got, want = _compiled_and_onnxruntime(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    feeds = random_inputs(model, rng)
+    int8 = compiler.compile(model, target="native", calib=[feeds], bias_correction=None).run(**feeds)[0]
+    want = onnxruntime_outputs(model, feeds)[0]
+    assert float((int8 * want).sum() / np.linalg.norm(int8) / np.linalg.norm(want)) >= 0.99
