@@ -17,6 +17,8 @@ from tvm import relax, te, tirx, topi
 
 import targets.vector_math  # noqa: F401 - the erf and exp lowerings, as the schedules use them
 from targets import resolve_target
+from targets.layout import vector_lanes
+from targets.legalize import legalize_overrides
 from tests.host_targets import HOST_TARGETS
 from tests.test_kernels import build_func as _build
 from tests.test_kernels import full_range as _full_range
@@ -24,15 +26,16 @@ from tests.test_kernels import run_lib as _run
 from tests.test_kernels import schedule_func as _schedule
 
 
-def _legalized(op, *inputs: tuple[tuple, str]) -> tirx.PrimFunc:
-    """The PrimFunc TVM legalizes `op` over parameters of these (shape, dtype) into."""
+def _legalized(op, *inputs: tuple[tuple, str], overrides=None) -> tirx.PrimFunc:
+    """The PrimFunc TVM (or `overrides`: a target's LegalizeOps overrides) legalizes `op` over parameters of
+    these (shape, dtype) into."""
     bb = relax.BlockBuilder()
     params = [relax.Var(f"x{i}", relax.TensorType(shape, dtype)) for i, (shape, dtype) in enumerate(inputs)]
     with bb.function("main", params):
         with bb.dataflow():
             out = bb.emit_output(op(*params))
         bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.LegalizeOps(overrides)(bb.get())
     (func,) = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     return func.with_attr("global_symbol", "main")
 
@@ -59,10 +62,27 @@ def test_softmax_matches_numpy(target, shape):
     spec = resolve_target(target)
     x = (np.random.default_rng(0).standard_normal(shape) * 8).astype("float32")
     x.flat[:5] = -1e30  # masked positions, as an attention mask adds them
-    lib, rule = _build(_legalized(lambda a: relax.op.nn.softmax(a, axis=-1), (shape, "float32")), spec)
+    lib, rule = _build(_softmax_kernel(shape, spec), spec)
     assert rule == "softmax"
     np.testing.assert_allclose(_run(lib, [x], shape, "float32"), _softmax(x.astype(np.float64)), rtol=1e-5,
                                atol=1e-7)
+
+
+def _softmax_kernel(shape, spec) -> tirx.PrimFunc:
+    """The softmax kernel a model gets (targets.softmax's legalization)."""
+    return _legalized(lambda a: relax.op.nn.softmax(a, axis=-1), (shape, "float32"),
+                      overrides=legalize_overrides(vector_lanes(spec)))
+
+
+def test_softmax_divides_once_per_row_not_per_element():
+    """A vector division per 16 elements was a third of an attention softmax's time: the norm multiplies by
+    the row's reciprocal (one scalar division, hoisted out of the row's loop)."""
+    spec = resolve_target("cascadelake")
+    lib, _ = _build(_softmax_kernel((1, 6, 96, 96), spec), spec)
+    asm = _assembly(lib)
+    assert re.search(r"\bvmulps\s+[^\n]*%zmm", asm) and not re.search(r"\bvdivps\b", asm)
+    topi_lib, _ = _build(_legalized(lambda a: relax.op.nn.softmax(a, axis=-1), ((1, 6, 96, 96), "float32")), spec)
+    assert re.search(r"\bvdivps\s+[^\n]*%zmm", _assembly(topi_lib))  # what the test would catch
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
@@ -255,7 +275,7 @@ def test_cascadelake_int8_attention_matmul_uses_vpdpbusd(a_dtype):
 
 def test_cascadelake_softmax_and_layer_norm_use_512_bit_vectors():
     spec = resolve_target("cascadelake")
-    lib, _ = _build(_legalized(lambda a: relax.op.nn.softmax(a, axis=-1), ((1, 12, 128, 128), "float32")), spec)
+    lib, _ = _build(_softmax_kernel((1, 12, 128, 128), spec), spec)
     assert re.search(r"\bvmaxps\s+[^\n]*%zmm", _assembly(lib))
     func = _legalized(lambda a, g, b: relax.op.nn.layer_norm(a, g, b, axes=[-1]),
                       ((1, 128, 384), "float32"), ((384,), "float32"), ((384,), "float32"))
