@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from targets.conv2d import legalize_conv2d
 from targets.dense import legalize_default, legalize_matmul
+from targets.resize import legalize_resize2d
 from targets.softmax import legalize_softmax
 
 
@@ -11,4 +12,5 @@ def legalize_overrides(tile_lanes: int) -> dict:
     """{op name: legalize function} for relax.transform.LegalizeOps, for a target of `tile_lanes` lanes."""
     return {"relax.nn.conv2d": legalize_conv2d(legalize_default("relax.nn.conv2d"), tile_lanes),
             "relax.matmul": legalize_matmul(legalize_default("relax.matmul"), tile_lanes),
-            "relax.nn.softmax": legalize_softmax()}
+            "relax.nn.softmax": legalize_softmax(),
+            "relax.image.resize2d": legalize_resize2d()}

@@ -126,6 +126,10 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
         return _schedule_pointwise_nchw(sch, plain_conv, spec, tiles)
     if plain_conv is not None and _width_lanes(sch, plain_conv, spec) is not None:
         return _schedule_plain_conv(sch, plain_conv, spec, tiles)
+    from targets.resize import schedule_resize  # (it imports this module's helpers)
+    resize_rule = schedule_resize(sch, spec)
+    if resize_rule is not None:
+        return resize_rule
     from targets.transformer import schedule_transformer_kernel  # it imports this module's helpers
     transformer_rule = schedule_transformer_kernel(sch, spec, tiles)
     if transformer_rule is not None:
