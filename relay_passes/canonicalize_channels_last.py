@@ -90,6 +90,12 @@ def _step(call: relax.Call, data: relax.Expr) -> Step | None:
     return None
 
 
+def _same_pixels(start: list[int], end: list[int] | None) -> bool:
+    """The island ends on the grid it started on: its reshapes only regrouped the pixels in order (one that
+    re-tiles them, [N, 56, 56, C] -> [N, 28, 112, C], would change what channels-first means)."""
+    return end is not None and len(end) == 4 and start[0] == end[0] and start[2:] == end[2:]
+
+
 def _island_input(call: relax.Call) -> relax.Expr | None:
     """The argument of an island op that carries the island (its one non-constant tensor argument)."""
     tensors = [a for a in call.args if isinstance(a.ty, relax.TensorType) and not isinstance(a, GenericConst)]
@@ -105,7 +111,7 @@ class _ChannelsFirst(relax.PyExprMutator):
 
     def visit_call_(self, call):
         island = self._trace(call.args[0]) if _is_permute(call, TO_CHANNELS_FIRST) else None
-        if island is None:
+        if island is None or not _same_pixels(static_shape(island[0]), static_shape(call)):
             return super().visit_call_(call)
         start, steps = island
         value = self.visit_expr(start)  # the island's input as this function now names it

@@ -269,7 +269,8 @@ def convnext_block(rng, channels: int = 32, size: int = 14, per_pixel: str = "La
     """A ConvNeXt block as torch exports it: a depthwise 7x7 conv, a permute to NHWC, LayerNorm, Linear, GELU
     (written out), Linear, a permute back, the layer scale and the residual; then a LayerNorm2d written as
     two permutes around a LayerNorm and a stride-2 conv. `per_pixel` replaces the downsampling's LayerNorm
-    (`Softmax` over the channels: an op the channels-first rewrite does not know)."""
+    (`Softmax` over the channels: an op the channels-first rewrite does not know; `Regrid`: a reshape to
+    another pixel grid before it)."""
     g, c = GraphBuilder(rng), channels
 
     def layer_norm(x, name):
@@ -287,7 +288,13 @@ def convnext_block(rng, channels: int = 32, size: int = 14, per_pixel: str = "La
     y = g.op("Mul", [g.const("layer_scale", rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32)), y], "scaled")
     y = g.op("Add", [y, "x"], "residual")
     z = g.op("Transpose", [y], "down.to_nhwc", perm=[0, 2, 3, 1])
-    z = layer_norm(z, "down.ln") if per_pixel == "LayerNormalization" else g.op(per_pixel, [z], "down.ln", axis=-1)
+    if per_pixel == "Regrid":  # a reshape that re-tiles the pixels inside the island
+        shape = g.const("regrid", np.array([1, size // 2, size * 2, c], np.int64))
+        z = layer_norm(g.op("Reshape", [z, shape], "down.regrid"), "down.ln")
+    elif per_pixel == "LayerNormalization":
+        z = layer_norm(z, "down.ln")
+    else:
+        z = g.op(per_pixel, [z], "down.ln", axis=-1)
     z = g.op("Transpose", [z], "down.to_nchw", perm=[0, 3, 1, 2])
     z = g.conv(z, "down", c, 2 * c, 2, stride=2, bias=True)
     return g.model("convnext_block", {"x": (1, c, size, size)}, [z])

@@ -278,9 +278,12 @@ def test_channels_last_islands_run_channels_first_and_blocked_and_match_onnxrunt
     assert all(rule != "generic" for kernel, rule in applied.items() if not kernel.startswith("te_layout")), applied
 
 
-def test_a_channels_last_island_with_an_op_it_does_not_know_stays_channels_last(rng):
-    model = convnext_block(rng, per_pixel="Softmax")
+@pytest.mark.parametrize("per_pixel,op", [("Softmax", "relax.nn.softmax"), ("Regrid", "relax.reshape")])
+def test_a_channels_last_island_it_cannot_rewrite_stays_channels_last(rng, per_pixel, op):
+    """An op it does not know, or a reshape to another pixel grid, keeps the downsampling's island as it is."""
+    model = convnext_block(rng, per_pixel=per_pixel)
     ops = _canonical_ops(model)
-    assert ops["relax.permute_dims"] == 2 and ops["relax.nn.softmax"] == 1  # the downsampling's island
-    assert ops["relax.nn.layer_norm"] == 1 and ops["relax.matmul"] == 0  # the block's island
+    assert ops["relax.permute_dims"] == 2 and ops[op] >= 1  # the downsampling's island
+    norms_left = 1 if per_pixel == "Regrid" else 0  # the downsampling's own norm, over the last axis
+    assert ops["relax.nn.layer_norm"] == 1 + norms_left and ops["relax.matmul"] == 0  # the block's island
     _check_fp32_and_int8(model, rng)
