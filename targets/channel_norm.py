@@ -111,20 +111,21 @@ def blocked_channel_norms(mod: tvm.IRModule) -> tvm.IRModule:
 # --- the kernel's schedule ---------------------------------------------------------------------------------
 
 def is_blocked_channel_norm(sch) -> bool:
-    """The kernel is TOPI's layer norm over axes 1 and 4 of a 5-D (NCHW{c}) tensor: its reductions read
-    x[n, k1, h, w, k4] and write [n, h, w]."""
+    """The kernel is TOPI's layer norm (its T_layer_norm block) over axes 1 and 4 of a 5-D (NCHW{c}) tensor:
+    its reductions run (n, h, w, k1, k4) and write [n, h, w]."""
     from targets.schedules import _all_blocks, _is_reduction
 
     blocks = list(_all_blocks(sch))
     reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if not reductions or len(sch.get(blocks[-1]).writes[0].region) != 5:
+    if (not reductions or not any(sch.get(b).name_hint == "T_layer_norm" for b in blocks)
+            or len(sch.get(blocks[-1]).writes[0].region) != 5):
         return False
     kinds = "".join("R" if iv.iter_type == tvm.tirx.IterVar.CommReduce else "S" for iv in
                     sch.get(reductions[0]).iter_vars)
     return all(len(sch.get(b).writes[0].region) == 3 for b in reductions) and kinds == "SSSRR"
 
 
-def schedule_channel_norm(sch, spec) -> bool:
+def schedule_channel_norm(sch, spec) -> None:
     """Parallel over image rows (n, h); under each row, every pixel's sums over the channels as one vector of
     lane partials (the block axis summed into it, the lanes summed once at the end), then the normalization
     vectorized over the lanes. TOPI's order would redo a pixel's reduction for every channel block."""
@@ -134,7 +135,7 @@ def schedule_channel_norm(sch, spec) -> bool:
     for block in passes:
         if not _is_reduction(sch, block):
             sch.compute_inline(block)  # the mean into the variance, the normalization into an epilogue
-    passes = [b for b in _all_blocks(sch)][:-1]
+    passes = list(_all_blocks(sch))[:-1]
     n, blocks, h, w, lanes = sch.get_loops(output)
     sch.reorder(n, h, blocks, w, lanes)
     row = sch.fuse(n, h)
@@ -153,4 +154,3 @@ def schedule_channel_norm(sch, spec) -> bool:
         init = sch.decompose_reduction(partial, block)
         sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(lanes)
-    return True

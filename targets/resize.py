@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te
 
+from targets.channel_padding import static_shape
 from targets.dense import legalize_default
 
 ROWS_BLOCK = "resize_rows"  # the width pass; its consumer is the output pass
@@ -56,11 +57,9 @@ def _two_pass_resize(data, row0, row1, row_weight, col0, col1, col_weight):
 
 def _is_table_resize(call: relax.Call) -> bool:
     a = call.attrs
-    shape = getattr(call.args[0].ty, "shape", None)
     return (a.layout == "NCHW" and a.method == "linear" and a.coordinate_transformation_mode in MODES
             and str(call.args[0].ty.dtype) == "float32" and str(call.ty.dtype) == "float32"
-            and shape is not None and all(isinstance(d, int) or hasattr(d, "value") for d in shape.values)
-            and all(hasattr(d, "value") for d in call.ty.shape.values))
+            and static_shape(call.args[0]) is not None and static_shape(call) is not None)
 
 
 def legalize_resize2d():
@@ -72,8 +71,7 @@ def legalize_resize2d():
         if not _is_table_resize(call):
             return default(bb, call)
         mode = call.attrs.coordinate_transformation_mode
-        in_h, in_w = (int(d) for d in call.args[0].ty.shape.values[2:])
-        out_h, out_w = (int(d) for d in call.ty.shape.values[2:])
+        (*_, in_h, in_w), (*_, out_h, out_w) = static_shape(call.args[0]), static_shape(call)
         tables = [relax.const(t) for t in (*source_table(in_h, out_h, mode), *source_table(in_w, out_w, mode))]
         return bb.call_te(_two_pass_resize, call.args[0], *tables, primfunc_name_hint="resize2d")
 

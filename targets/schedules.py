@@ -25,6 +25,7 @@ from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
 from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile, matmul_tile, register_tile
 from targets.registry import TargetSpec
+from targets.resize import schedule_resize
 
 # The weights one register tile's reduction streams, at most: about half an L2 (Zen 3 has 512 KB, Zen 4 1 MB,
 # Sapphire/Emerald Rapids 2 MB). Above it, a 2048-channel 3x3 conv ran at a third of its speed.
@@ -126,7 +127,6 @@ def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> 
         return _schedule_pointwise_nchw(sch, plain_conv, spec, tiles)
     if plain_conv is not None and _width_lanes(sch, plain_conv, spec) is not None:
         return _schedule_plain_conv(sch, plain_conv, spec, tiles)
-    from targets.resize import schedule_resize  # (it imports this module's helpers)
     resize_rule = schedule_resize(sch, spec)
     if resize_rule is not None:
         return resize_rule
