@@ -66,6 +66,27 @@ def _constant(expr) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
 
 
+def padded_sources(expr, values: dict, padded_outputs: dict) -> list[relax.Expr]:
+    """The original weights of the padded convs (`padded_outputs`: padded output -> its original weight) that
+    `expr` is computed from, up to the nearest convs. Each value is read once: every path would multiply at
+    each residual add (a transformer's simulated int8 graph never finished)."""
+    found, seen, stack = [], set(), [expr]
+    while stack:
+        expr = stack.pop()
+        if isinstance(expr, relax.Var):
+            if expr in seen:
+                continue
+            seen.add(expr)
+            if expr in padded_outputs:
+                found.append(padded_outputs[expr])
+                continue
+            expr = values.get(expr)
+            if expr is None or op_name(expr) == "relax.nn.conv2d":
+                continue
+        stack.extend(expr.fields if isinstance(expr, relax.Tuple) else getattr(expr, "args", []))
+    return found
+
+
 @relax.expr_functor.mutator
 class _PadChannels(relax.PyExprMutator):
     def __init__(self, mod, lanes: int, blockable: Callable[[int], bool], unpadded_weights=()):
@@ -193,18 +214,8 @@ class _PadChannels(relax.PyExprMutator):
         found = []
         for var, value in values.items():
             if op_name(value) == "relax.take" and not any(var.same_as(g) for g in self.gathers):
-                found += self._padded_sources(value.args[0], values)
+                found += padded_sources(value.args[0], values, self.padded_outputs)
         return found
-
-    def _padded_sources(self, expr, values) -> list[relax.Expr]:
-        """The original weights of the padded convs `expr` is computed from, up to the nearest convs."""
-        if isinstance(expr, relax.Var) and expr in self.padded_outputs:
-            return [self.padded_outputs[expr]]
-        value = values.get(expr) if isinstance(expr, relax.Var) else None
-        if value is None or op_name(value) == "relax.nn.conv2d":
-            return []
-        args = value.fields if isinstance(value, relax.Tuple) else getattr(value, "args", [])
-        return [w for arg in args for w in self._padded_sources(arg, values)]
 
     def _depthwise(self, call, weight):
         gathered = self._gathered(call.args[0])

@@ -151,3 +151,31 @@ def test_a_conv_whose_padded_channels_only_an_uncovered_op_would_read_keeps_its_
     assert [int(c.ty.shape.values[1]) for c in _ops(mod, "relax.nn.conv2d")] == [58]
     _, got, want = _compiled(model, rng)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_search_for_padded_sources_visits_each_value_once():
+    """A chain of residual adds reaches every earlier value along 2^depth paths; the walk back from a gather
+    to the padded convs it reads must read each value once (a transformer's simulated int8 graph never
+    finished otherwise)."""
+    from targets.channel_padding import padded_sources
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for _ in range(16):  # 2^16 paths
+                y = bb.emit(relax.op.add(y, bb.emit(relax.op.nn.relu(y))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    values = relax.analysis.get_var2val(bb.get()["main"])
+
+    class Counting(dict):
+        reads = 0
+
+        def get(self, key, default=None):
+            Counting.reads += 1
+            return super().get(key, default)
+
+    found = padded_sources(y, Counting(values), padded_outputs={})
+    assert found == [] and Counting.reads <= len(values) + 1
