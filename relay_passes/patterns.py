@@ -189,6 +189,19 @@ def _int8_average_pool():
     return [(out, {"root": out})]
 
 
+def _attention():
+    """Scaled dot-product attention between activations: matmul(q, k^T) [* or / a constant] [+ a mask or bias]
+    -> softmax over the keys -> matmul(., v). One kernel computes each block of rows' scores, their softmax and
+    their context together, so the [.., queries, keys] scores never go through memory."""
+    queries, keys_t, values = ~is_const(), ~is_const(), ~is_const()
+    scores = is_op("relax.matmul")(queries, keys_t)
+    scaled = _one_of(_either("relax.multiply", scores, is_const()), is_op("relax.divide")(scores, is_const()), scores)
+    biased = _either("relax.add", scaled, wildcard()) | scaled
+    probs = is_op("relax.nn.softmax")(biased)
+    out = is_op("relax.matmul")(probs, values)
+    return [(out, {"root": out, "scores": scores, "probs": probs})]
+
+
 RULES: tuple[FusionRule, ...] = (
     FusionRule("conv_bn_sum_act", "Conv2D (+bias/BN) + elementwise Add + activation", _chain("conv", ("sum", "act"))),
     FusionRule("conv_bn_act_sum", "Conv2D (+bias/BN) + activation + elementwise Add", _chain("conv", ("act", "sum"))),
@@ -200,6 +213,7 @@ RULES: tuple[FusionRule, ...] = (
     FusionRule("fc_bias", "FullyConnected + bias", _chain("fc", ())),
     FusionRule("fc_packed", "FullyConnected reading its packed weight", _packed_fc),
     FusionRule("bn_relu", "BatchNorm + ReLU (BN not after a conv or FC)", _bn_relu),
+    FusionRule("attention", "MatMul(Q, K^T) (+scale, +mask) + Softmax + MatMul(., V)", _attention),
     FusionRule("int8_avg_pool", "average pooling on int8 data (+ the next op's quantize)", _int8_average_pool),
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)

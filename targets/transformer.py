@@ -19,6 +19,7 @@ import tvm
 from tvm import tirx
 
 import targets.vector_math  # noqa: F401 - erf and exp lowered to vector arithmetic for every kernel
+from targets.attention import attention_blocks, schedule_attention
 from targets.channel_norm import is_blocked_channel_norm, schedule_channel_norm
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
@@ -33,6 +34,11 @@ def schedule_transformer_kernel(sch, spec: TargetSpec, tiles) -> str | None:
     the kernel untouched."""
     from targets.schedules import MATMUL_BLOCK, _all_blocks  # here: targets.schedules imports this module
 
+    attention = attention_blocks(sch)
+    if attention is not None:
+        rule = schedule_attention(sch, attention, spec)
+        if rule is not None:
+            return rule
     blocks = {sch.get(b).name_hint: b for b in _all_blocks(sch)}
     for block in blocks.values():
         if _batch_matmul_operands(sch, block) is not None:

@@ -1,0 +1,135 @@
+"""The fused attention kernel (relay_passes.patterns' `attention` rule): scores, softmax and context for one
+block of query rows at a time, so the [.., queries, keys] scores stay in cache instead of going through
+memory three times (SVTR's 960 tokens: 22 MB per layer).
+
+Inside a block, the query rows run across the vector lanes: every intermediate is laid out [.., key, row]
+and every pass is a loop over keys of vector operations on rows.
+- scores[key, rows] = sum_k keys_t[k, key] * queries_t[k, rows]: a register tile of keys x row vectors,
+  the key a broadcast scalar, the queries a transposed copy of the block's rows;
+- the softmax's max and sum over the keys are vector max/add across key steps (no horizontal reduction),
+  its exp and normalization vector passes (the scale and mask inlined into them);
+- context[d, rows] = sum_key v[key, d] * probs[key, rows]: a register tile of head columns x row vectors,
+  stored transposed into [.., rows, d] once per tile.
+Nothing depends on the key count or the head size being a multiple of a vector (SVTR's heads are 20 wide);
+the query count is (the fusion rule checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from targets.layout import vector_lanes
+from targets.register_tiles import MIN_TILE_ACCUMULATORS, TILE_REGISTERS
+from targets.registry import TargetSpec
+
+SOFTMAX_BLOCKS = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
+ROW_VECTORS = 1  # query vectors per block where the query count allows: twice the FMAs per broadcast
+
+
+@dataclass(frozen=True)
+class AttentionBlocks:
+    scores: object
+    between: tuple  # the scale and mask passes between the scores and the softmax (inlined)
+    maxelem: object
+    exp: object
+    expsum: object
+    norm: object
+    context: object
+
+
+def attention_blocks(sch) -> AttentionBlocks | None:
+    """The blocks of a fused attention kernel (two batch matmuls around TOPI's softmax blocks, the context
+    the kernel's output), or None."""
+    from targets.schedules import _all_blocks
+    from targets.transformer import _batch_matmul_operands
+
+    blocks = list(_all_blocks(sch))
+    names = [sch.get(b).name_hint for b in blocks]
+    if not all(n in names for n in SOFTMAX_BLOCKS):
+        return None
+    matmuls = [i for i, b in enumerate(blocks) if _batch_matmul_operands(sch, b) is not None]
+    softmax = [names.index(n) for n in SOFTMAX_BLOCKS]
+    if len(matmuls) != 2 or not matmuls[0] < min(softmax) < max(softmax) < matmuls[1] == len(blocks) - 1:
+        return None
+    maxelem, exp, expsum, norm = (blocks[i] for i in softmax)
+    between = tuple(blocks[matmuls[0] + 1:softmax[0]])
+    return AttentionBlocks(blocks[matmuls[0]], between, maxelem, exp, expsum, norm, blocks[matmuls[1]])
+
+
+def _swap_last_two(*axes):
+    *outer, a, b = axes
+    return (*outer, b, a)
+
+
+def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | None:
+    """Schedule the fused kernel; None (nothing changed) where the query count is not whole vectors."""
+    from targets.schedules import _extent, _split_init
+
+    lanes = vector_lanes(spec)
+    queries = _extent(sch, sch.get_loops(blocks.context)[-3])
+    if queries % lanes:
+        return None
+    vectors = ROW_VECTORS if queries % (ROW_VECTORS * lanes) == 0 else 1
+    for block in blocks.between:
+        sch.compute_inline(block)
+    queries_t = sch.cache_read(blocks.scores, 0, "global")
+    for block in (queries_t, blocks.scores, blocks.exp, blocks.norm):
+        sch.transform_layout(block, ("write", 0), _swap_last_two)
+    store = sch.cache_write(blocks.context, 0, "local")
+    sch.transform_layout(blocks.context, ("write", 0), _swap_last_two)
+
+    # one parallel loop over (batch..., blocks of query rows); every pass computed under it
+    *batch, rows, _ = sch.get_loops(store)
+    row_block, _ = sch.split(rows, [None, vectors * lanes])
+    anchor = sch.fuse(*batch, row_block)
+    sch.parallel(anchor)
+    for block in (blocks.context, blocks.norm, blocks.expsum, blocks.exp, blocks.maxelem, blocks.scores, queries_t):
+        sch.compute_at(block, anchor)
+
+    scores_store = sch.cache_write(blocks.scores, 0, "local")
+    _register_tile(sch, blocks.scores, scores_store, lanes, vectors, vectorized_store=True)
+    for block in (blocks.maxelem, blocks.exp, blocks.expsum):
+        _rows_in_lanes(sch, block, lanes, vectors)
+    # the normalization inside the context's tile: one multiply per key and row vector (the same product for
+    # every head column of the tile), not a pass of its own over the probabilities
+    sch.compute_inline(blocks.norm)
+    _register_tile(sch, blocks.context, store, lanes, vectors, vectorized_store=False)  # a transposing store
+    for block in (blocks.maxelem, blocks.expsum):
+        _split_init(sch, block, sch.get_loops(block)[-3])
+    return "attention"
+
+
+def _register_tile(sch, block, store, lanes: int, vectors: int, vectorized_store: bool) -> None:
+    """loops (rows, cols, red) -> (col tiles, red, cols in tile, row vectors, lanes): a tile of cols x row
+    vectors accumulated in registers, stored by `store` once per tile."""
+    from targets.schedules import _extent, _split_init
+
+    rows, cols, red = sch.get_loops(block)[-3:]
+    row_vector, lane = sch.split(rows, [vectors, lanes])
+    width = _tile_width(_extent(sch, cols), vectors, lanes)
+    col_tile, col = sch.split(cols, [None, width])
+    sch.reorder(col_tile, red, col, row_vector, lane)
+    sch.reverse_compute_at(store, col_tile, preserve_unit_loops=True)
+    if vectorized_store:
+        sch.vectorize(sch.get_loops(store)[-1])
+    sch.unroll(col)
+    sch.unroll(row_vector)
+    sch.vectorize(lane)
+    _split_init(sch, block, red)
+
+
+def _tile_width(extent: int, vectors: int, lanes: int) -> int:
+    """Columns (keys, or head columns) per register tile: the widest that divides the extent with enough
+    accumulators, else the widest that fits (the last tile cut short)."""
+    widest = (TILE_REGISTERS[lanes] - vectors) // vectors
+    exact = max(w for w in range(1, min(widest, extent) + 1) if extent % w == 0)
+    return exact if exact * vectors >= min(MIN_TILE_ACCUMULATORS, extent * vectors) else min(widest, extent)
+
+
+def _rows_in_lanes(sch, block, lanes: int, vectors: int) -> None:
+    """loops (rows, keys) -> (keys, row vectors, lanes): a vector operation per key and row vector."""
+    rows, keys = sch.get_loops(block)[-2:]
+    row_vector, lane = sch.split(rows, [vectors, lanes])
+    sch.reorder(keys, row_vector, lane)
+    sch.unroll(row_vector)
+    sch.vectorize(lane)
