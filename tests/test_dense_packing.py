@@ -13,7 +13,7 @@ import re
 import compiler
 from compiler.frontend import import_onnx
 from relay_passes import prepare_graph
-from targets.layout import pack_dense_weights
+from targets.layout import pack_dense_weights, vector_lanes
 from targets.registry import resolve_target
 from tests.fixtures import GraphBuilder, onnxruntime_outputs, random_inputs
 from tests.host_targets import HOST_TARGETS
@@ -37,8 +37,8 @@ def _matmul_model(rng, x_shape: tuple, n: int, gemm: bool):
 
 
 # (x shape, N, Gemm?): K not a multiple of the lanes (37, 40); N a multiple of half a vector only (24);
-# a transformer's 3-D activations; N no block divides (20: unpacked, on 4-lane vectors; 37: whole vectors, the
-# last one masked; 6: less than a vector and no 4 divides it, left generic).
+# a transformer's 3-D activations; N no block divides (20, 37: packed with zero columns to whole vectors, the
+# result cropped; 6: less than a vector, left generic).
 SHAPES = [((4, 40), 24, True), ((3, 37), 48, False), ((1, 128, 384), 96, False), ((5, 16), 20, True),
           ((5, 16), 37, True), ((5, 16), 6, True)]
 
@@ -52,10 +52,13 @@ def test_fc_matches_onnxruntime(x_shape, n, gemm, rng):
     want = onnxruntime_outputs(model, feeds)[0]
     assert np.abs(got - want).max() <= MAX_RELATIVE_ERROR * np.abs(want).max()
     applied = built.report.schedules.applied
-    packed = n % 8 == 0
+    lanes = vector_lanes(resolve_target("native"))
+    padded = n % 8 != 0 and n > lanes
     # a packed weight's unpacking is fused into the FC's kernel, which the matmul rule still schedules
-    assert any("layout_transform" in name for name in applied) == packed
-    assert set(applied.values()) == ({"generic"} if n == 6 else {"matmul"})
+    assert any("layout_transform" in name for name in applied) == (n % 8 == 0 or padded)
+    # a padded FC's crop (with its bias and ReLU) is an elementwise kernel of its own
+    assert set(applied.values()) == ({"generic"} if n == 6 else {"matmul", "generic"} if padded else {"matmul"})
+    assert any("strided_slice" in name for name in applied) == padded
 
 
 def test_a_lone_fc_reads_its_packed_weight(rng):
@@ -81,7 +84,8 @@ def _packed_weight(k: int, n: int, lanes: int):
         bb.emit_func_output(bb.emit(relax.op.matmul(x, relax.const(weight))))
     bindings = pack_dense_weights(bb.get(), lanes)["main"].body.blocks[0].bindings
     values = {binding.var: binding.value for binding in bindings}
-    read = bindings[-1].value.args[1]
+    matmul = next(b.value for b in bindings if b.value.op == tvm.ir.Op.get("relax.matmul"))
+    read = matmul.args[1]
     return weight, values.get(read, read)
 
 
@@ -93,9 +97,17 @@ def test_weight_is_stored_in_lane_blocks_along_k():
     np.testing.assert_array_equal(packed[1, 3], weight[3, 16:32])
 
 
-def test_weight_no_vector_block_divides_is_left_as_it_is():
-    _, weight = _packed_weight(k=5, n=20, lanes=16)
-    assert isinstance(weight, tvm.ir.expr.GenericConst) and weight.value.numpy().shape == (5, 20)
+def test_weight_no_vector_block_divides_is_padded_with_zero_columns():
+    weight, unpack = _packed_weight(k=5, n=20, lanes=16)
+    packed = unpack.args[0].value.numpy()
+    assert packed.shape == (2, 5, 16)
+    np.testing.assert_array_equal(packed[1, :, :4], weight[:, 16:])
+    assert not packed[1, :, 4:].any()
+
+
+def test_weight_narrower_than_a_vector_is_left_as_it_is():
+    _, weight = _packed_weight(k=5, n=6, lanes=16)
+    assert isinstance(weight, tvm.ir.expr.GenericConst) and weight.value.numpy().shape == (5, 6)
 
 
 @pytest.mark.parametrize("x_shape", [(7, 1, 40), (2, 3, 1, 40)])
