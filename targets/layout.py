@@ -189,17 +189,27 @@ class _PackDenseWeights(relax.PyExprMutator):
         return relax.op.strided_slice(self.builder_.emit(packed), axes=[rank - 1], begin=[0], end=[columns])
 
 
+def _column_block(columns: int, lanes: int) -> int | None:
+    """The column block of an FC's packed weight: the target's block, or half of it for widths like 1000
+    (AVX-512 has 256-bit forms too), else whole vectors over zero columns (PP-OCR's 6625 characters: its
+    classifier ran as scalar code at a fifth of the speed); None for one narrower than a vector."""
+    return channel_block(columns, lanes) or (lanes if columns > lanes else None)
+
+
+def _padded_columns(weight: np.ndarray, block: int) -> np.ndarray:
+    return np.pad(weight, [(0, 0), (0, -weight.shape[1] % block)])
+
+
 def _int8_packing(data, weight: np.ndarray, lanes: int):
     """[N/lanes, K/4, lanes, 4]: the block the dot intrinsics read."""
     if (data.ty.dtype not in ("uint8", "int8") or weight.ndim != 2 or weight.dtype != np.int8
             or weight.shape[0] % INT8_GROUP):
         return None
-    # the target's block, or half of it for widths like 1000 (AVX-512 has 256-bit dot forms too)
-    lanes = channel_block(weight.shape[1], lanes)
+    k, n = weight.shape
+    lanes = _column_block(n, lanes)
     if lanes is None:
         return None
-    k, n = weight.shape
-    packed = weight.reshape(k // INT8_GROUP, INT8_GROUP, n // lanes, lanes).transpose(2, 0, 3, 1)
+    packed = _padded_columns(weight, lanes).reshape(k // INT8_GROUP, INT8_GROUP, -1, lanes).transpose(2, 0, 3, 1)
     return relax.op.layout_transform(
         relax.const(np.ascontiguousarray(packed)),
         index_map=lambda block, group, lane, i: (group * INT8_GROUP + i, block * lanes + lane))
@@ -207,16 +217,15 @@ def _int8_packing(data, weight: np.ndarray, lanes: int):
 
 def _fp32_packing(data, weight: np.ndarray, lanes: int):
     """[N/lanes, K, lanes]: a register tile's column block then walks K through one contiguous panel, not a
-    strided row of the whole weight per k. A width no vector block divides is padded with zero columns to
-    whole vectors (PP-OCR's 6625 characters: its classifier ran as scalar code at a fifth of the speed);
-    one narrower than a vector stays [K, N] (the generic rule)."""
+    strided row of the whole weight per k (over whole blocks: `_column_block`). One narrower than a vector
+    stays [K, N] (the generic rule)."""
     if data.ty.dtype != "float32" or data.ty.ndim < 2 or weight.ndim != 2 or weight.dtype != np.float32:
         return None
     k, n = weight.shape
-    lanes = channel_block(n, lanes) or (lanes if n > lanes else None)
+    lanes = _column_block(n, lanes)
     if lanes is None:
         return None
-    packed = np.pad(weight, [(0, 0), (0, -n % lanes)]).reshape(k, -1, lanes).transpose(1, 0, 2)
+    packed = _padded_columns(weight, lanes).reshape(k, -1, lanes).transpose(1, 0, 2)
     return relax.op.layout_transform(relax.const(np.ascontiguousarray(packed)),
                                      index_map=lambda block, row, lane: (row, block * lanes + lane))
 

@@ -142,3 +142,19 @@ def test_fc_of_a_width_no_vector_divides_runs_on_whole_vectors(target):
     assert re.search(r"\bvfmadd\w*ps\b", _assembly(lib)) and not re.search(r"\bvfmadd\w*ss\b", _assembly(lib))
     np.testing.assert_allclose(run_lib(lib, [x, w], (80, 97), "float32"), x.astype(np.float64) @ w,
                                rtol=1e-4, atol=1e-4)  # every host here has AVX2
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_int8_fc_of_a_width_no_vector_divides_runs_on_whole_vectors(target, rng):
+    """A 37-class int8 classifier: its s8 weight packed with zero columns for the dot instruction, the s32
+    result cropped before the dequantization; within int8 error of onnxruntime fp32."""
+    model = _matmul_model(rng, (16, 64), 37, gemm=False)
+    calib = [rng.standard_normal((64, 64)).astype(np.float32)]
+    built = compiler.compile(model, target=target, calib=calib, calib_mode="naive")
+    assert built.report.quantization.int8_ops == {"dense": 1}
+    feeds = random_inputs(model, rng)
+    got, want = built.run(**feeds)[0], onnxruntime_outputs(model, feeds)[0]
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    applied = built.report.schedules.applied
+    assert any(rule.startswith("matmul_int8") for rule in applied.values())
+    assert any("strided_slice" in name for name in applied)
