@@ -72,13 +72,16 @@ def _clip_from_zero(act) -> bool:
 ATTENTION_QUERY_MULTIPLE = 16  # the fused kernel runs query rows across vector lanes: whole vectors on every target
 
 
-def _attention_misfit(scores, probs) -> str | None:
+def _attention_misfit(scores, probs, context) -> str | None:
     """Why an attention match cannot be one kernel (targets.attention), or None."""
     shape = _shape(scores)
     if str(scores.ty.dtype) != "float32":
         return f"the scores are {scores.ty.dtype}, not float32"
     if shape is None or None in shape or len(shape) < 3:
         return "the scores are not a static batch of matrices"
+    operands = (scores.args[0], scores.args[1], context.args[1])
+    if any(_shape(x) is None or _shape(x)[:-2] != shape[:-2] for x in operands):
+        return "Q, K and V do not have the scores' batch shape (one of them is broadcast)"
     if int(probs.attrs.axis) % len(shape) != len(shape) - 1:
         return "the softmax is not over the keys (the last axis)"
     if shape[-2] % ATTENTION_QUERY_MULTIPLE:
@@ -106,7 +109,7 @@ def _check(rule_name: str, rejected: list):
         if "sum_operand" in parts and _shape(parts["sum_operand"]) != _shape(parts["sum"]):
             return reject(ctx, f"the summed tensor {list(_shape(parts['sum_operand']) or [])} would be broadcast "
                                f"onto {list(_shape(parts['sum']) or [])}")
-        if "probs" in parts and (reason := _attention_misfit(parts["scores"], parts["probs"])):
+        if "probs" in parts and (reason := _attention_misfit(parts["scores"], parts["probs"], parts["root"])):
             return reject(ctx, reason)
         if "act" in parts and not _clip_from_zero(parts["act"]):
             return reject(ctx, "clip does not start at 0 (not a bounded ReLU)")

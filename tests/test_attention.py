@@ -109,3 +109,21 @@ def test_probabilities_read_elsewhere_are_not_fused(rng):
     built = _matches_onnxruntime(attention_model(rng, 2, 16, 16, 8, probs_out=True), "native", rng)
     assert built.report.fusion["attention"] == 0
     assert any(r["rule"] == "attention" and "read outside" in r["reason"] for r in built.report.rejected)
+
+
+def test_keys_shared_by_every_head_are_not_fused(rng):
+    """One K and V for all heads (broadcast over them by the matmuls): the kernel indexes each operand by the
+    scores' batch, so the rule refuses and says why."""
+    g = GraphBuilder(rng)
+    scores = g.op("MatMul", ["q", g.op("Transpose", ["k"], "k.t", perm=[0, 1, 3, 2])], "scores")
+    probs = g.op("Softmax", [g.op("Mul", [scores, g.const("scale", np.float32(0.25))], "scaled")], "probs", axis=-1)
+    context = g.op("MatMul", [probs, "v"], "context")
+    shapes = {"q": [1, 4, 16, 16], "k": [1, 1, 32, 16], "v": [1, 1, 32, 16]}
+    graph = helper.make_graph(g.nodes, "shared_kv",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info(context, TensorProto.FLOAT, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    built = _matches_onnxruntime(model, "native", rng)
+    assert built.report.fusion["attention"] == 0
+    assert any(r["rule"] == "attention" and "broadcast" in r["reason"] for r in built.report.rejected)
