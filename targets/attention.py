@@ -4,11 +4,11 @@ memory three times (SVTR's 960 tokens: 22 MB per layer).
 
 Inside a block, the query rows run across the vector lanes: every intermediate is laid out [.., key, row]
 and every pass is a loop over keys of vector operations on rows.
-- scores[key, rows] = sum_k keys_t[k, key] * queries_t[k, rows]: a register tile of keys x row vectors,
+- scores[key, rows] = sum_k keys_t[k, key] * queries_t[k, rows]: a register tile of keys x a vector of rows,
   the key a broadcast scalar, the queries a transposed copy of the block's rows;
 - the softmax's max and sum over the keys are vector max/add across key steps (no horizontal reduction),
   its exp and normalization vector passes (the scale and mask inlined into them);
-- context[d, rows] = sum_key v[key, d] * probs[key, rows]: a register tile of head columns x row vectors,
+- context[d, rows] = sum_key v[key, d] * probs[key, rows]: a register tile of head columns x a vector of rows,
   stored transposed into [.., rows, d] once per tile.
 Nothing depends on the key count or the head size being a multiple of a vector (SVTR's heads are 20 wide);
 the query count is (the fusion rule checks it).
@@ -23,9 +23,8 @@ from targets.register_tiles import MIN_TILE_ACCUMULATORS, TILE_REGISTERS
 from targets.registry import TargetSpec
 
 SOFTMAX_BLOCKS = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
-# Query vectors per block (the register tiles' row vectors). Two give each broadcast key twice the FMAs, but
-# measured slower than one: SVTR's 960-token attention 3.7 vs 3.3 ms, 128-token heads of 64 0.37 vs 0.36 ms.
-ROW_VECTORS = 1
+# One vector of query rows per block. Two would give each broadcast key twice the FMAs, but measured slower:
+# SVTR's 960-token attention 3.7 vs 3.3 ms, 128-token heads of 64 0.37 vs 0.36 ms.
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,10 @@ def _swap_last_two(*axes):
 
 def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | None:
     """Schedule the fused kernel; None (nothing changed) where the query count is not whole vectors."""
-    from targets.schedules import _extent, _split_init
-
     lanes = vector_lanes(spec)
-    queries = _extent(sch, sch.get_loops(blocks.context)[-3])
+    queries = int(sch.get(sch.get_loops(blocks.context)[-3]).extent)
     if queries % lanes:
         return None
-    vectors = ROW_VECTORS if queries % (ROW_VECTORS * lanes) == 0 else 1
     for block in blocks.between:
         sch.compute_inline(block)
     queries_t = sch.cache_read(blocks.scores, 0, "global")
@@ -80,58 +76,55 @@ def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | 
     store = sch.cache_write(blocks.context, 0, "local")
     sch.transform_layout(blocks.context, ("write", 0), _swap_last_two)
 
-    # one parallel loop over (batch..., blocks of query rows); every pass computed under it
+    # one parallel loop over (batch..., vectors of query rows); every pass computed under it
     *batch, rows, _ = sch.get_loops(store)
-    row_block, _ = sch.split(rows, [None, vectors * lanes])
+    row_block, _ = sch.split(rows, [None, lanes])
     anchor = sch.fuse(*batch, row_block)
     sch.parallel(anchor)
     for block in (blocks.context, blocks.norm, blocks.expsum, blocks.exp, blocks.maxelem, blocks.scores, queries_t):
         sch.compute_at(block, anchor)
 
-    scores_store = sch.cache_write(blocks.scores, 0, "local")
-    _register_tile(sch, blocks.scores, scores_store, lanes, vectors, vectorized_store=True)
+    _register_tile(sch, blocks.scores, sch.cache_write(blocks.scores, 0, "local"), lanes, vectorized_store=True)
     for block in (blocks.maxelem, blocks.exp, blocks.expsum):
-        _rows_in_lanes(sch, block, lanes, vectors)
+        _rows_in_lanes(sch, block)
     # the normalization inside the context's tile: one multiply per key and row vector (the same product for
     # every head column of the tile), not a pass of its own over the probabilities
     sch.compute_inline(blocks.norm)
-    _register_tile(sch, blocks.context, store, lanes, vectors, vectorized_store=False)  # a transposing store
-    for block in (blocks.maxelem, blocks.expsum):
-        _split_init(sch, block, sch.get_loops(block)[-3])
+    _register_tile(sch, blocks.context, store, lanes, vectorized_store=False)  # a transposing store
     return "attention"
 
 
-def _register_tile(sch, block, store, lanes: int, vectors: int, vectorized_store: bool) -> None:
-    """loops (rows, cols, red) -> (col tiles, red, cols in tile, row vectors, lanes): a tile of cols x row
-    vectors accumulated in registers, stored by `store` once per tile."""
-    from targets.schedules import _extent, _split_init
+def _register_tile(sch, block, store, lanes: int, vectorized_store: bool) -> None:
+    """loops (rows, cols, red) -> (col tiles, red, cols in tile, rows): a tile of cols x one vector of rows
+    accumulated in registers, stored by `store` once per tile."""
+    from targets.schedules import _split_init
 
     rows, cols, red = sch.get_loops(block)[-3:]
-    row_vector, lane = sch.split(rows, [vectors, lanes])
-    width = _tile_width(_extent(sch, cols), vectors, lanes)
-    col_tile, col = sch.split(cols, [None, width])
-    sch.reorder(col_tile, red, col, row_vector, lane)
+    col_tile, col = sch.split(cols, [None, _tile_width(int(sch.get(cols).extent), lanes)])
+    sch.reorder(col_tile, red, col, rows)
     sch.reverse_compute_at(store, col_tile, preserve_unit_loops=True)
     if vectorized_store:
         sch.vectorize(sch.get_loops(store)[-1])
     sch.unroll(col)
-    sch.unroll(row_vector)
-    sch.vectorize(lane)
+    sch.vectorize(rows)
     _split_init(sch, block, red)
 
 
-def _tile_width(extent: int, vectors: int, lanes: int) -> int:
+def _tile_width(extent: int, lanes: int) -> int:
     """Columns (keys, or head columns) per register tile: the widest that divides the extent with enough
     accumulators, else the widest that fits (the last tile cut short)."""
-    widest = (TILE_REGISTERS[lanes] - vectors) // vectors
+    widest = TILE_REGISTERS[lanes] - 1  # one register for the vector of rows
     exact = max(w for w in range(1, min(widest, extent) + 1) if extent % w == 0)
-    return exact if exact * vectors >= min(MIN_TILE_ACCUMULATORS, extent * vectors) else min(widest, extent)
+    return exact if exact >= min(MIN_TILE_ACCUMULATORS, extent) else min(widest, extent)
 
 
-def _rows_in_lanes(sch, block, lanes: int, vectors: int) -> None:
-    """loops (rows, keys) -> (keys, row vectors, lanes): a vector operation per key and row vector."""
+def _rows_in_lanes(sch, block) -> None:
+    """loops (rows, keys) -> (keys, rows): a vector operation per key; a reduction's accumulators zeroed in a
+    vector pass before the keys loop."""
+    from targets.schedules import _is_reduction, _split_init
+
     rows, keys = sch.get_loops(block)[-2:]
-    row_vector, lane = sch.split(rows, [vectors, lanes])
-    sch.reorder(keys, row_vector, lane)
-    sch.unroll(row_vector)
-    sch.vectorize(lane)
+    sch.reorder(keys, rows)
+    sch.vectorize(rows)
+    if _is_reduction(sch, block):
+        _split_init(sch, block, keys)
