@@ -85,7 +85,8 @@ class CompiledModel:
 def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa: A001 (the API's name)
             input_shapes: dict | None = None, constant_inputs: dict | None = None, fuse=True,
             num_threads: int | None = None, tuning_db=None, eval_data=None,
-            quantization: QuantizationOptions | None = None, example_inputs=None, **int8_options) -> CompiledModel:
+            quantization: QuantizationOptions | None = None, example_inputs=None, winograd: bool = True,
+            **int8_options) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for `target`; INT8 when `calib` data is given.
 
     A PyTorch module is taken too, with `example_inputs` (a tensor or a tuple, one per forward argument):
@@ -112,13 +113,16 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
 
     `tuning_db`: a database directory written by `tune()` for this target: its tuned kernels replace the
     default schedules where it has them (`report.tuning` says which).
+
+    `winograd`: fp32 3x3 convs of stride 1 run as Winograd F(4x4, 3x3) where it pays (targets.winograd_convs):
+    2-3x faster, their weights stored 4x larger. False keeps every conv direct.
     """
     start = time.perf_counter()
     spec = target_with_threads(resolve_target(target), num_threads)
     tuning = open_tuning_db(tuning_db, spec) if tuning_db is not None else None
     options = QuantizationOptions.from_keywords(quantization, **int8_options)
     job = prepare_model(model, input_shapes, constant_inputs, fuse, calib, options, num_threads, eval_data,
-                        spec=spec, tuning=tuning, example_inputs=example_inputs)
+                        spec=spec, tuning=tuning, example_inputs=example_inputs, winograd=winograd)
     build = job.run(start="layout")
     imported = job.imported
     report = CompileReport.from_build(build, job.quantization, job.calibration_seconds)
@@ -190,7 +194,7 @@ LAYOUT = PHASE_NAMES.index("layout")
 
 def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: QuantizationOptions,
                   num_threads, eval_data=None, spec: TargetSpec | None = None, tuning=None,
-                  example_inputs=None) -> ModelJob:
+                  example_inputs=None, winograd: bool = True) -> ModelJob:
     """Run the phases up to and including `quantize` (with calibration data, or calib_mode none) on `model`
     (ONNX, or a PyTorch module with `example_inputs`): its graph as the target-specific phases take it, in
     `job.build.mod`."""
@@ -201,7 +205,7 @@ def prepare_model(model, input_shapes, constant_inputs, fuse, calib, options: Qu
         raise QuantvmError(str(err)) from None
     _warn_unused(calib, eval_data, options)
     spec = spec or target_with_threads(resolve_target("native"), num_threads)
-    job = ModelJob(model, input_shapes, constant_inputs, GraphBuild(spec, rules, tuning=tuning), calib, options,
+    job = ModelJob(model, input_shapes, constant_inputs, GraphBuild(spec, rules, tuning=tuning, winograd=winograd), calib, options,
                    num_threads, eval_data)
     job.run(stop="quantize")
     return job

@@ -194,6 +194,8 @@ def _add_build_options(p) -> None:
     fusion.add_argument("--no-fuse", action="store_true", help="apply no fusion rule (one kernel per op)")
     fusion.add_argument("--fuse-rules", metavar="RULE,...",
                         help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="keep every fp32 3x3 conv direct (Winograd's transformed weights are 4x larger)")
     _add_int8_options(p)
 
 
@@ -289,7 +291,7 @@ def cmd_compile(args) -> int:
 
     fuse = False if args.no_fuse else args.fuse_rules.split(",") if args.fuse_rules else True
     model = compile(args.model, target=args.target, input_shapes=dict(args.input_shape) or None, fuse=fuse,
-                    tuning_db=args.tuning_db, **_int8_options(args))
+                    tuning_db=args.tuning_db, winograd=not args.no_winograd, **_int8_options(args))
     path = model.export(args.output)
     target = model.metadata.target
     print(f"compiled {args.model} for {target.name} (mcpu {target.mcpu}) "
@@ -465,7 +467,7 @@ def cmd_tune(args) -> int:
 
     summary = tune(args.model, target=args.target, trials=args.trials, work_dir=args.db, rpc=args.rpc, calib=calib,
                    num_threads=args.threads, progress=progress, input_shapes=dict(args.input_shape) or None,
-                   fuse=fuse, **int8)
+                   fuse=fuse, winograd=not args.no_winograd, **int8)
     print(format_tuning(summary.to_json()))
     if args.json:
         from compiler.atomic import atomic_path

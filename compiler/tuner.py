@@ -119,11 +119,12 @@ def _extract(model, spec, calib, num_threads, compile_options):
 
     graph = {k: compile_options.pop(k, default) for k, default in
              (("input_shapes", None), ("constant_inputs", None), ("fuse", True), ("eval_data", None),
-                              ("quantization", None), ("example_inputs", None))}
+                              ("quantization", None), ("example_inputs", None), ("winograd", True))}
     # the rest are compile()'s INT8 keywords
     options = QuantizationOptions.from_keywords(graph["quantization"], **compile_options)
     prepared = prepare_model(model, graph["input_shapes"], graph["constant_inputs"], graph["fuse"], calib, options,
-                             num_threads, graph["eval_data"], spec=spec, example_inputs=graph["example_inputs"])
+                             num_threads, graph["eval_data"], spec=spec, example_inputs=graph["example_inputs"],
+                             winograd=graph["winograd"])
     # the kernels as compile() schedules them: MetaSchedule searches from there
     lowered = prepared.run(start="layout", stop="kernels").mod
     tvm_target = spec.tvm_target()

@@ -27,6 +27,7 @@ from relay_passes.fuse import FusionReport, fuse
 from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.layout import LayoutReport, vector_lanes
+from targets.winograd_convs import winograd_convs
 
 
 @dataclass
@@ -35,13 +36,14 @@ class GraphBuild:
 
     `importer` (the import phase) returns the imported IRModule; `quantizer` (the quantize phase) returns the
     int8 graph, None keeps fp32. `tuning` is an open tuning database whose kernels replace the default
-    schedules where it has them."""
+    schedules where it has them. `winograd`: the kernels phase computes qualifying fp32 3x3 convs as Winograd."""
     spec: TargetSpec
     rules: tuple[str, ...]
     mod: tvm.IRModule | None = None
     importer: Callable[[], tvm.IRModule] | None = None
     quantizer: Callable[[tvm.IRModule], tvm.IRModule] | None = None
     tuning: object | None = None
+    winograd: bool = True
     layout: LayoutReport | None = None
     fusion: FusionReport | None = None
     kernels: dict = field(default_factory=dict)  # count_kernels of the lowered graph
@@ -92,8 +94,11 @@ def _fuse(build: GraphBuild) -> None:
 
 
 def _kernels(build: GraphBuild) -> None:
-    """Every op (and fused group) becomes one unscheduled TIR kernel."""
+    """Every op (and fused group) becomes one unscheduled TIR kernel; fp32 3x3 convs qualifying for it
+    Winograd's (targets.winograd_convs)."""
     target = build.spec.tvm_target()
+    if build.winograd:
+        build.mod = winograd_convs(build.mod)
     sources = {var: build.sources.get(var, []) + tags
                for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:

@@ -26,6 +26,7 @@ from targets.layout import INT8_GROUP, vector_lanes
 from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile, matmul_tile, register_tile
 from targets.registry import TargetSpec
 from targets.resize import schedule_resize
+from targets.winograd import schedule_winograd
 
 # The weights one register tile's reduction streams, at most: about half an L2 (Zen 3 has 512 KB, Zen 4 1 MB,
 # Sapphire/Emerald Rapids 2 MB). Above it, a 2048-channel 3x3 conv ran at a third of its speed.
@@ -110,6 +111,9 @@ def schedule_pass(spec: TargetSpec, log: ScheduleLog | None = None) -> tvm.trans
 
 def schedule_kernel(sch: s_tir.Schedule, spec: TargetSpec, tiles=RULE_TILES) -> str:
     """Schedule the kernel in `sch` by the rule its shape calls for; return the rule's name."""
+    winograd_rule = schedule_winograd(sch, spec, tiles)
+    if winograd_rule is not None:
+        return winograd_rule
     blocks = {sch.get(b).name_hint: b for b in _all_blocks(sch)}
     conv = next((b for n, b in blocks.items() if n.startswith(CONV_BLOCK)), None)
     if conv is not None:

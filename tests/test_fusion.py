@@ -178,7 +178,7 @@ def test_divide_multiply_add_after_a_conv_run_in_its_kernel(rng):
     model = g.model("conv_chain", {"data": (1, 8, 7, 8), "scale": (1, 16, 7, 8)}, [y])
     report = _chain_kernels(model, rng, 1)
     assert report.elementwise["chains"] == {"conv_bn_act+sqrt+divide+multiply+add": 1}
-    assert "conv2d_nchwc" in report.schedules.applied.values()
+    assert "conv2d_winograd_nchwc" in report.schedules.applied.values()  # a 3x3 conv: the chain after its output transform
 
 
 def test_matmul_of_two_activations_takes_its_epilogue(rng):

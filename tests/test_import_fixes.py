@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
-from tests.fixtures import onnxruntime_outputs
+from tests.fixtures import assert_matches_fp32, onnxruntime_outputs
 
 
 def _model(nodes, inputs: dict, initializers, opset: int):
@@ -17,7 +17,7 @@ def _model(nodes, inputs: dict, initializers, opset: int):
 
 def _matches_onnxruntime(model, feeds: dict):
     got = compiler.compile(model, target="native")(**feeds)[0]
-    np.testing.assert_allclose(got, onnxruntime_outputs(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert_matches_fp32(got, onnxruntime_outputs(model, feeds)[0])
 
 
 def test_constant_of_shape_with_an_empty_shape_is_a_scalar(rng):
