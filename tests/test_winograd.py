@@ -135,3 +135,17 @@ def test_every_register_tile_tuning_tries_computes_the_default_kernel(rng):
         default.trace.with_decision(sample, decision, remove_postproc=True).apply_to_schedule(variant,
                                                                                               remove_postproc=True)
         np.testing.assert_allclose(run(variant.mod), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_command_line_keeps_convs_direct_with_no_winograd(tmp_path, rng):
+    import json
+
+    from tests.test_cli import quantvm
+
+    model = tmp_path / "convs.onnx"
+    model.write_bytes(conv_model(rng, 32, 32, 14).SerializeToString())
+    for flags, rule in (([], WINOGRAD), (["--no-winograd"], DIRECT)):
+        report = tmp_path / "report.json"
+        quantvm("compile", model, "-t", "native", "-o", tmp_path / "m.so", "--report", report, *flags)
+        rules = [r for r in json.loads(report.read_text())["schedules"]["applied"].values() if r.startswith("conv2d")]
+        assert rules == [rule] * 2
