@@ -26,6 +26,8 @@ INPUT_ROWS = "winograd_input_rows"
 INPUT_BLOCK = "winograd_input"
 OUTPUT_COLUMNS = "winograd_output_columns"
 GEMM_BLOCK = "winograd_gemm"
+# the GEMM block's annotations: what the schedule of the output pass needs of the conv
+TILE_ATTR, DILATION_ATTR = "winograd_tile", "winograd_dilation"
 OUTPUT_BLOCK = "winograd_output"
 
 
@@ -65,28 +67,42 @@ def _select(index, choices):
     return expr
 
 
-def conv2d_winograd_nchwc(data, weight, padding, tile: int):
-    """conv2d(data [N, C/b, H, W, b], 3x3, stride 1) with `weight` from winograd_weight(.., tile)."""
+def conv2d_winograd_nchwc(data, weight, padding, dilation, tile: int):
+    """conv2d(data [N, C/b, H, W, b], 3x3, stride 1) with `weight` from winograd_weight(.., tile).
+
+    A conv of dilation d is d x d convs without, one per phase of the output (its rows y = p + d q read rows
+    p + d (q + r)): tiles run over (image, tile row, tile column, phase row, phase column)."""
     n, in_chunks, height, width, block = (int(d) for d in data.shape)
     out_chunks, out_block = int(weight.shape[1]), int(weight.shape[4])
     a, b, _ = transform_matrices(tile)
     alpha = tile + KERNEL - 1
     top, left, bottom, right = padding
-    out_h, out_w = height + top + bottom - KERNEL + 1, width + left + right - KERNEL + 1
-    tiles_h, tiles_w = -(-out_h // tile), -(-out_w // tile)
-    tiles = n * tiles_h * tiles_w
+    dil_h, dil_w = dilation
+    out_h = height + top + bottom - (KERNEL - 1) * dil_h
+    out_w = width + left + right - (KERNEL - 1) * dil_w
+    tiles_h, tiles_w = -(-out_h // (tile * dil_h)), -(-out_w // (tile * dil_w))
+    tiles = n * tiles_h * tiles_w * dil_h * dil_w
     # whole tiles: the last ones read zeros past the padding, and their extra outputs are never stored
     pad = topi.nn.pad(data, [0, 0, top, left, 0],
-                      [0, 0, tiles_h * tile + KERNEL - 1 - height - top, tiles_w * tile + KERNEL - 1 - width - left, 0],
+                      [0, 0, dil_h * (tiles_h * tile + KERNEL - 1) - height - top,
+                       dil_w * (tiles_w * tile + KERNEL - 1) - width - left, 0],
                       pad_value=0.0, name="winograd_pad")
 
+    def tile_index(image, tile_y, tile_x, phase_y, phase_x):
+        return (((image * tiles_h + tile_y) * tiles_w + tile_x) * dil_h + phase_y) * dil_w + phase_x
+
     def patch(t):
-        return t // (tiles_h * tiles_w), t // tiles_w % tiles_h * tile, t % tiles_w * tile
+        """(image, first row, first column) of tile t's patch in the padded input"""
+        phases = dil_h * dil_w
+        image, tile_y, tile_x = t // (phases * tiles_w * tiles_h), t // (phases * tiles_w) % tiles_h, t // phases % tiles_w
+        phase_y, phase_x = t // dil_w % dil_h, t % dil_w
+        return image, phase_y + dil_h * tile_y * tile, phase_x + dil_w * tile_x * tile
 
     # B^T d B in two passes of alpha-term sums (one pass of alpha^2-term sums: 30x the code to compile)
     def input_rows(xi, s, chunk, t, lane):
         image, y0, x0 = patch(t)
-        return _select(xi, [_combination(b[:, x], [pad[image, chunk, y0 + r, x0 + s, lane] for r in range(alpha)])
+        return _select(xi, [_combination(b[:, x], [pad[image, chunk, y0 + dil_h * r, x0 + dil_w * s, lane]
+                                                    for r in range(alpha)])
                             for x in range(alpha)])
 
     rows = te.compute((alpha, alpha, in_chunks, tiles, block), input_rows, name=INPUT_ROWS)
@@ -100,7 +116,7 @@ def conv2d_winograd_nchwc(data, weight, padding, tile: int):
     m = te.compute((alpha * alpha, out_chunks, tiles, out_block),
                    lambda k, oc, t, lane: te.sum(v[k, ic_outer, t, ic_inner] * weight[k, oc, ic_outer, ic_inner, lane],
                                                  axis=[ic_outer, ic_inner]),
-                   name=GEMM_BLOCK)
+                   name=GEMM_BLOCK, attrs={TILE_ATTR: tile, DILATION_ATTR: [dil_h, dil_w]})
 
     # A^T M A, likewise in two passes: M's columns, then the pixels of the conv's output
     columns = te.compute((tile, alpha, out_chunks, tiles, out_block),
@@ -110,9 +126,10 @@ def conv2d_winograd_nchwc(data, weight, padding, tile: int):
                          name=OUTPUT_COLUMNS)
 
     def output_pixel(image, oc, y, x, lane):
-        t = (image * tiles_h + y // tile) * tiles_w + x // tile
-        return _select(x % tile, [_combination(a[:, j], [columns[y % tile, nu, oc, t, lane] for nu in range(alpha)])
-                                  for j in range(tile)])
+        t = tile_index(image, y // dil_h // tile, x // dil_w // tile, y % dil_h, x % dil_w)
+        return _select(x // dil_w % tile, [
+            _combination(a[:, j], [columns[y // dil_h % tile, nu, oc, t, lane] for nu in range(alpha)])
+            for j in range(tile)])
 
     return te.compute((n, out_chunks, out_h, out_w, out_block), output_pixel, name=OUTPUT_BLOCK)
 
@@ -125,7 +142,8 @@ def schedule_winograd(sch, spec, tiles) -> str | None:
     blocks = {sch.get(b).name_hint: b for b in _all_blocks(sch)}
     if not {INPUT_ROWS, INPUT_BLOCK, GEMM_BLOCK, OUTPUT_COLUMNS, OUTPUT_BLOCK} <= blocks.keys():
         return None
-    tile = round(int(sch.get(sch.get_loops(blocks[GEMM_BLOCK])[0]).extent) ** 0.5) - KERNEL + 1
+    annotations = sch.get(blocks[GEMM_BLOCK]).annotations
+    tile, dilation = int(annotations[TILE_ATTR]), tuple(int(d) for d in annotations[DILATION_ATTR])
     _schedule_input_transform(sch, blocks[INPUT_ROWS], blocks[INPUT_BLOCK])
     _schedule_gemm(sch, blocks[GEMM_BLOCK], vector_lanes(spec), tiles)
     output = blocks[OUTPUT_BLOCK]
@@ -138,7 +156,7 @@ def schedule_winograd(sch, spec, tiles) -> str | None:
         tail = output
     else:
         sch.compute_inline(output)
-    _schedule_output_transform(sch, blocks[OUTPUT_COLUMNS], tail, tile)
+    _schedule_output_transform(sch, blocks[OUTPUT_COLUMNS], tail, tile, dilation)
     return "conv2d_winograd_nchwc"
 
 
@@ -191,16 +209,26 @@ def _schedule_gemm(sch, block, lanes: int, tiles) -> None:
     _split_init(sch, block, ic_outer)
 
 
-def _schedule_output_transform(sch, columns, block, tile: int) -> None:
-    """Each tile's m x m pixels from one read of its (m + 2)^2 GEMM outputs, the lanes a vector."""
+def _schedule_output_transform(sch, columns, block, tile: int, dilation: tuple[int, int]) -> None:
+    """Each tile's m x m pixels from one read of its (m + 2)^2 GEMM outputs, the lanes a vector. With a
+    dilation, the pixels of a tile are d apart: the output's loops go (tile, phase, pixel in the tile), and
+    the column pass runs on its own before (TVM cannot bound what one phase of a tile reads of it)."""
     from targets.schedules import _parallel_if_worth_it
 
     image, chunk, y, x, lane = sch.get_loops(block)
-    y_o, y_i = sch.split(y, [None, tile])
-    x_o, x_i = sch.split(x, [None, tile])
-    sch.reorder(image, chunk, y_o, x_o, y_i, x_i, lane)
+    y_o, y_i, y_phase = sch.split(y, [None, tile, dilation[0]])
+    x_o, x_i, x_phase = sch.split(x, [None, tile, dilation[1]])
+    sch.reorder(image, chunk, y_o, x_o, y_phase, x_phase, y_i, x_i, lane)
     sch.unroll(y_i)
     sch.unroll(x_i)
     sch.vectorize(lane)
-    _unrolled_at(sch, columns, x_o)
+    if dilation == (1, 1):
+        _unrolled_at(sch, columns, x_phase)
+    else:
+        i, nu, oc, t, column_lane = sch.get_loops(columns)
+        sch.reorder(oc, t, i, nu, column_lane)
+        sch.unroll(i)
+        sch.unroll(nu)
+        sch.vectorize(column_lane)
+        _parallel_if_worth_it(sch, columns, sch.fuse(oc, t))
     _parallel_if_worth_it(sch, block, sch.fuse(image, chunk, y_o))

@@ -51,24 +51,28 @@ def _matches_onnxruntime(model, rng, **options):
     return built
 
 
-# (in channels, out channels, size, batch, padding): a residual block; a 7x7 map (two tiles a side, the last
-# cut short) at batch 2; out != in channels on an odd map; no padding (a 9x9 map to 7x7)
-SHAPES = [(32, 32, 14, 1, 1), (16, 32, 7, 2, 1), (32, 16, 13, 1, 1), (16, 16, 9, 1, 0)]
+# (in channels, out channels, size, batch, padding, dilation): a residual block; a 7x7 map (two tiles a side,
+# the last cut short) at batch 2; out != in channels on an odd map; no padding (a 9x9 map to 7x7); dilation 2
+# (FCN's and DeepLab's backbones: 4 phases of tiles) and 3, on maps no phase's tiles divide
+SHAPES = [(32, 32, 14, 1, 1, 1), (16, 32, 7, 2, 1, 1), (32, 16, 13, 1, 1, 1), (16, 16, 9, 1, 0, 1),
+          (32, 32, 18, 1, 2, 2), (16, 32, 23, 2, 3, 3)]
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_winograd_convs_match_onnxruntime(target, shape, rng):
-    channels, out_channels, size, batch, pad = shape
-    built = _matches_onnxruntime(conv_model(rng, channels, out_channels, size, batch, pad), rng, target=target)
+    channels, out_channels, size, batch, pad, dilation = shape
+    model = conv_model(rng, channels, out_channels, size, batch, pad, dilation=dilation)
+    built = _matches_onnxruntime(model, rng, target=target)
     assert _rules(built) == [WINOGRAD] * 2
 
 
-@pytest.mark.parametrize("form", [dict(stride=2), dict(dilation=2), dict(groups=2), dict(kernel=1), dict(size=5)],
+@pytest.mark.parametrize("form", [dict(stride=2), dict(groups=2), dict(kernel=1), dict(size=5), dict(dilation=4)],
                          ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 def test_convs_winograd_does_not_compute_stay_direct(form, rng):
-    """Strided, dilated, grouped and 1x1 convs; a 5x5 map, where two 4x4 tiles a side would do more
-    multiply-adds than half the direct conv's (the model's second conv, a plain 3x3, is Winograd's but there)."""
+    """Strided, grouped and 1x1 convs; a 5x5 map and a 6x6 output of dilation 4, where whole 4x4 tiles (a side:
+    two; one for each of 4 x 4 phases) would do more than half the direct conv's multiply-adds (the model's
+    second conv, a plain 3x3, is Winograd's but on the 5x5 map)."""
     size = form.pop("size", 12)
     built = _matches_onnxruntime(conv_model(rng, 32, 32, size, **form), rng, target="native")
     assert sorted(_rules(built)) == ([DIRECT, DIRECT] if size == 5 else [DIRECT, WINOGRAD])
