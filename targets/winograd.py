@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 from tvm import te, tirx, topi
-# TVM's Cook-Toom construction, the one its own Winograd schedules use (exposed only as TE constants there)
-from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+from tvm.topi.nn.winograd_util import (  # TVM's Cook-Toom construction (public only as TE constants)
+    _cook_toom_convolution,
+    _interpolation_points,
+)
 
 from targets.layout import vector_lanes
 from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile
@@ -36,12 +38,17 @@ def transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _cook_toom_convolution(_interpolation_points(tile + KERNEL - 2), tile, KERNEL)
 
 
+def winograd_weight_shape(shape, tile: int) -> list:
+    """The shape winograd_weight gives a blocked weight of `shape` [O/b, C/b, 3, 3, b(i), b(o)]."""
+    chunks_out, chunks_in, _, _, block_in, block_out = shape
+    return [(tile + KERNEL - 1) ** 2, chunks_out, chunks_in, block_in, block_out]
+
+
 def winograd_weight(weight: np.ndarray, tile: int) -> np.ndarray:
     """A blocked fp32 conv weight [O/b, C/b, 3, 3, b(i), b(o)] as the GEMMs read it: U [alpha^2, O/b, C/b, b(i), b(o)]."""
     _, _, g = transform_matrices(tile)
-    alpha = tile + KERNEL - 1
     u = np.einsum("xr,ocrsij,ys->xyocij", g, weight.astype(np.float64), g)
-    return np.ascontiguousarray(u.reshape(alpha * alpha, *u.shape[2:]).astype(np.float32))
+    return np.ascontiguousarray(u.reshape(winograd_weight_shape(weight.shape, tile)).astype(np.float32))
 
 
 def _combination(coefficients, terms):

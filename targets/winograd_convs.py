@@ -3,8 +3,8 @@ weight transformed at compile time, its conv2d a call of the Winograd kernel.
 
 A conv qualifies when it is fp32 in the blocked layout, 3x3, stride 1 (any dilation), no groups, with a
 constant weight, and whole tiles do at most half the multiply-adds of the direct conv (a 7x7 map computes
-two 4x4 tiles a side: 36 x 4 against 9 x 49; a dilation of d, d x d phases of whole tiles). Measured against the direct conv on Zen 4: 1.5x at 7x7, 2-3x
-from 14x14 up, 1.5x for 16 input channels; the error to an fp64 conv is about 3x the direct conv's (~3e-6
+two 4x4 tiles a side: 36 x 4 against 9 x 49; a dilation of d, d x d phases of whole tiles). Measured
+against the direct conv on Zen 4: 1.5x at 7x7, 2-3x from 14x14 up, 1.5x for 16 input channels; the error to an fp64 conv is about 3x the direct conv's (~3e-6
 of the output's range).
 
 The rewrite runs on the fused graph, before the ops become kernels: a fused function reads its weight as a
@@ -14,12 +14,16 @@ passes a computed weight to stays direct).
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import GenericConst
 
-from targets.winograd import KERNEL, conv2d_winograd_nchwc, winograd_weight
+from targets.winograd import (
+    KERNEL,
+    conv2d_winograd_nchwc,
+    winograd_weight,
+    winograd_weight_shape,
+)
 
 TILE = 4  # F(4x4, 3x3): faster than F(2x2, 3x3) on every shape measured, 7x7 maps and batch 8 included
 MAX_WORK_SHARE = 0.5  # of the direct conv's multiply-adds, that whole tiles may do
@@ -127,16 +131,15 @@ def winograd_convs(mod: tvm.IRModule) -> tvm.IRModule:
     """Every qualifying conv with a constant weight computed by the Winograd kernel."""
     fused = _fused_with_constant_weights(mod)
     mutator = _WinogradCalls(mod, {}, fused)
-    alpha = TILE + KERNEL - 1
     for gv, positions in fused.items():
         func = mod[gv]
         params = list(func.params)
         for i in positions:
-            o, c, _, _, block_in, block_out = params[i].ty.shape
-            params[i] = relax.Var(params[i].name, relax.TensorType([alpha * alpha, o, c, block_in, block_out], "float32"))
+            shape = winograd_weight_shape(params[i].ty.shape, TILE)
+            params[i] = relax.Var(params[i].name, relax.TensorType(shape, "float32"))
             mutator.weights[func.params[i]] = params[i]
         body = mutator.visit_expr(func.body)
-        # a new function (its GlobalVar's type is its parameters'), under the old name once that is gone
+        # a new function, its name marked (a GlobalVar's type is its function's: the old one cannot be updated)
         mutator.replaced[gv] = mutator.builder_.add_func(
             relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs), gv.name_hint + "_winograd")
     main = mutator.visit_expr(mod["main"])

@@ -67,7 +67,7 @@ def test_winograd_convs_match_onnxruntime(target, shape, rng):
     assert _rules(built) == [WINOGRAD] * 2
 
 
-@pytest.mark.parametrize("form", [dict(stride=2), dict(groups=2), dict(kernel=1), dict(size=5), dict(dilation=4)],
+@pytest.mark.parametrize("form", [{"stride": 2}, {"groups": 2}, {"kernel": 1}, {"size": 5}, {"dilation": 4}],
                          ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 def test_convs_winograd_does_not_compute_stay_direct(form, rng):
     """Strided, grouped and 1x1 convs; a 5x5 map and a 6x6 output of dilation 4, where whole 4x4 tiles (a side:
@@ -102,7 +102,7 @@ def test_winograd_gemm_broadcasts_the_transformed_input_onto_weight_vectors(targ
     assert len(bodies) == 2
     for body in bodies:
         assert re.search(rf"vbroadcastss\s+[^\n]*%{register}|\{{1to{lanes}\}}", body)
-        fmas = re.findall(rf"vfmadd231ps\s+[^\n]*%{register}\d+, %{register}\d+$", body, re.M)
+        fmas = re.findall(rf"vfmadd231ps\s+[^\n]*%{register}\d+, %{register}\d+$", body, re.MULTILINE)
         assert len(fmas) >= 8  # a register tile of at least 8 accumulators
 
 
