@@ -153,6 +153,20 @@ def test_a_conv_whose_padded_channels_only_an_uncovered_op_would_read_keeps_its_
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_such_a_conv_on_a_map_of_no_whole_vector_is_padded_all_the_same(rng):
+    """The same head on a 5x5 map (SSDlite's 546-class heads on 10x10 to 1x1): in NCHW its 25 pixels would
+    be its vector axis, scalar; padded to 64 channels it runs blocked, one gather back to 58 after it."""
+    g = GraphBuilder(rng)
+    y = g.op("Transpose", [g.conv_bn("data", "head", 16, 58, act=None)], "nhwc", perm=[0, 2, 3, 1])
+    model = g.model("head", {"data": (1, 16, 5, 5)}, [y])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("native"))
+    assert len(_ops(mod, "relax.take")) == 1
+    assert [c.attrs.data_layout for c in _ops(mod, "relax.nn.conv2d")] != ["NCHW"]
+    built, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert "conv2d_nchw_pointwise" not in built.report.schedules.applied.values()
+
+
 def test_the_search_for_padded_sources_visits_each_value_once():
     """A chain of residual adds reaches every earlier value along 2^depth paths; the walk back from a gather
     to the padded convs it reads must read each value once (a transformer's simulated int8 graph never
