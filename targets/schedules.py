@@ -270,7 +270,10 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
         outer, store_at = [ic_chunk, col_o], row
     if int8:
         ic_mid, ic_inner = ic_rest
-        sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_mid, col_i, oc_i, lane, ic_inner)
+        # ic_mid outside the window: the weight [O/b, C/4, KH, KW, b, 4] is then read in its own order, one
+        # stream per channel block; inside it, each step jumped KH*KW*64 bytes, and a 3x3 conv whose weights
+        # come from L3 or memory (ResNet's 512 channels, 2.4 MB) ran 20% slower.
+        sch.reorder(batch, oc_o, row, *outer, ic_outer, ic_mid, *window, col_i, oc_i, lane, ic_inner)
     else:
         (ic_inner,) = ic_rest
         sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_inner, col_i, oc_i, lane)
