@@ -27,6 +27,7 @@ from relay_passes.quantize_motion import MoveQuantizeUp
 
 BIAS_LIMIT = 2**30
 SIGNED_OFFSET = 128  # s8 data stored as u8 with this zero point (see _stores_signed_as_offset_unsigned)
+STEM_CHANNELS = 4  # input channels of a stem conv (RGB, RGBA, grey): its padding is done apart
 OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense", "relax.nn.avg_pool2d": "avg_pool",
        "relax.nn.adaptive_avg_pool2d": "avg_pool", "relax.mean": "avg_pool"}
 ONNX_TYPES = {"conv2d": ("Conv",), "dense": ("Gemm", "MatMul"),
@@ -314,7 +315,13 @@ class _Rewriter(relax.PyExprMutator):
         weight = relax.const(plan["weight"])
         if op.kind == "conv2d":
             a = call.attrs
-            acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+            padding = [int(p) for p in a.padding]
+            if offset and any(padding):  # a stem's padding, done before it: 128 is the u8 form of s8 zero
+                top, left, bottom, right = padding
+                q = self.builder_.emit(relax.op.nn.pad(q, [0, 0, 0, 0, top, bottom, left, right],
+                                                       pad_value=float(SIGNED_OFFSET)))
+                padding = [0, 0, 0, 0]
+            acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=padding, dilation=a.dilation,
                                      groups=a.groups, out_dtype="int32")
         else:
             acc = relax.op.matmul(q, weight, out_dtype="int32")
@@ -342,10 +349,14 @@ def _stores_signed_as_offset_unsigned(op: QuantizableOp, call: relax.Call) -> bo
     """s8 data of a dense or an unpadded conv is stored as u8 + 128 (the same values: the zero point is 128).
     `vpdpbusd` multiplies u8 by s8, so s8 data costs it a second instruction per step (targets.intrinsics);
     here the + 128 comes off as a constant 128 * sum(w) per output channel, folded into the s32 bias, and the
-    result is exact. A padded conv keeps s8: its padding would have to be 128, and the conv pads with 0."""
+    result is exact. A padded conv's padding would have to be 128, and the conv pads with 0: a stem (a conv
+    on an image's few channels) is padded by a pad op of its own before it; any other padded conv keeps s8,
+    as a pad op between blocked tensors would be a pass over its input (a stem's input is not blocked yet)."""
     if op.plan["dtype"] != "int8" or op.plan.get("per_token") or op.kind not in ("conv2d", "dense"):
         return False
-    return op.kind == "dense" or not any(int(p) for p in call.attrs.padding)
+    if op.kind == "dense" or not any(int(p) for p in call.attrs.padding):
+        return True
+    return int(call.attrs.groups) == 1 and op.weight.shape[1] <= STEM_CHANNELS
 
 
 def _channel_shape(op: QuantizableOp) -> tuple:
