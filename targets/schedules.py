@@ -39,6 +39,9 @@ PLAIN_CONV_BLOCK = "conv2d_nchw"  # TOPI's conv2d in NCHW: a conv the layout pas
 # on one thread; at 1 << 16, vad_lstm_streaming's 4 small parallel kernels made it 1.5x slower on 2 threads
 # than on 1. From 1 << 18 (several us on one thread) halving the time pays for the wake-up.
 MIN_PARALLEL_WORK = 1 << 18
+# An unvectorized copy costs about a nanosecond an element (SSDlite's class head transposed into rows of 91
+# classes: 218K elements, 0.18 ms on one thread), so from this many elements two threads pay for the wake-up.
+MIN_PARALLEL_SCALAR_COPY = 1 << 15
 # Aim for this many parallel chunks per core, so uneven rows still balance.
 CHUNKS_PER_CORE = 4
 # What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
@@ -564,6 +567,9 @@ def _schedule_spatial_block(sch, block, spec: TargetSpec) -> bool:
         vec_o, vec_i = sch.split(inner, [None, lanes])
         sch.vectorize(vec_i)
         spatial.append(vec_o)
+    elif len(spatial) == len(loops):  # a scalar copy (a transpose into rows of 91)
+        _parallel_prefix(sch, spatial, spec, block, MIN_PARALLEL_SCALAR_COPY)
+        return True
     _parallel_prefix(sch, spatial, spec, block)
     return True
 
@@ -628,9 +634,9 @@ def _work(sch, block) -> int:
     return work
 
 
-def _parallel_prefix(sch, spatial, spec: TargetSpec, block=None):
+def _parallel_prefix(sch, spatial, spec: TargetSpec, block=None, min_work: int = MIN_PARALLEL_WORK):
     """Fuse outer spatial loops until there is enough work for every core, and run them in parallel."""
-    if block is not None and _work(sch, block) < MIN_PARALLEL_WORK:
+    if block is not None and _work(sch, block) < min_work:
         return
     cores = spec.num_cores or 2
     take, work = 0, 1
