@@ -167,6 +167,22 @@ def test_such_a_conv_on_a_map_of_no_whole_vector_is_padded_all_the_same(rng):
     assert "conv2d_nchw_pointwise" not in built.report.schedules.applied.values()
 
 
+@pytest.mark.parametrize("target, channels", [("cascadelake", 208), ("avx2", 200)])
+def test_channels_with_only_a_half_vector_block_are_padded_to_whole_vectors_where_that_is_cheap(target, channels):
+    """200 channels have an 8-lane block: on AVX-512 they are padded to 208 (4% more) so that the conv runs on
+    16-lane vectors (SqueezeNet's 1000-class conv: 1008); on AVX2, 8 lanes are the whole vector. The gather
+    back to 200 after the global pooling, on one pixel, does not undo the padding."""
+    g = GraphBuilder(np.random.default_rng(0))
+    y = g.op("GlobalAveragePool", [g.conv_bn("data", "classifier", 16, 200, k=1)], "pool")
+    model = g.model("classifier", {"data": (1, 16, 6, 6)}, [g.op("Flatten", [y], "flatten")])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target(target))
+    convs = _ops(mod, "relax.nn.conv2d")
+    assert [int(c.ty.shape.values[1]) * int(c.ty.shape.values[4]) for c in convs] == [channels]
+    built, got, want = _compiled(model, np.random.default_rng(1))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
 def test_the_search_for_padded_sources_visits_each_value_once():
     """A chain of residual adds reaches every earlier value along 2^depth paths; the walk back from a gather
     to the padded convs it reads must read each value once (a transformer's simulated int8 graph never
