@@ -562,15 +562,15 @@ def _schedule_spatial_block(sch, block, spec: TargetSpec) -> bool:
     if len(spatial) == len(loops) and _transpose_tile(sch, block, spatial, lanes):
         _parallel_prefix(sch, spatial[:-2], spec, block)
         return True
+    min_work = MIN_PARALLEL_WORK
     if len(spatial) == len(loops) and _extent(sch, spatial[-1]) % lanes == 0:
         *spatial, inner = spatial
         vec_o, vec_i = sch.split(inner, [None, lanes])
         sch.vectorize(vec_i)
         spatial.append(vec_o)
     elif len(spatial) == len(loops):  # a scalar copy (a transpose into rows of 91)
-        _parallel_prefix(sch, spatial, spec, block, MIN_PARALLEL_SCALAR_COPY)
-        return True
-    _parallel_prefix(sch, spatial, spec, block)
+        min_work = MIN_PARALLEL_SCALAR_COPY
+    _parallel_prefix(sch, spatial, spec, block, min_work)
     return True
 
 
