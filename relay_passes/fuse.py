@@ -136,6 +136,8 @@ def fuse(mod: tvm.IRModule, rules=RULE_NAMES) -> tuple[tvm.IRModule, FusionRepor
     report.rejected = [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in refusals)]
     if rules:
         mod, report.elementwise = fuse_elementwise(mod, _composites(mod))
+        stored = set(report.elementwise.second_outputs)  # quantizes their producer's kernel now stores
+        report.rejected = [r for r in report.rejected if r["at"] not in stored]
     report.fusion = {name: 0 for name in rules}
     composite = _composites(mod)
     unfused = Counter()

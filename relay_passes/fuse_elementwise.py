@@ -9,6 +9,10 @@ Intermediate values are never read outside their group, so the group can run whe
 A producer (a rule's group, or a conv/matmul no rule took) takes only elementwise ops of its own output
 shape: its schedule computes the epilogue on each register tile (targets.schedules). Injective ops (reshape,
 transpose) join only kernels of their own.
+
+One exception to the single value: where a producer's fp32 result is read both by a quantize (the next int8
+op's input) and by something else (a residual add), the quantize becomes the kernel's second output. The
+tile is then stored twice, fp32 and int8, instead of read back whole by a quantize kernel of its own.
 """
 
 from __future__ import annotations
@@ -44,15 +48,17 @@ LOOKAHEAD = 24
 class ElementwiseReport:
     """Elementwise/injective fusion: `kernels` made of such ops alone and the `ops` inside them;
     `epilogue_ops`: ops hung on a producer's kernel (a rule's group, or a conv/matmul no rule took);
-    `chains`: each fused op list (the producer first: a rule's name or the op) and how many times."""
+    `chains`: each fused op list (the producer first: a rule's name or the op) and how many times;
+    `second_outputs`: the quantizes stored by their producer's kernel beside its fp32 result (their values)."""
     kernels: int = 0
     ops: int = 0
     epilogue_ops: int = 0
     chains: dict[str, int] = field(default_factory=dict)
+    second_outputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"kernels": self.kernels, "ops": self.ops, "epilogue_ops": self.epilogue_ops,
-                "chains": dict(sorted(self.chains.items()))}
+                "chains": dict(sorted(self.chains.items())), "second_outputs": len(self.second_outputs)}
 
 
 @dataclass
@@ -60,6 +66,7 @@ class _Group:
     members: list[int]  # binding indices, in order
     composite: str | None  # the rule whose group this grows, if any
     anchor_shape: tuple | None  # a rule's group or a conv/matmul: its output shape, the epilogue's
+    second_output: int | None = None  # a quantize of the group's result, stored by the same kernel
 
 
 def fuse_elementwise(mod: tvm.IRModule, composites: dict[str, str]) -> tuple[tvm.IRModule, ElementwiseReport]:
@@ -80,15 +87,17 @@ def fuse_elementwise(mod: tvm.IRModule, composites: dict[str, str]) -> tuple[tvm
         replaced = {}
         for group in groups:
             gvar, args, ops = _make_function(builder, mod, bindings, group)
-            replaced[group.members[-1]] = relax.VarBinding(bindings[group.members[-1]].var, relax.Call(gvar, args))
+            replaced[group.members[-1]] = _call_bindings(bindings, group, relax.Call(gvar, args))
+            if group.second_output is not None:
+                report.second_outputs.append(bindings[group.second_output].var.name)
             if group.anchor_shape is None:
                 report.kernels += 1
                 report.ops += len(ops)
             else:  # the first op (or the rule's group) is the producer
                 report.epilogue_ops += len(ops) - (group.composite is None)
             chains["+".join(ops if group.composite is None else [group.composite, *ops])] += 1
-        inside = {i for g in groups for i in g.members}
-        kept = [replaced.get(i, b) for i, b in enumerate(bindings) if i not in inside or i in replaced]
+        inside = {i for g in groups for i in g.members + [g.second_output]}
+        kept = [c for i, b in enumerate(bindings) if i not in inside or i in replaced for c in replaced.get(i, [b])]
         blocks.append(relax.DataflowBlock(kept))
     report.chains = dict(chains)
     if not any(report.chains):
@@ -122,10 +131,38 @@ def _find_groups(bindings, uses, composites) -> list[_Group]:
         anchored = rule is not None or op in ANCHOR_OPS
         group = _Group([i], rule, _shape(binding.var) if anchored else None)
         _grow(group, bindings, uses, taken)
-        if len(group.members) > 1:
+        if anchored:
+            group.second_output = _second_quantize(group, bindings, uses, taken)
+        if len(group.members) > 1 or group.second_output is not None:
             groups.append(group)
-            taken.update(group.members)
+            taken.update(group.members + [group.second_output])
     return groups
+
+
+def _second_quantize(group: _Group, bindings, uses, taken) -> int | None:
+    """The quantize (by constants) of the group's result where that result is also read elsewhere, or None."""
+    result = bindings[group.members[-1]].var
+    if uses.get(result, 0) < 2:
+        return None  # its only reader, if fusible, has joined the group already
+    for j in range(group.members[-1] + 1, min(group.members[-1] + 1 + LOOKAHEAD, len(bindings))):
+        value = bindings[j].value
+        if (j not in taken and op_name(value) == "relax.quantize" and value.args[0].same_as(result)
+                and not any(isinstance(a, relax.Var) for a in value.args[1:])
+                and _shape(bindings[j].var) == _shape(result)):
+            return j
+    return None
+
+
+def _call_bindings(bindings, group: _Group, call) -> list:
+    """The bindings that replace the group in `main`: its call, bound to its last value's variable; with a
+    second output, the call's pair and both variables bound to its fields (the readers keep their variables)."""
+    result = bindings[group.members[-1]].var
+    if group.second_output is None:
+        return [relax.VarBinding(result, call)]
+    quantized = bindings[group.second_output].var
+    pair = relax.DataflowVar(f"{result.name}_pair", relax.TupleType([result.ty, quantized.ty]))
+    return [relax.VarBinding(pair, call), relax.VarBinding(result, relax.TupleGetItem(pair, 0)),
+            relax.VarBinding(quantized, relax.TupleGetItem(pair, 1))]
 
 
 def _elements(var) -> int | None:
@@ -213,6 +250,11 @@ def _make_function(builder, mod, bindings, group: _Group):
                     ops.append(call.op.name.removeprefix("relax.").removeprefix("nn."))
                     result = inner.emit(relax.Call(call.op, [leaf(a) for a in call.args], call.attrs, call.ty_args))
                 env[binding.var] = result
+            if group.second_output is not None:
+                quantize = bindings[group.second_output].value
+                ops.append("quantize")
+                result = relax.Tuple([result, inner.emit(relax.Call(
+                    quantize.op, [leaf(a) for a in quantize.args], quantize.attrs, quantize.ty_args))])
             output = inner.emit_output(result)
         inner.emit_func_output(output, params)
     func = inner.get()["fused"]

@@ -179,16 +179,31 @@ def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
-def _epilogue(sch, block):
-    """Fold the elementwise blocks after `block` into the last one; return that block (or None). They may
-    read a value twice (x * clip(x + 3, 0, 6) / 6): all are inlined as long as they end in one block."""
+def _epilogue(sch, block) -> list:
+    """Fold the elementwise blocks after `block` into the blocks that store the kernel's outputs; return
+    those, in order (empty if there are none to fold into). They may read a value twice
+    (x * clip(x + 3, 0, 6) / 6): all are inlined as long as they end in one block. A stored output may also
+    be read on (an fp32 result and its quantized copy, relay_passes.fuse_elementwise): both are kept."""
     after = _downstream_blocks(sch, block)
     sinks = [b for b in after if not sch.get_consumers(b)]
     if len(sinks) == 1 and not any(_is_reduction(sch, b) for b in after):
+        outputs = _output_buffer_names(sch)
+        stores = [b for b in after[:-1] if _written_buffer(sch, b) in outputs] + [sinks[0]]
         for b in after[:-1]:
-            sch.compute_inline(b)
-        return sinks[0]
-    return _epilogue_chain(sch, block)
+            if _written_buffer(sch, b) not in outputs:
+                sch.compute_inline(b)
+        return stores
+    tail = _epilogue_chain(sch, block)
+    return [] if tail is None else [tail]
+
+
+def _output_buffer_names(sch) -> set:
+    """The kernel's parameters (its inputs and outputs): a block writing one stores an output."""
+    return {p.name for p in sch.mod["main"].params}
+
+
+def _written_buffer(sch, block) -> str:
+    return sch.get(block).writes[0].source.name
 
 
 def _downstream_blocks(sch, block) -> list:
@@ -219,20 +234,21 @@ def _epilogue_chain(sch, block):
     return tail or (consumers[0] if len(consumers) == 1 else None)
 
 
-def _accumulator_tail(sch, conv):
-    """The block that stores the conv's tile (its folded epilogue, or a copy-out), with the conv itself
+def _accumulator_tail(sch, conv) -> list:
+    """The blocks that store the conv's tile (its folded epilogue, or a copy-out), with the conv itself
     accumulating into a tile-sized local buffer, i.e. registers."""
-    tail = _epilogue(sch, conv)
-    if tail is None:
-        return sch.cache_write(conv, 0, "local")
+    stores = _epilogue(sch, conv)
+    if not stores:
+        return [sch.cache_write(conv, 0, "local")]
     sch.set_scope(conv, 0, "local")
-    return tail
+    return stores
 
 
-def _store_tile_at(sch, tail, loop):
-    """Compute the epilogue/store block once per register tile, under `loop`, vectorized."""
-    sch.reverse_compute_at(tail, loop, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(tail)[-1])
+def _store_tile_at(sch, stores: list, loop):
+    """Compute the epilogue/store blocks once per register tile, under `loop`, in order, vectorized."""
+    for store in stores:
+        sch.reverse_compute_at(store, loop, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(store)[-1])
 
 
 def _split_init(sch, block, loop):
@@ -255,7 +271,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     else:
         col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
-    tail = _accumulator_tail(sch, conv)
+    stores = _accumulator_tail(sch, conv)
     chunk = _input_channel_chunk(sch, conv, reduction, tile_c * lanes)
     ic_outer, kh, kw, *ic_rest = reduction
     # Reduction order: input-channel blocks outside the kernel window (the rules' choice), inside it, or
@@ -280,7 +296,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     else:
         (ic_inner,) = ic_rest
         sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_inner, col_i, oc_i, lane)
-    _store_tile_at(sch, tail, store_at)
+    _store_tile_at(sch, stores, store_at)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, oc_o, row))
     sch.unroll(col_i)
     sch.unroll(oc_i)
@@ -323,9 +339,9 @@ def _schedule_window(sch, block, spec: TargetSpec, tiles) -> None:
         col_o, col_i = sch.split(col, [None, tile_w])
     else:
         col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
-    tail = _accumulator_tail(sch, block)
+    stores = _accumulator_tail(sch, block)
     sch.reorder(batch, chunk, row, col_o, kh, kw, col_i, lane)
-    _store_tile_at(sch, tail, col_o)
+    _store_tile_at(sch, stores, col_o)
     _parallel_if_worth_it(sch, block, sch.fuse(batch, chunk, row))
     sch.unroll(col_i)
     sch.vectorize(lane)
@@ -374,9 +390,9 @@ def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     col_o, col_i = sch.split(col, [None, lanes])
     tile_c, _ = register_tile(_extent(sch, channel), 1, vector_lanes(spec))
     channel_o, channel_i = tiles.split(sch, channel, tile_c, TILE_REGISTERS[vector_lanes(spec)])
-    tail = _accumulator_tail(sch, conv)
+    stores = _accumulator_tail(sch, conv)
     sch.reorder(batch, channel_o, row, col_o, *reduction, channel_i, col_i)
-    _store_tile_at(sch, tail, col_o)
+    _store_tile_at(sch, stores, col_o)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o, row))
     sch.unroll(channel_i)
     sch.vectorize(col_i)
@@ -398,18 +414,19 @@ def _schedule_pointwise_nchw(sch, conv, spec: TargetSpec, tiles) -> str:
     whole map as one contiguous loop (a 28x28 map is 49 full vectors, not 28 rows of 28 with masked ends)."""
     _inline_producers(sch, conv)  # a padding of 0, if the lowering wrote one
     width = _extent(sch, sch.get_loops(conv)[3])
-    tail = _accumulator_tail(sch, conv)
+    stores = _accumulator_tail(sch, conv)
     # the conv and its epilogue iterate over (row, column) as one pixel index, so that a tile's pixels are one
     # range of it in both
     sch.transform_block_layout(conv, lambda n, c, y, x, rc, ry, rx: (n, c, y * width + x, rc, ry, rx))
-    sch.transform_block_layout(tail, lambda n, c, y, x: (n, c, y * width + x))
+    for store in stores:
+        sch.transform_block_layout(store, lambda n, c, y, x: (n, c, y * width + x))
     sch.transform_layout(conv, ("write", 0), lambda n, c, y, x: (n, c, y * width + x))
     batch, channel, pixels, channels_in, *_ = sch.get_loops(conv)
     lanes, vectors, tile_c = _pointwise_tile(_extent(sch, pixels), _extent(sch, channel), spec)
     pixel_o, pixel_v, pixel_i = sch.split(pixels, [None, vectors, lanes])
     channel_o, channel_i = sch.split(channel, [None, tile_c])
     sch.reorder(batch, channel_o, pixel_o, channels_in, channel_i, pixel_v, pixel_i)
-    _store_tile_at(sch, tail, pixel_o)
+    _store_tile_at(sch, stores, pixel_o)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o))
     sch.unroll(channel_i)
     sch.unroll(pixel_v)
@@ -467,7 +484,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         # int8 legalization computes whole tiles instead: targets.dense); an exact tile, however small
         rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec))
         ragged = False
-    tail = _accumulator_tail(sch, block)
+    stores = _accumulator_tail(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = sch.split(row, [None, rows]) if ragged else tiles.split(sch, row, rows, registers)
@@ -477,7 +494,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l, group)
     else:
         sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l)
-    _store_tile_at(sch, tail, tile_order[-1])
+    _store_tile_at(sch, stores, tile_order[-1])
     _parallel_prefix(sch, [*outer, *tile_order], spec, block)
     sch.unroll(row_i)
     sch.unroll(col_v)

@@ -154,7 +154,8 @@ def schedule_winograd(sch, spec, tiles) -> str | None:
     _schedule_input_transform(sch, blocks[INPUT_ROWS], blocks[INPUT_BLOCK])
     _schedule_gemm(sch, blocks[GEMM_BLOCK], vector_lanes(spec), tiles)
     output = blocks[OUTPUT_BLOCK]
-    tail = _epilogue(sch, output)
+    stores = _epilogue(sch, output)
+    tail = stores[0] if len(stores) == 1 else None
     if tail is None and sch.get_consumers(output):  # read by several outputs: stored, its readers apart
         for block in _all_blocks(sch):
             if sch.get(block).name_hint not in (INPUT_ROWS, INPUT_BLOCK, GEMM_BLOCK, OUTPUT_COLUMNS, OUTPUT_BLOCK):

@@ -237,3 +237,28 @@ def test_int8_conv_with_elementwise_tail(rng):
         assert built.report.schedules.unscheduled == {}
     assert builds[True].report.elementwise["epilogue_ops"] >= 3
     assert builds[True].report.kernels < builds[False].report.kernels
+
+
+def test_int8_block_output_and_its_quantized_copy_come_from_one_kernel(rng, monkeypatch):
+    """Between two identity bottlenecks, the first block's fp32 output is read by the second's residual Add and
+    quantized for its first conv: the block's last kernel stores both, bit for bit what a quantize kernel of
+    its own computes."""
+    from relay_passes import fuse_elementwise
+
+    g = GraphBuilder(rng)
+    y = fixtures.bottleneck(g, "data", "block1", 16, 8, 16)
+    y = fixtures.bottleneck(g, y, "block2", 16, 8, 16)
+    model = g.model("two_blocks", {"data": (1, 16, 12, 12)}, [y])
+    calib = [random_inputs(model, rng) for _ in range(2)]
+    feeds = random_inputs(model, rng)
+    paired = compiler.compile(model, target="native", calib=calib, bias_correction=None)
+    monkeypatch.setattr(fuse_elementwise, "_second_quantize", lambda *args: None)
+    apart = compiler.compile(model, target="native", calib=calib, bias_correction=None)
+    assert paired.report.elementwise["second_outputs"] == 1 and apart.report.elementwise["second_outputs"] == 0
+    assert paired.report.kernels == apart.report.kernels - 1
+    assert paired.report.schedules.unscheduled == {}
+    assert paired.report.unfused_ops.get("quantize", 0) == apart.report.unfused_ops["quantize"] - 1
+    assert not any("quantize" in r["reason"] for r in paired.report.rejected)
+    np.testing.assert_array_equal(paired.run(**feeds)[0], apart.run(**feeds)[0])
+    expected = onnxruntime_outputs(model, feeds)[0]
+    assert np.abs(paired.run(**feeds)[0] - expected).max() <= 0.05 * np.abs(expected).max()
