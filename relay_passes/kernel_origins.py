@@ -94,7 +94,8 @@ def group_sources(before: tvm.IRModule, after: tvm.IRModule) -> dict:
     (as many as each group's function holds), in the order the groups are called. Where the counts do not
     add up, no group gets tags."""
     tags = binding_sources(before)
-    kept = {b.var for b in _bindings(after["main"])}
+    # a group's outputs bound to the fields of its call (relay_passes.fuse_elementwise) are its ops' results
+    kept = {b.var for b in _bindings(after["main"]) if not isinstance(b.value, relax.TupleGetItem)}
     gone = [b.var for b in _bindings(before["main"]) if b.var not in kept and isinstance(b.value, relax.Call)
             and isinstance(b.value.op, tvm.ir.Op)]
     groups = [(b.var, _op_calls(after, after[b.value.op])) for b in _bindings(after["main"])
