@@ -40,6 +40,8 @@ COSTLY_OPS = frozenset("relax." + name for name in (
     "exp log sqrt rsqrt power sigmoid tanh erf nn.gelu nn.gelu_tanh nn.silu nn.softplus").split())
 # A conv or matmul no rule took (no bias, or two activations as in attention) still takes an epilogue.
 ANCHOR_OPS = frozenset({"relax.nn.conv2d", "relax.matmul"})
+# The rank of a tensor in the blocked layout NCHW{c}: where a producer may store a quantized copy.
+BLOCKED_RANK = 5
 # How far past a group's last op to look for the binding where its values meet again.
 LOOKAHEAD = 24
 
@@ -144,6 +146,8 @@ def _second_quantize(group: _Group, bindings, uses, taken) -> int | None:
     result = bindings[group.members[-1]].var
     if uses.get(result, 0) < 2:
         return None  # its only reader, if fusible, has joined the group already
+    if len(_shape(result) or ()) != BLOCKED_RANK:
+        return None  # a conv left NCHW stores its tile over flattened pixels, which the copy's store cannot follow
     for j in range(group.members[-1] + 1, min(group.members[-1] + 1 + LOOKAHEAD, len(bindings))):
         value = bindings[j].value
         if (j not in taken and op_name(value) == "relax.quantize" and value.args[0].same_as(result)
