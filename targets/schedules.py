@@ -14,6 +14,7 @@ start at the rules' choice, so that tuning (targets.tuning) searches around the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import tvm
@@ -44,6 +45,9 @@ MIN_PARALLEL_WORK = 1 << 18
 MIN_PARALLEL_SCALAR_COPY = 1 << 15
 # Aim for this many parallel chunks per core, so uneven rows still balance.
 CHUNKS_PER_CORE = 4
+# Vectors of a register tile's store that are unrolled (a tile has at most TILE_REGISTERS accumulators; a
+# row's store, where the accumulators live in memory between input-channel chunks, stays a loop).
+MAX_UNROLLED_STORES = 32
 # What TVM marks a scheduled kernel with (MetaSchedule's tuned kernels too): those are left as they are.
 IS_SCHEDULED = "tirx.is_scheduled"
 # A kernel written already scheduled (targets.recurrent) names its rule here, for the compile report.
@@ -245,10 +249,18 @@ def _accumulator_tail(sch, conv) -> list:
 
 
 def _store_tile_at(sch, stores: list, loop):
-    """Compute the epilogue/store blocks once per register tile, under `loop`, in order, vectorized."""
+    """Compute the epilogue/store blocks once per register tile, under `loop`, in order, vectorized. A
+    register tile's store is unrolled: read at constant offsets, its accumulators stay registers (looped
+    over, they live on the stack, zeroed by a memset call and stored and reloaded on every tile)."""
     for store in stores:
         sch.reverse_compute_at(store, loop, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(store)[-1])
+        loops = sch.get_loops(store)
+        under = next(i for i, outer in enumerate(loops) if sch.get(outer).same_as(sch.get(loop)))
+        *tile, lane = loops[under + 1:]
+        sch.vectorize(lane)
+        if math.prod(_extent(sch, t) for t in tile) <= MAX_UNROLLED_STORES:
+            for t in tile:
+                sch.unroll(t)
 
 
 def _split_init(sch, block, loop):
