@@ -197,7 +197,7 @@ def _unrolled_at(sch, block, loop) -> None:
 def _schedule_gemm(sch, block, lanes: int, tiles) -> None:
     """As a 1x1 conv's register tile (targets.schedules): tiles x output-channel blocks in registers, the
     transformed input a broadcast, the weight a vector; parallel over (k, channel blocks, tiles)."""
-    from targets.schedules import _extent, _parallel_if_worth_it, _split_init
+    from targets.schedules import _extent, _parallel_if_worth_it, _split_init, _store_tile_at
 
     k, oc, t, lane, ic_outer, ic_inner = sch.get_loops(block)
     tile_w, tile_c, ragged = conv_tile(_extent(sch, t), _extent(sch, oc), lanes, allow_ragged=True)
@@ -208,8 +208,7 @@ def _schedule_gemm(sch, block, lanes: int, tiles) -> None:
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
     store = sch.cache_write(block, 0, "local")
     sch.reorder(k, oc_o, t_o, ic_outer, ic_inner, t_i, oc_i, lane)
-    sch.reverse_compute_at(store, t_o, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(store)[-1])
+    _store_tile_at(sch, [store], t_o)
     _parallel_if_worth_it(sch, block, sch.fuse(k, oc_o, t_o))
     sch.unroll(t_i)
     sch.unroll(oc_i)
