@@ -192,9 +192,11 @@ def _epilogue(sch, block) -> list:
     sinks = [b for b in after if not sch.get_consumers(b)]
     if len(sinks) == 1 and not any(_is_reduction(sch, b) for b in after):
         outputs = _output_buffer_names(sch)
-        stores = [b for b in after[:-1] if _written_buffer(sch, b) in outputs] + [sinks[0]]
-        for b in after[:-1]:
-            if _written_buffer(sch, b) not in outputs:
+        stores = []
+        for b in after:  # (the sink writes an output: a block writing none would be dead)
+            if _written_buffer(sch, b) in outputs:
+                stores.append(b)
+            else:
                 sch.compute_inline(b)
         return stores
     tail = _epilogue_chain(sch, block)
@@ -238,7 +240,7 @@ def _epilogue_chain(sch, block):
     return tail or (consumers[0] if len(consumers) == 1 else None)
 
 
-def _accumulator_tail(sch, conv) -> list:
+def _accumulator_stores(sch, conv) -> list:
     """The blocks that store the conv's tile (its folded epilogue, or a copy-out), with the conv itself
     accumulating into a tile-sized local buffer, i.e. registers."""
     stores = _epilogue(sch, conv)
@@ -283,7 +285,7 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     else:
         col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
-    stores = _accumulator_tail(sch, conv)
+    stores = _accumulator_stores(sch, conv)
     chunk = _input_channel_chunk(sch, conv, reduction, tile_c * lanes)
     ic_outer, kh, kw, *ic_rest = reduction
     # Reduction order: input-channel blocks outside the kernel window (the rules' choice), inside it, or
@@ -351,7 +353,7 @@ def _schedule_window(sch, block, spec: TargetSpec, tiles) -> None:
         col_o, col_i = sch.split(col, [None, tile_w])
     else:
         col_o, col_i = tiles.split(sch, col, tile_w, TILE_REGISTERS[lanes])
-    stores = _accumulator_tail(sch, block)
+    stores = _accumulator_stores(sch, block)
     sch.reorder(batch, chunk, row, col_o, kh, kw, col_i, lane)
     _store_tile_at(sch, stores, col_o)
     _parallel_if_worth_it(sch, block, sch.fuse(batch, chunk, row))
@@ -402,7 +404,7 @@ def _schedule_plain_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     col_o, col_i = sch.split(col, [None, lanes])
     tile_c, _ = register_tile(_extent(sch, channel), 1, vector_lanes(spec))
     channel_o, channel_i = tiles.split(sch, channel, tile_c, TILE_REGISTERS[vector_lanes(spec)])
-    stores = _accumulator_tail(sch, conv)
+    stores = _accumulator_stores(sch, conv)
     sch.reorder(batch, channel_o, row, col_o, *reduction, channel_i, col_i)
     _store_tile_at(sch, stores, col_o)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o, row))
@@ -426,7 +428,7 @@ def _schedule_pointwise_nchw(sch, conv, spec: TargetSpec, tiles) -> str:
     whole map as one contiguous loop (a 28x28 map is 49 full vectors, not 28 rows of 28 with masked ends)."""
     _inline_producers(sch, conv)  # a padding of 0, if the lowering wrote one
     width = _extent(sch, sch.get_loops(conv)[3])
-    stores = _accumulator_tail(sch, conv)
+    stores = _accumulator_stores(sch, conv)
     # the conv and its epilogue iterate over (row, column) as one pixel index, so that a tile's pixels are one
     # range of it in both
     sch.transform_block_layout(conv, lambda n, c, y, x, rc, ry, rx: (n, c, y * width + x, rc, ry, rx))
@@ -496,7 +498,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         # int8 legalization computes whole tiles instead: targets.dense); an exact tile, however small
         rows, vectors = register_tile(_extent(sch, row), chunks, vector_lanes(spec))
         ragged = False
-    stores = _accumulator_tail(sch, block)
+    stores = _accumulator_stores(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = sch.split(row, [None, rows]) if ragged else tiles.split(sch, row, rows, registers)

@@ -204,7 +204,7 @@ def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: st
     x vectors of j, the dot intrinsic on each (lanes x 4) block; None where the shapes or target do not fit
     (nothing changed then)."""
     from targets.schedules import (
-        _accumulator_tail,
+        _accumulator_stores,
         _parallel_prefix,
         _schedule_spatial_block,
         _split_init,
@@ -225,7 +225,7 @@ def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: st
     _schedule_spatial_block(sch, pack, spec)
     registers = TILE_REGISTERS[vector_lanes(spec)]
     rows, vectors = register_tile(int(sch.get(row).extent), columns // lanes, vector_lanes(spec))
-    stores = _accumulator_tail(sch, block)
+    stores = _accumulator_stores(sch, block)
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = tiles.split(sch, row, rows, registers)
