@@ -326,6 +326,20 @@ class StreamingVAD(nn.Module):
             nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(64, hidden, 3, padding=1), nn.ReLU())
         self.cell = nn.LSTMCell(hidden, hidden)
         self.decoder = nn.Conv1d(hidden, 1, 1)
+        self.keep_scale()
+
+    def keep_scale(self):
+        """Weights drawn so the signal keeps its size through the network, as a trained VAD's does. Under
+        PyTorch's default init (gain 1/sqrt(3) per layer, then ReLU) the encoder shrank the features some
+        fifteenfold and the one LSTM step from a zero state shrank them again: the speech probability moved by
+        3e-5 of its value between random chunks, so it compared a bias with a bias."""
+        with torch.no_grad():
+            nn.init.normal_(self.stft.weight, std=self.stft.weight[0].numel() ** -0.5)  # a unit-gain filter bank
+            for conv in (m for m in self.encoder if isinstance(m, nn.Conv1d)):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+            nn.init.normal_(self.cell.weight_ih, std=self.cell.input_size ** -0.5)
+            nn.init.kaiming_normal_(self.decoder.weight, nonlinearity="relu")  # it reads relu(h)
 
     def forward(self, audio, state):
         spec = self.stft(audio.unsqueeze(1))
@@ -400,14 +414,29 @@ def hf_model(kind: str, **config) -> Callable[[], nn.Module]:
         if kind == "gpt2":
             cfg.use_cache = False
         torch.manual_seed(SEED)
-        return FirstOutput(getattr(transformers, cls_model)(cfg))
+        model = getattr(transformers, cls_model)(cfg)
+        return AllTokensMask(model) if kind == "gpt2" else FirstOutput(model)
     return build
 
 
+class AllTokensMask(nn.Module):
+    """A decoder fed input_ids only, given an attention mask of ones made inside (the same output). Without a
+    mask, transformers 5 looks for packed sequences in the position ids while tracing (torch.diff, which the
+    legacy exporter cannot write); with one it does not, and older transformers just apply the mask."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner(input_ids, attention_mask=torch.ones_like(input_ids))[0]
+
+
 def tokens(*names: str, seq: int = 128, vocab: int = 30522) -> Callable[[], dict[str, torch.Tensor]]:
+    """Token ids drawn from the global generator (seeded by export), like the other models' inputs: each call
+    a new draw, or check_outputs_vary would compare the output for one input with itself."""
     def make():
-        g = torch.Generator().manual_seed(SEED)
-        feeds = {"input_ids": torch.randint(0, vocab, (1, seq), generator=g)}
+        feeds = {"input_ids": torch.randint(0, vocab, (1, seq))}
         if "attention_mask" in names:
             feeds["attention_mask"] = torch.ones(1, seq, dtype=torch.int64)
         if "token_type_ids" in names:
@@ -506,8 +535,11 @@ def settle_batch_norms(model: nn.Module, entry: Entry) -> None:
 
 def check_outputs_vary(model: nn.Module, entry: Entry, min_change: float = 1e-3) -> None:
     """Every output must change with the input, or comparing it with onnxruntime checks nothing."""
+    feeds = [entry.inputs() for _ in range(2)]
+    if all(torch.equal(a, b) for a, b in zip(feeds[0].values(), feeds[1].values())):
+        raise RuntimeError(f"{entry.name}: its inputs() gave the same input twice, so nothing can vary")
     with torch.no_grad():
-        first, second = (_tensors(model(*entry.inputs().values())) for _ in range(2))
+        first, second = (_tensors(model(*f.values())) for f in feeds)
     for index, (a, b) in enumerate(zip(first, second)):
         scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
         if float((a - b).abs().max()) < min_change * scale:
