@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import GenericConst
 
+from targets.constant_weights import fused_with_constant_weights, is_conv
 from targets.winograd import (
     KERNEL,
     conv2d_winograd_nchwc,
@@ -32,12 +33,10 @@ MAX_WORK_SHARE = 0.5  # of the direct conv's multiply-adds, that whole tiles may
 MIN_INPUT_BLOCK = 8
 
 
-def _is_conv(expr) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d"
-
-
 def qualifies(call: relax.Call) -> bool:
     """A conv2d the Winograd kernel computes, its weight aside (targets.winograd's shapes)."""
+    if not is_conv(call):
+        return False
     attrs, data, weight = call.attrs, call.args[0].ty, call.args[1].ty
     if (len(attrs.data_layout) == 4 or data.dtype != "float32" or weight.dtype != "float32"
             or call.ty.dtype != "float32" or weight.ndim != 6 or int(attrs.groups) != 1
@@ -71,7 +70,7 @@ class _WinogradCalls(relax.PyExprMutator):
         if isinstance(call.op, relax.GlobalVar) and call.op in self.fused:
             args = [_transformed(a) if i in self.fused[call.op] else a for i, a in enumerate(call.args)]
             return relax.Call(self.replaced[call.op], args)
-        if not (_is_conv(call) and qualifies(call)):
+        if not qualifies(call):
             return call
         weight = call.args[1]
         if isinstance(weight, GenericConst):
@@ -86,50 +85,9 @@ class _WinogradCalls(relax.PyExprMutator):
                                      primfunc_name_hint="conv2d_winograd_nchwc")
 
 
-def _weight_parameters(func: relax.Function) -> list[int]:
-    """Positions of `func`'s parameters that a qualifying conv reads as its weight."""
-    positions = set()
-
-    def visit(expr):
-        if _is_conv(expr) and qualifies(expr):
-            positions.update(i for i, p in enumerate(func.params) if p.same_as(expr.args[1]))
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return sorted(positions)
-
-
-def _calls(mod: tvm.IRModule) -> dict:
-    """GlobalVar -> every call of it in the module's relax functions."""
-    calls: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar):
-            calls.setdefault(expr.op, []).append(expr)
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return calls
-
-
-def _fused_with_constant_weights(mod: tvm.IRModule) -> dict:
-    """Fused function -> positions of its qualifying convs' weight parameters, where every call passes
-    constants there."""
-    calls = _calls(mod)
-    fused = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, relax.Function) or gv.name_hint == "main":
-            continue
-        positions = _weight_parameters(func)
-        if positions and calls.get(gv) and all(isinstance(c.args[i], GenericConst)
-                                               for c in calls[gv] for i in positions):
-            fused[gv] = positions
-    return fused
-
-
 def winograd_convs(mod: tvm.IRModule) -> tvm.IRModule:
     """Every qualifying conv with a constant weight computed by the Winograd kernel."""
-    fused = _fused_with_constant_weights(mod)
+    fused = fused_with_constant_weights(mod, qualifies)
     mutator = _WinogradCalls(mod, {}, fused)
     for gv, positions in fused.items():
         func = mod[gv]
