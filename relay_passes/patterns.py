@@ -117,6 +117,8 @@ def _producer(kind: str):
     # and unpacked inside the kernel (targets.layout.pack_dense_weights).
     weight = is_const() if kind == "conv" else is_const() | is_op("relax.layout_transform")(is_const())
     op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), weight)
+    if kind == "fc":  # a packed weight padded to whole vectors: the FC's real columns sliced off its result
+        op = op | is_op("relax.strided_slice")(op, varg_default_wildcard=True)
     accumulator = op | is_op("relax.add")(op, is_const())
     dequantized = is_op("relax.multiply")(is_op("relax.astype")(accumulator), is_const())
     bias = is_const()

@@ -56,9 +56,10 @@ def test_fc_matches_onnxruntime(x_shape, n, gemm, rng):
     padded = n % 8 != 0 and n > lanes
     # a packed weight's unpacking is fused into the FC's kernel, which the matmul rule still schedules
     assert any("layout_transform" in name for name in applied) == (n % 8 == 0 or padded)
-    # a padded FC's crop (with its bias and ReLU) is an elementwise kernel of its own
-    assert set(applied.values()) == ({"generic"} if n == 6 else {"matmul", "generic"} if padded else {"matmul"})
+    # a padded FC's crop is in the FC's kernel too, with its bias and ReLU (the fc rules take the crop)
+    assert set(applied.values()) == ({"generic"} if n == 6 else {"matmul"})
     assert any("strided_slice" in name for name in applied) == padded
+    assert not padded or built.report.fusion["fc_act" if not gemm else "fc_bias"] == 1
 
 
 def test_a_lone_fc_reads_its_packed_weight(rng):
