@@ -174,7 +174,7 @@ class ModelJob:
         calibration_started = time.perf_counter()
         host = HostBuilder(self.imported, self.build.rules, self.num_threads)
         quantization = quantize(graph, self.imported.onnx_model, self.imported.inputs, self.calib, self.options,
-                                host.runner)
+                                host.runner, bounded_pairs=self.options.bounds_pairs(self.build.spec))
         reverted: frozenset = frozenset()
         if self.options.max_drop is not None and quantization.planned:
             with compile_phase(self.source, "the accuracy fallback", self.imported):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from calib import BUILT_IN_MODES, CalibrationCollector, make_collector
 from quantvm.errors import CalibrationError, QuantvmError
+from targets.intrinsics import needs_bounded_pairs
 
 # The default threshold search: measured on real pretrained models (README, "INT8 accuracy"), "mse" with
 # the graph's own bounds and fast bias correction was the closest to fp32 and never worse than "naive".
@@ -82,8 +83,18 @@ class QuantizationOptions:
     per_token: bool = dataclasses.field(default=False, metadata=_cli(
         "--per-token", "dense inputs take one scale per token (row), computed at run time: most accurate on "
         "transformers, slower until its kernels are fused", action="store_true"))
+    bounded_pairs: bool | None = dataclasses.field(default=None, metadata=_cli(
+        "--bounded-pairs", "bound each pair of neighbouring input channels' s8 weights, |w0|+|w1| <= 128, so "
+        "that a CPU without VNNI runs int8 convs and FCs on vpmaddubsw, exactly (1.4-1.7x faster there; the "
+        "weights lose about 2.5 dB of SQNR): auto (default: on for a target without VNNI), on, off (full s8 "
+        "weights, on the exact vpmaddwd kernels there)", type=_switch, choices=[None, True, False],
+        metavar="{auto,on,off}"))
     metric: Callable | None = None  # (CompiledModel) -> float, higher is better; Python only
     collector: CalibrationCollector | None = None  # the collector of calib_mode "custom"; Python only
+
+    def bounds_pairs(self, spec) -> bool:
+        """Whether the weights are quantized with bounded pairs for `spec` (relay_passes.weight_pairs)."""
+        return needs_bounded_pairs(spec) if self.bounded_pairs is None else bool(self.bounded_pairs)
 
     def __post_init__(self):
         for name in ("exclude_layers", "exclude_layers_match", "exclude_operators"):

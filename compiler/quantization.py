@@ -157,8 +157,10 @@ def per_token(op: QuantizableOp, options: QuantizationOptions) -> bool:
     return op.kind == "dense" and options.per_token
 
 
-def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, first: dict) -> list[dict]:
-    """Give every op its int8 plan where it has a usable range; the per-layer report rows, worst first."""
+def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, first: dict,
+         bounded_pairs: bool = False) -> list[dict]:
+    """Give every op its int8 plan where it has a usable range; the per-layer report rows, worst first.
+    `bounded_pairs`: weights for a target without VNNI (relay_passes.weight_pairs)."""
     rows = []
     for op, tensor in zip(ops, first["tensors"]):
         if op.name not in ranges or (op.other is not None and second_input(op) not in ranges):
@@ -168,7 +170,7 @@ def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, first: dic
         if op.name in first["channel_max"]:
             smooth, alpha = smoothing_factors(tensor, op.weight, first["channel_max"][op.name], per_token(op, options))
         if per_token(op, options):
-            op.plan = plan_dynamic(op, per_token=True, smooth=smooth)
+            op.plan = plan_dynamic(op, per_token=True, smooth=smooth, bounded_pairs=bounded_pairs)
             rows.append({"name": op.name, "op": op.kind, "dtype": "int8", "threshold": None, "scale": None,
                          "int32_bias": False, "per_token": True, "smooth_alpha": alpha,
                          **per_token_error(tensor / (smooth if smooth is not None else 1.0))})
@@ -177,7 +179,8 @@ def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, first: dic
         if smooth is not None:  # the smoothed input's range: each channel's maximum, divided by its factor
             peak = float(np.max(first["channel_max"][op.name] / smooth))
             lo, hi = (-peak if lo < 0 else 0.0), peak
-        op.plan = plan_op(op, lo, hi, options.quantized_dtype, ranges.get(second_input(op)), smooth) or {}
+        op.plan = plan_op(op, lo, hi, options.quantized_dtype, ranges.get(second_input(op)), smooth,
+                          bounded_pairs) or {}
         if not op.plan:
             warnings.warn(f"calibration: an input of {op.name!r} is 0 on every batch (zero range); "
                           "it stays fp32", stacklevel=4)
@@ -187,7 +190,9 @@ def plan(ops, ranges: dict, options: QuantizationOptions, left: dict, first: dic
         error = quantization_error(scaled, op.plan["x_scale"], op.plan["dtype"])
         rows.append({"name": op.name, "op": op.kind, "dtype": op.plan["dtype"], "threshold": [lo, hi],
                      "scale": op.plan["x_scale"], "int32_bias": op.plan.get("bias") is not None,
-                     "smooth_alpha": alpha, **error})
+                     "smooth_alpha": alpha, **error,
+                     # the most a channel's weight scale grew to bound its pairs (1.0: none did)
+                     **({"weight_pair_growth": op.plan["pair_growth"]} if op.plan.get("bounded_pairs") else {})})
     return sorted(rows, key=lambda row: row["sqnr_db"])
 
 
@@ -203,8 +208,10 @@ def quantization_error(x: np.ndarray, scale: float, dtype: str) -> dict:
     return output_error(x, np.clip(np.round(x / scale), lo, hi) * scale)
 
 
-def quantize(prepared, proto, input_specs, calib, options: QuantizationOptions, build_for_host) -> Quantization:
-    """The model's int8 plan: calibrated, with corrected biases; `.graph()` is the int8 graph."""
+def quantize(prepared, proto, input_specs, calib, options: QuantizationOptions, build_for_host,
+             bounded_pairs: bool = False) -> Quantization:
+    """The model's int8 plan: calibrated, with corrected biases; `.graph()` is the int8 graph.
+    `bounded_pairs`: the target has no VNNI, and its int8 kernels are faster on weights with bounded pairs."""
     candidates = find_quantizable(prepared, proto)
     ops, left = select_ops(candidates, options)
     result = Quantization(prepared, candidates, ops, options, left)
@@ -217,13 +224,13 @@ def quantize(prepared, proto, input_specs, calib, options: QuantizationOptions, 
                 left[op.name] = f"no int8 {'pooling' if op.kind == 'avg_pool' else 'activation matmul'} " \
                                 "without calibration"
                 continue
-            op.plan = plan_dynamic(op)
+            op.plan = plan_dynamic(op, bounded_pairs=bounded_pairs)
             result.rows.append({"name": op.name, "op": op.kind, "dtype": "int8", "threshold": None, "scale": None,
                                 "int32_bias": False, "sqnr_db": None, "cosine": None})
         return result
     result.batches = Replay(calib, input_specs, options.num_calib_batches)
     ranges, result.first = calibrate(prepared, ops, result.batches, options, build_for_host)
-    result.rows = plan(ops, ranges, options, left, result.first)
+    result.rows = plan(ops, ranges, options, left, result.first, bounded_pairs)
     if options.bias_correction and any(output_channels(op) for op in result.planned):
         started = time.perf_counter()
         simulator = result.simulator(build_for_host)

@@ -109,7 +109,8 @@ def analyze(model, calib, eval_data=None, input_shapes: dict | None = None, cons
     host = HostBuilder(imported, select_rules(True), num_threads)
     with compile_phase(imported.source, "int8 calibration and the sensitivity analysis", imported):
         graph = prepare_graph(imported.mod)
-        quant = quantize(graph, imported.onnx_model, imported.inputs, calib, options, host.runner)
+        quant = quantize(graph, imported.onnx_model, imported.inputs, calib, options, host.runner,
+                         bounded_pairs=options.bounds_pairs(host.spec))
         if not quant.planned:
             raise QuantvmError(f"{imported.source}: no layer is quantized: nothing to analyze")
         batches = list(Replay(eval_data, imported.inputs, None, "eval_data") if eval_data is not None

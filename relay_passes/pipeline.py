@@ -26,7 +26,8 @@ from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
 from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
-from targets.layout import LayoutReport, vector_lanes
+from targets.bounded_pairs import bounded_pair_ops
+from targets.layout import LayoutReport
 from targets.winograd_convs import winograd_convs
 
 
@@ -95,15 +96,17 @@ def _fuse(build: GraphBuild) -> None:
 
 def _kernels(build: GraphBuild) -> None:
     """Every op (and fused group) becomes one unscheduled TIR kernel; fp32 3x3 convs qualifying for it
-    Winograd's (targets.winograd_convs)."""
+    Winograd's (targets.winograd_convs), int8 convs and FCs with bounded weight pairs marked for `vpmaddubsw`
+    on a target without VNNI (targets.bounded_pairs)."""
     target = build.spec.tvm_target()
     if build.winograd:
         build.mod = winograd_convs(build.mod)
+    build.mod = bounded_pair_ops(build.mod, build.spec)
     sources = {var: build.sources.get(var, []) + tags
                for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
-            relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
+            relax.transform.LegalizeOps(legalize_overrides(build.spec)),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseTIR(),

@@ -5,7 +5,8 @@ For each quantized op, with its input's calibrated range (lo, hi):
   s8 over [-m, m] otherwise (`quantized_dtype` can force s8). A zero point of 0 keeps conv zero-padding exact.
   s8 data of a dense or an unpadded conv is stored as u8 + 128, the u8 x s8 form the dot instruction takes
   in one step; 128 * sum(w) comes off in the s32 bias, so the result is the s8 one exactly;
-- the weight is s8, symmetric per output channel (scale max|W[c]| / 127);
+- the weight is s8, symmetric per output channel (scale max|W[c]| / 127); for a target without VNNI its
+  input-channel pairs are bounded (relay_passes.weight_pairs), which can coarsen a channel's scale;
 - a per-channel constant bias right after the op is added in s32 with scale x_scale * w_scale[c]; where it
   would pass 2^30, that channel's weight scale is raised until it does not;
 - the s32 result is turned back to fp32 by one per-channel multiply, which the fusion rules put in the
@@ -24,6 +25,7 @@ from tvm import relax
 from relay_passes.analysis import channel_vector, use_counts
 from relay_passes.kernel_origins import with_span
 from relay_passes.quantize_motion import MoveQuantizeUp
+from relay_passes.weight_pairs import quantize_bounded
 
 BIAS_LIMIT = 2**30
 SIGNED_OFFSET = 128  # s8 data stored as u8 with this zero point (see _stores_signed_as_offset_unsigned)
@@ -147,21 +149,24 @@ def plan_input(lo: float, hi: float, quantized_dtype: str = "auto") -> dict | No
             "range": (lo, hi)}
 
 
-def plan_dynamic(op: QuantizableOp, per_token: bool = False, smooth: np.ndarray | None = None) -> dict:
+def plan_dynamic(op: QuantizableOp, per_token: bool = False, smooth: np.ndarray | None = None,
+                 bounded_pairs: bool = False) -> dict:
     """A range computed at run time: s8 input with its scale max|x| / 127 of the whole batch (as MXNet's
     `calib_mode='none'`) or, `per_token`, of each row of a dense input (one scale per token). The bias stays
     an fp32 add, since its s32 scale would change with every batch."""
     w = _channel_first(op, smooth)
-    w_scale = _weight_scales(w)
-    return {"dtype": "int8", "x_scale": None, "w_scale": w_scale, "weight": _quantized_weight(op, w, w_scale),
-            "bias": None, "range": None, "per_token": per_token, "smooth": smooth}
+    weight, w_scale = _quantized_weight(op, w, _weight_scales(w), bounded_pairs)
+    return {"dtype": "int8", "x_scale": None, "w_scale": w_scale, "weight": weight, "bias": None, "range": None,
+            "per_token": per_token, "smooth": smooth, "bounded_pairs": bounded_pairs}
 
 
 def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "auto",
-            other: tuple[float, float] | None = None, smooth: np.ndarray | None = None) -> dict | None:
+            other: tuple[float, float] | None = None, smooth: np.ndarray | None = None,
+            bounded_pairs: bool = False) -> dict | None:
     """Scales, int8 weight and s32 bias for one op; None where the input's range is empty (stays fp32).
     A matmul's second input is stored by `other`'s range; a dense input smoothed (SmoothQuant) is divided
-    by `smooth` per channel, its weight rows multiplied by it."""
+    by `smooth` per channel, its weight rows multiplied by it. `bounded_pairs`: the weight's input-channel
+    pairs are bounded for `vpmaddubsw` (a target without VNNI: relay_passes.weight_pairs)."""
     stored = plan_input(lo, hi, quantized_dtype)
     if stored is None or op.kind == "avg_pool":
         return stored
@@ -174,9 +179,10 @@ def plan_op(op: QuantizableOp, lo: float, hi: float, quantized_dtype: str = "aut
     w_scale = _weight_scales(w)
     if op.bias is not None:  # keep |bias_s32| <= 2^30 by coarsening that channel's weight scale
         w_scale = np.maximum(w_scale, np.abs(op.bias) / (x_scale * BIAS_LIMIT))
-    bias_q = None if op.bias is None else np.round(op.bias / (x_scale * w_scale)).astype(np.int32)
-    return {**stored, "w_scale": w_scale, "weight": _quantized_weight(op, w, w_scale), "bias": bias_q,
-            "smooth": smooth}
+    weight, bounded_scale = _quantized_weight(op, w, w_scale, bounded_pairs)
+    bias_q = None if op.bias is None else np.round(op.bias / (x_scale * bounded_scale)).astype(np.int32)
+    return {**stored, "w_scale": bounded_scale, "weight": weight, "bias": bias_q, "smooth": smooth,
+            "bounded_pairs": bounded_pairs, "pair_growth": float(np.max(bounded_scale / w_scale))}
 
 
 def _channel_first(op: QuantizableOp, smooth: np.ndarray | None = None) -> np.ndarray:
@@ -193,9 +199,15 @@ def _weight_scales(w: np.ndarray) -> np.ndarray:
     return np.where(w_max > 0, w_max / 127.0, 1.0)
 
 
-def _quantized_weight(op: QuantizableOp, w: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
-    q = np.clip(np.round(w / w_scale.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
-    return q if op.kind == "conv2d" else np.ascontiguousarray(q.T)
+def _quantized_weight(op: QuantizableOp, w: np.ndarray, w_scale: np.ndarray,
+                      bounded_pairs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(the s8 weight as the op stores it, the per-channel scale it has: `w_scale`, or coarser where bounding
+    its pairs took that)."""
+    if bounded_pairs:
+        q, w_scale = quantize_bounded(w, w_scale)
+    else:
+        q = np.clip(np.round(w / w_scale.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
+    return (q if op.kind == "conv2d" else np.ascontiguousarray(q.T)), w_scale
 
 
 def plan_with_shift(op: QuantizableOp, shift: np.ndarray) -> None:
@@ -205,7 +217,8 @@ def plan_with_shift(op: QuantizableOp, shift: np.ndarray) -> None:
     bias = (op.bias if op.bias is not None else 0.0) + shift.astype(np.float64)
     w_scale = np.maximum(plan["w_scale"], np.abs(bias) / (plan["x_scale"] * BIAS_LIMIT))
     if not np.array_equal(w_scale, plan["w_scale"]):
-        plan["weight"] = _quantized_weight(op, _channel_first(op, plan.get("smooth")), w_scale)
+        plan["weight"], w_scale = _quantized_weight(op, _channel_first(op, plan.get("smooth")), w_scale,
+                                                    plan.get("bounded_pairs", False))
     plan["w_scale"] = w_scale
     plan["bias"] = np.round(bias / (plan["x_scale"] * w_scale)).astype(np.int32)
 

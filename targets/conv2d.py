@@ -5,7 +5,9 @@ TVM 0.27 legalizes conv2d only in plain layouts. Blocked convs (targets.layout) 
   int8       data [N, C/b, H, W, b]  weight [O/b, C/4, KH, KW, b(o), 4(i)]   (the dot intrinsics' packing)
   depthwise  data [N, C/b, H, W, b]  weight [C/b, 1, KH, KW, 1, b]
   grouped    as fp32 or int8, with the weight's C the channels of one group (whole blocks)
-Block names (CONV_BLOCK, DEPTHWISE_BLOCK) are how targets.schedules finds the reduction to schedule.
+Block names (CONV_BLOCK, DEPTHWISE_BLOCK) are how targets.schedules finds the reduction to schedule. An int8
+conv whose constant weight has bounded pairs (targets.bounded_pairs) is marked BOUNDED_PAIRS, for the
+`vpmaddubsw` intrinsic on CPUs without VNNI.
 
 An int8 conv whose row has no good tile divisor (71 or 17 columns) computes whole register tiles and keeps
 the real columns: the dot intrinsic cannot be tensorized under the predicate that a cut-short tile needs
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from tvm import relax, te, topi
 
+from targets.dense import BOUNDED_PAIRS
 from targets.register_tiles import conv_tile
 
 CONV_BLOCK = "conv2d_nchwc"
@@ -34,9 +37,11 @@ def _out_size(size, kernel, stride, dilation, pad_before, pad_after):
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
-def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, tile_lanes: int | None = None):
+def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, tile_lanes: int | None = None,
+                 bounded_pairs: bool = False):
     """A blocked conv2d; which of the three forms is decided by the weight's rank and the group count.
-    `tile_lanes`: the target's vector lanes, for an int8 conv's whole register tiles (None: never pad)."""
+    `tile_lanes`: the target's vector lanes, for an int8 conv's whole register tiles (None: never pad).
+    `bounded_pairs`: the int8 weight's pairs are bounded (marks the block BOUNDED_PAIRS)."""
     n, in_chunks, height, width, block = (int(d) for d in data.shape)
     kernel_h, kernel_w = int(weight.shape[2]), int(weight.shape[3])
     (stride_h, stride_w), (dil_h, dil_w) = strides, dilation
@@ -79,7 +84,7 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, ti
                 pad[b, chunk(oc), rows(y), cols(te.min(x, out_w - 1)), ic_mid * group + ic_inner].astype("int32")
                 * weight[oc, ic_outer * (block // group) + ic_mid, kh, kw, lane, ic_inner].astype("int32"),
                 axis=[ic_outer, kh, kw, ic_mid, ic_inner]),
-            name=CONV_BLOCK)
+            name=CONV_BLOCK, attrs={BOUNDED_PAIRS: 1} if bounded_pairs else None)
         if whole_w == out_w:
             return conv
         return te.compute((n, out_chunks, out_h, out_w, out_block), lambda *i: conv(*i), name=WHOLE_TILES_CUT)
@@ -104,17 +109,22 @@ def _is_int8(weight) -> bool:
     return weight.dtype in ("int8", "uint8")
 
 
+def conv2d_call(bb: relax.BlockBuilder, call: relax.Call, tile_lanes: int, bounded_pairs: bool = False):
+    """A blocked relax.nn.conv2d as a call of its TE kernel."""
+    attrs = call.attrs
+    out_dtype = call.ty.dtype  # out_dtype=None in the attrs means "as the data"
+    return bb.call_te(conv2d_nchwc, call.args[0], call.args[1],
+                      [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
+                      [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype), tile_lanes,
+                      bounded_pairs, primfunc_name_hint="conv2d_nchwc")
+
+
 def legalize_conv2d(default, tile_lanes: int):
     """A LegalizeOps override for relax.nn.conv2d: blocked layouts here, anything else to `default`."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        attrs = call.attrs
-        if len(attrs.data_layout) == 4:
+        if len(call.attrs.data_layout) == 4:
             return default(bb, call)
-        out_dtype = call.ty.dtype  # out_dtype=None in the attrs means "as the data"
-        return bb.call_te(conv2d_nchwc, call.args[0], call.args[1],
-                          [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
-                          [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype), tile_lanes,
-                          primfunc_name_hint="conv2d_nchwc")
+        return conv2d_call(bb, call, tile_lanes)
 
     return legalize

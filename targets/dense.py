@@ -16,19 +16,24 @@ from targets.layout import channel_block
 from targets.register_tiles import matmul_tile
 
 MATMUL_BLOCK = "matmul"  # TVM's legalization of relax.matmul, loops (batch..., i, j, k), and ours
+BOUNDED_PAIRS = "quantvm.bounded_pairs"  # the block attribute of an int8 conv or FC whose weight has bounded pairs
 WHOLE_ROWS_CUT = "fc_whole_rows_cut"  # not "matmul...": the rules find the FC by that prefix
 
 
-def matmul_whole_rows(data, weight, whole_rows: int):
-    """data [..., M, K] @ weight [K, N] -> int32 [..., M, N], computed over `whole_rows` >= M rows."""
+def matmul_whole_rows(data, weight, whole_rows: int | None = None, bounded_pairs: bool = False):
+    """data [..., M, K] @ weight [K, N] -> int32 [..., M, N], computed over `whole_rows` >= M rows (None: M).
+    `bounded_pairs`: the weight's pairs are bounded (marks the block BOUNDED_PAIRS, targets.bounded_pairs)."""
     *batch, rows, depth = (int(d) for d in data.shape)
     columns = int(weight.shape[1])
+    whole_rows = whole_rows or rows
     k = te.reduce_axis((0, depth), name="k")
     product = te.compute(
         (*batch, whole_rows, columns),
         lambda *i: te.sum(data[(*i[:-2], te.min(i[-2], rows - 1), k)].astype("int32")
                           * weight[k, i[-1]].astype("int32"), axis=k),
-        name=MATMUL_BLOCK)
+        name=MATMUL_BLOCK, attrs={BOUNDED_PAIRS: 1} if bounded_pairs else None)
+    if whole_rows == rows:
+        return product
     return te.compute((*batch, rows, columns), lambda *i: product(*i), name=WHOLE_ROWS_CUT)
 
 

@@ -21,7 +21,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
-from targets.dense import MATMUL_BLOCK
+from targets.dense import BOUNDED_PAIRS, MATMUL_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
 from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile, matmul_tile, register_tile
@@ -316,7 +316,8 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
     sch.unroll(oc_i)
     # Weights are s8, so any u8 read is the activations.
     activations = "uint8" if any(str(r.source.dtype) == "uint8" for r in sch.get(conv).reads) else "int8"
-    intrinsic = int8_dot_intrinsic(spec, _extent(sch, lane), activations) if int8 else None
+    bounded = BOUNDED_PAIRS in sch.get(conv).annotations
+    intrinsic = int8_dot_intrinsic(spec, _extent(sch, lane), activations, bounded) if int8 else None
     if intrinsic is None:
         sch.vectorize(lane)
     if int8 and intrinsic is None:
@@ -557,7 +558,7 @@ def _reads_int8_weight(sch, block) -> bool:
 
 def _matmul_intrinsic(sch, block, lanes: int, spec) -> str | None:
     activations = "uint8" if any(str(r.source.dtype) == "uint8" for r in sch.get(block).reads) else "int8"
-    return int8_dot_intrinsic(spec, lanes, activations)
+    return int8_dot_intrinsic(spec, lanes, activations, BOUNDED_PAIRS in sch.get(block).annotations)
 
 
 def _schedule_generic(sch, spec: TargetSpec) -> str:

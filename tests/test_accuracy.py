@@ -11,6 +11,8 @@ from calib.histogram import SymmetricHistogram
 from compiler.int8_options import QuantizationOptions, add_cli_arguments, from_cli
 from quantvm.errors import CalibrationError, QuantvmError
 from relay_passes.bounds import tensor_bounds
+from targets import resolve_target
+from targets.intrinsics import needs_bounded_pairs
 from tests import fixtures
 from tests.fixtures import onnxruntime_outputs
 
@@ -371,8 +373,11 @@ def test_a_real_pretrained_classifier_keeps_its_answers_with_the_default_int8():
         return built, [built.run(x=s)[0] for s in held_out]
 
     built, default = outputs()
-    _, old = outputs(calib_mode="naive", bias_correction=None)
-    assert _sqnr(fp32, default) > _sqnr(fp32, old) + 1.0
+    # the calibration defaults against the old ones on full s8 weights: bounded weight pairs (a host without
+    # VNNI) add the same weight error to both, which narrows the margin (22.6 against 21.8 dB on a Zen 3)
+    exact = outputs(bounded_pairs=False)[1] if needs_bounded_pairs(resolve_target("native")) else default
+    _, old = outputs(calib_mode="naive", bias_correction=None, bounded_pairs=False)
+    assert _sqnr(fp32, exact) > _sqnr(fp32, old) + 1.0
     assert np.mean([a.argmax() == b.argmax() for a, b in zip(fp32, default)]) >= 0.95
     quant = built.report.quantization
     assert quant.bias_correction["layers"] > 10 and not quant.fp32_ops

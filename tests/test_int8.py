@@ -9,7 +9,9 @@ from onnx import numpy_helper
 import compiler
 from calib import CalibrationCollector, CalibrationError
 from compiler.demo import calibration_file, demo_files
-from targets import missing_features
+from relay_passes.weight_pairs import quantize_bounded
+from targets import missing_features, resolve_target
+from targets.intrinsics import needs_bounded_pairs
 from tests import fixtures
 from tests.host_targets import HOST_TARGETS
 from tests.fixtures import onnxruntime_outputs, random_inputs
@@ -277,6 +279,9 @@ def _int8_reference(model, x, calib):
     w = weight.reshape(weight.shape[0], -1)  # output channels first (Gemm's transB and conv's O)
     w_scale = np.abs(w).max(axis=1) / 127
     w_q = np.clip(np.round(weight / w_scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127)
+    if needs_bounded_pairs(resolve_target("native")):  # the weights this host's vpmaddubsw kernels take
+        w_q, w_scale = quantize_bounded(weight, w_scale)
+        w_q = w_q.astype(np.float64)
     b_q = np.round(bias / (x_scale * w_scale))
     x_q = np.clip(np.round(x / np.float32(x_scale)), -128, 127).astype(np.float64)
     if weight.ndim == 2:

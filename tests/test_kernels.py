@@ -17,6 +17,7 @@ from tvm import te, tirx, topi
 from targets import resolve_target
 from targets.conv2d import conv2d_nchwc
 from targets.dense import matmul_whole_rows
+from targets.intrinsics import PAIR_BOUND, pairs_are_bounded
 from targets.layout import vector_lanes
 from targets.schedules import ScheduleLog, schedule_module
 from targets.register_tiles import conv_tile, matmul_tile
@@ -99,14 +100,14 @@ def run_lib(lib, arrays, out_shape, out_dtype):
     return out.numpy()
 
 
-def _conv_with_bias_relu(shape, lanes, data_dtype, tile_lanes=None):
+def _conv_with_bias_relu(shape, lanes, data_dtype, tile_lanes=None, bounded_pairs=False):
     n, c, size, o, k, stride, pad = shape
     int8 = data_dtype != "float32"
     data = te.placeholder((n, c // lanes, size, size, lanes), data_dtype, name="data")
     wshape = (o // lanes, c // 4, k, k, lanes, 4) if int8 else (o // lanes, c // lanes, k, k, lanes, lanes)
     weight = te.placeholder(wshape, "int8" if int8 else "float32", name="weight")
     acc_dtype = "int32" if int8 else "float32"
-    conv = conv2d_nchwc(data, weight, [stride, stride], [pad] * 4, [1, 1], 1, acc_dtype, tile_lanes)
+    conv = conv2d_nchwc(data, weight, [stride, stride], [pad] * 4, [1, 1], 1, acc_dtype, tile_lanes, bounded_pairs)
     bias = te.placeholder((1, o // lanes, 1, 1, lanes), acc_dtype, name="bias")
     out = te.compute(conv.shape, lambda b, q, y, x, l: te.max(conv[b, q, y, x, l] + bias[0, q, 0, 0, l],
                                                               tirx.const(0, acc_dtype)), name="epilogue")
@@ -273,6 +274,49 @@ def test_avx512_int8_conv_compiles_to_its_dot_instruction(target, data_dtype):
     assert re.search(rf"\b{instruction}\s+[^\n]*%zmm", _assembly(lib)), f"no {instruction} on zmm registers"
 
 
+def bounded_extremes(rng, shape) -> np.ndarray:
+    """s8 weights [O, C, KH, KW] whose pairs of input channels sum to at most PAIR_BOUND in magnitude, many
+    exactly at it (127 + 1, 64 + 64, -100 - 28): where `vpmaddubsw` would saturate were the bound one more."""
+    weight = rng.integers(-64, 65, shape).astype(np.int8)
+    firsts = rng.choice([127, 64, -100, -127], size=weight[:, 0::2].shape)
+    weight[:, 0::2] = firsts
+    weight[:, 1::2] = (np.sign(firsts) * (PAIR_BOUND - np.abs(firsts))).astype(np.int8)
+    assert pairs_are_bounded(weight.transpose(0, 2, 3, 1).reshape(*shape[:1], *shape[2:], -1, 4))
+    return weight
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("shape", [CONV_SHAPES[1], CONV_SHAPES[3], CONV_SHAPES[6]], ids=lambda s: "x".join(map(str, s)))
+def test_int8_conv_with_bounded_weight_pairs_is_exact_at_the_bound(target, data_dtype, shape):
+    """A conv marked as having bounded weight pairs runs `vpmaddubsw` on a CPU without VNNI: activations at
+    255 (or -128, which goes in as 0 with 128 * w taken off) against pairs summing to exactly 128 give int16
+    sums of 32640, one short of saturating; the result is the int64 reference's."""
+    spec = resolve_target(target)
+    rng = np.random.default_rng(5)
+    n, c, size, o, k, stride, pad = shape
+    x = full_range(rng, (n, c, size, size), data_dtype)
+    weight = bounded_extremes(rng, (o, c, k, k))
+    bias = rng.integers(-1000, 1000, o).astype("int32")
+    lib, rule = _build(_conv_with_bias_relu(shape, 8, data_dtype, vector_lanes(spec), bounded_pairs=True), spec)
+    isa = "vnni256" if spec.has("avx512_vnni") else "avx2_bounded"
+    assert rule == f"conv2d_nchwc_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{isa}]"
+    expected = np.maximum(_reference_conv(x, weight, stride, pad, acc=np.int64) + bias[None, :, None, None], 0)
+    out_shape = (n, o // 8, expected.shape[2], expected.shape[3], 8)
+    got = run_lib(lib, [_block(x, 8), _pack_weight(weight, 8, True), _block(bias.reshape(1, o, 1, 1), 8)],
+                  out_shape, "int32")
+    np.testing.assert_array_equal(_unblock(got), expected)
+
+
+@pytest.mark.parametrize("target, lanes, register", [("avx2", 8, "ymm"), ("skylake-avx512", 16, "zmm")])
+def test_bounded_int8_conv_compiles_to_vpmaddubsw_without_vnni(target, lanes, register):
+    """Read, not run (skylake-avx512 may not be here): the bounded form's `vpmaddubsw` on full vectors."""
+    spec = resolve_target(target)
+    lib, rule = _build(_conv_with_bias_relu((1, 32, 14, 64, 3, 1, 1), lanes, "uint8", bounded_pairs=True), spec)
+    assert rule.endswith("_bounded]"), rule
+    assert re.search(rf"\bvpmaddubsw\s+[^\n]*%{register}", _assembly(lib))
+
+
 @pytest.mark.parametrize("target", sorted(AVX512_TARGETS))
 def test_avx512_fp32_conv_uses_512_bit_fma(target):
     spec = resolve_target(target)
@@ -290,14 +334,14 @@ def test_conv_register_tile_stays_in_registers(data_dtype):
     assert "memset" not in _assembly(lib)
 
 
-def _int8_dense(m, k, n, lanes, data_dtype, whole_rows=None):
+def _int8_dense(m, k, n, lanes, data_dtype, whole_rows=None, bounded_pairs=False):
     """x [m, k] . w [k, n] + bias, with w stored packed [n/lanes, k/4, lanes, 4] and unpacked in the
     kernel, as targets.layout leaves an int8 FC; `whole_rows`: computed over that many rows (targets.dense)."""
     data = te.placeholder((m, k), data_dtype, name="x")
     packed = te.placeholder((n // lanes, k // 4, lanes, 4), "int8", name="packed")
     weight = te.compute((k, n), lambda i, j: packed[j // lanes, i // 4, j % lanes, i % 4], name="te_layout_transform")
     red = te.reduce_axis((0, k), name="k")
-    out = matmul_whole_rows(data, weight, whole_rows) if whole_rows else te.compute(
+    out = matmul_whole_rows(data, weight, whole_rows, bounded_pairs) if whole_rows or bounded_pairs else te.compute(
         (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"), axis=red),
         name="matmul")
     bias = te.placeholder((n,), "int32", name="bias")
@@ -316,6 +360,28 @@ def test_int8_dense_is_exact_over_thefull_range(target, data_dtype, m):
     bias = rng.integers(-1000, 1000, n).astype("int32")
     lib, rule = _build(_int8_dense(m, k, n, lanes, data_dtype), spec)
     assert rule == f"matmul_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{_isa_8_lanes(spec)}]"
+    packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
+    got = run_lib(lib, [x, packed, bias], (m, n), "int32")
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("m", [1, 197])
+def test_int8_dense_with_bounded_weight_pairs_is_exact_at_the_bound(target, data_dtype, m):
+    """An FC marked as having bounded weight pairs (`vpmaddubsw` on a CPU without VNNI), full-range data
+    against pairs summing to 128, rows a tile divides and 197 (whole tiles computed, the real rows kept)."""
+    spec = resolve_target(target)
+    rng = np.random.default_rng(7)
+    k, n, lanes = 64, 40, 8
+    x = full_range(rng, (m, k), data_dtype)
+    weight = bounded_extremes(rng, (n, k, 1, 1))[:, :, 0, 0].T
+    bias = rng.integers(-1000, 1000, n).astype("int32")
+    tile_rows, _, ragged = matmul_tile(m, n // lanes, lanes)
+    rows = -(-m // tile_rows) * tile_rows if ragged else None
+    lib, rule = _build(_int8_dense(m, k, n, lanes, data_dtype, rows, bounded_pairs=True), spec)
+    isa = "vnni256" if spec.has("avx512_vnni") else "avx2_bounded"
+    assert rule == f"matmul_int8[quantvm_dot_8x4_{'u8' if data_dtype == 'uint8' else 's8'}s8_{isa}]"
     packed = np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
     got = run_lib(lib, [x, packed, bias], (m, n), "int32")
     np.testing.assert_array_equal(got, x.astype(np.int64) @ weight.astype(np.int64) + bias)
