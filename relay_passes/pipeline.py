@@ -27,7 +27,7 @@ from relay_passes.fuse import FusionReport, fuse
 from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.bounded_pairs import bounded_pair_ops
-from targets.layout import LayoutReport
+from targets.layout import LayoutReport, vector_lanes
 from targets.winograd_convs import winograd_convs
 
 
@@ -106,7 +106,7 @@ def _kernels(build: GraphBuild) -> None:
                for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:
         build.mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
-            relax.transform.LegalizeOps(legalize_overrides(build.spec)),
+            relax.transform.LegalizeOps(legalize_overrides(vector_lanes(build.spec))),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseTIR(),

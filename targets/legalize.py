@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from targets.conv2d import legalize_conv2d
 from targets.dense import legalize_default, legalize_matmul
-from targets.layout import vector_lanes
-from targets.registry import TargetSpec
 from targets.resize import legalize_resize2d
 from targets.softmax import legalize_softmax
 
 
-def legalize_overrides(spec: TargetSpec) -> dict:
-    """{op name: legalize function} for relax.transform.LegalizeOps on `spec`."""
-    tile_lanes = vector_lanes(spec)
+def legalize_overrides(tile_lanes: int) -> dict:
+    """{op name: legalize function} for relax.transform.LegalizeOps, for a target of `tile_lanes` lanes."""
     return {"relax.nn.conv2d": legalize_conv2d(legalize_default("relax.nn.conv2d"), tile_lanes),
             "relax.matmul": legalize_matmul(legalize_default("relax.matmul"), tile_lanes),
             "relax.nn.softmax": legalize_softmax(),

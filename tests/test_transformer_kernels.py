@@ -17,6 +17,7 @@ from tvm import relax, te, tirx, topi
 
 import targets.vector_math  # noqa: F401 - the erf and exp lowerings, as the schedules use them
 from targets import resolve_target
+from targets.layout import vector_lanes
 from targets.legalize import legalize_overrides
 from tests.host_targets import HOST_TARGETS
 from tests.test_kernels import build_func as _build
@@ -70,7 +71,7 @@ def test_softmax_matches_numpy(target, shape):
 def _softmax_kernel(shape, spec) -> tirx.PrimFunc:
     """The softmax kernel a model gets (targets.softmax's legalization)."""
     return _legalized(lambda a: relax.op.nn.softmax(a, axis=-1), (shape, "float32"),
-                      overrides=legalize_overrides(spec))
+                      overrides=legalize_overrides(vector_lanes(spec)))
 
 
 def test_softmax_divides_once_per_row_not_per_element():
