@@ -34,6 +34,7 @@ import numpy as np
 
 from calib import CalibrationError
 from compiler.metadata import TensorSpec
+from compiler.runtime import indices_out_of_range
 
 
 def _as_array(value, where: str) -> np.ndarray:
@@ -78,6 +79,9 @@ def _check_values(arrays: dict, specs: list[TensorSpec], index: int, label: str)
                 raise CalibrationError(f"{where}: dtype {array.dtype} given, {spec.dtype} expected")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise CalibrationError(f"{where} holds NaN or Inf")
+        problem = indices_out_of_range(spec.name, spec.index_bound, array)
+        if problem:
+            raise CalibrationError(f"{label} batch {index}, {problem}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from compiler.diagnose import OnnxNode, default_opset, first_line, node_error, t
 from compiler.errors import InputError, ModelError
 from compiler.importer_fixes import NodeConversionError, patched_onnx_converters
 from compiler.importer_rnn import RNN_OP_TYPES
+from compiler.index_bounds import with_index_bounds
 from compiler.kernel_origins import tag_imported
 from compiler.metadata import TensorSpec
 
@@ -337,6 +338,7 @@ def import_onnx(model, input_shapes: dict | None = None, constant_inputs: dict |
         proto = freeze_inputs(proto, constant_inputs, source)
     inputs = resolve_input_specs(proto, input_shapes, source)
     proto = fold_static_shapes(proto, inputs)
+    inputs = with_index_bounds(proto, inputs)
     # The importer re-runs the ONNX checker and warns on what read_onnx already accepted, and prints
     # to stdout on a failed node: the error below says it in one line instead.
     with (warnings.catch_warnings(), patched_onnx_converters() as converted,

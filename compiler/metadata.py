@@ -17,19 +17,41 @@ DIGEST_KEY = "artifact_sha256"
 
 
 @dataclass(frozen=True)
+class IndexBound:
+    """An integer input that a Gather reads as indices: its values must lie in [-extent, extent). The kernel
+    does not check (an index out of range reads outside the table), so run() does, naming `node`."""
+
+    extent: int
+    node: str
+
+    def to_json(self) -> dict:
+        return {"extent": self.extent, "node": self.node}
+
+    @classmethod
+    def from_json(cls, data: dict) -> IndexBound:
+        return cls(int(data["extent"]), str(data["node"]))
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """A named model input or output with a static shape (None where the size is not known)."""
 
     name: str
     shape: tuple
     dtype: str
+    index_bound: IndexBound | None = None  # an input read as Gather indices (compiler.index_bounds)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.index_bound is not None:
+            data["index_bound"] = self.index_bound.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+        bound = data.get("index_bound")
+        return cls(data["name"], tuple(data["shape"]), data["dtype"],
+                   IndexBound.from_json(bound) if bound is not None else None)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from compiler.artifact import read_metadata
 from compiler.errors import HostMismatchError, InputError, QuantvmError
-from compiler.metadata import ArtifactMetadata, TensorSpec
+from compiler.metadata import ArtifactMetadata, IndexBound, TensorSpec
 from compiler.quiet import tvm_scope_warnings_silenced
 from compiler.vm_io import InputStager, output_arrays
 from targets.host import host_model_name, missing_features
@@ -182,10 +182,11 @@ class _ExpectedInput:
     name: str
     dtype: np.dtype
     shape: tuple
+    index_bound: IndexBound | None
 
     @classmethod
     def of(cls, spec: TensorSpec) -> _ExpectedInput:
-        return cls(spec.name, np.dtype(spec.dtype), tuple(spec.shape))
+        return cls(spec.name, np.dtype(spec.dtype), tuple(spec.shape), spec.index_bound)
 
 
 def _check_input(expected: _ExpectedInput, value) -> np.ndarray:
@@ -195,7 +196,20 @@ def _check_input(expected: _ExpectedInput, value) -> np.ndarray:
     if array.shape != expected.shape:
         raise InputError(f"input {expected.name!r}: shape {list(array.shape)} given, {list(expected.shape)} "
                          "expected")
+    problem = indices_out_of_range(expected.name, expected.index_bound, array)
+    if problem:
+        raise InputError(problem)
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (a 0-d array is contiguous)
+
+
+def indices_out_of_range(name: str, bound: IndexBound | None, array: np.ndarray) -> str | None:
+    """What is wrong with input `name` if a Gather reads it as indices and a value lies outside
+    [-extent, extent), as onnxruntime refuses it (the kernel would read outside its table); else None."""
+    if bound is None or not array.size or (array.min() >= -bound.extent and array.max() < bound.extent):
+        return None
+    where = tuple(int(i) for i in np.argwhere((array < -bound.extent) | (array >= bound.extent))[0])
+    return (f"input {name!r}: value {array[where]} at {list(where)} is out of range for Gather {bound.node!r}, "
+            f"which takes indices in [{-bound.extent}, {bound.extent - 1}]")
 
 
 def flatten_outputs(result):

@@ -327,3 +327,31 @@ def onnxruntime_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def token_embedding(rng, vocab: int = 10, types: int = 2, width: int = 16, tokens: int = 3) -> onnx.ModelProto:
+    """Token ids [1, tokens] (int64) into a vocab-row table, plus int32 type ids, unsqueezed then cast, into a
+    types-row table, added, masked and through an FC: what a text encoder's inputs go through first. The mask
+    is read as data, not as indices."""
+    g = GraphBuilder(rng)
+    words = g.const("words", rng.standard_normal((vocab, width)).astype(np.float32))
+    kinds = g.const("kinds", rng.standard_normal((types, width)).astype(np.float32))
+    embedded = g.op("Gather", [words, "ids"], "word_gather")
+    type_ids = g.op("Cast", [g.op("Unsqueeze", ["type_ids", g.const("axis0", np.array([0]))], "type_unsqueeze")],
+                    "type_cast", to=TensorProto.INT64)
+    typed = g.op("Add", [embedded, g.op("Gather", [kinds, type_ids], "type_gather")], "sum")
+    mask = g.op("Cast", [g.op("Unsqueeze", ["mask", g.const("axis2", np.array([2]))], "mask_unsqueeze")], "mask_cast",
+                to=TensorProto.FLOAT)
+    out = g.op("MatMul", [g.op("Mul", [typed, mask], "masked"),
+                          g.const("head.w", rng.standard_normal((width, width)).astype(np.float32))], "head")
+    graph = helper.make_graph(
+        g.nodes, "token_embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, tokens]),
+         helper.make_tensor_value_info("type_ids", TensorProto.INT32, [tokens]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, [1, tokens])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quantvm-tests")
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -306,3 +306,26 @@ def test_bench_times_the_runner_beside_python(tmp_path, demo_model_path):
     rows = {row["name"]: row for row in section["rows"]}
     assert set(rows) == {"quantvm fp32", "quantvm-run fp32"} and rows["quantvm-run fp32"]["median_ms"] > 0
     assert [(r["contender"], r["baseline"]) for r in section["ratios"]] == [("quantvm-run fp32", "quantvm fp32")]
+
+
+def test_runner_refuses_gather_indices_out_of_range(bundled, tmp_path):
+    """The C API checks an input read as Gather indices as run() does (the kernel would read outside its
+    table), naming the input, the value and the Gather."""
+    from tests.fixtures import token_embedding
+
+    out, _ = bundled
+    artifact = compiler.compile(token_embedding(np.random.default_rng(3)), target="native").export(
+        tmp_path / "embedding.so")
+    feeds = {"ids": np.array([[1, -1, 9]], np.int64), "type_ids": np.array([0, 1, 1], np.int32),
+             "mask": np.ones((1, 3), np.int64)}
+    for name, value in feeds.items():
+        np.save(tmp_path / f"{name}.npy", value)
+    command = [out / "quantvm-run", artifact, *[arg for n in feeds for arg in ("--input", f"{n}={tmp_path / n}.npy")],
+               "--output-dir", tmp_path / "out"]
+    ok = run_clean(command)
+    assert ok.returncode == 0, ok.stderr
+    np.testing.assert_array_equal(np.load(next((tmp_path / "out").iterdir())), load(artifact).run(**feeds)[0])
+    np.save(tmp_path / "ids.npy", np.array([[1, 10, 9]], np.int64))
+    refused = run_clean(command)
+    assert refused.returncode == 1 and ("input 0 (ids): value 10 at flat index 1 is out of range for Gather "
+                                        "'word_gather', which takes indices in [-10, 9]") in refused.stderr, refused.stderr

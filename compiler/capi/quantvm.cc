@@ -273,6 +273,8 @@ struct TensorSpec {
   const DtypeName* type;
   std::vector<int64_t> shape;
   size_t num_bytes;
+  int64_t index_extent = 0;  // > 0: a Gather reads this input as indices, which must lie in [-extent, extent)
+  std::string index_node;    // that Gather
 };
 
 std::vector<TensorSpec> tensor_specs(const JsonObject& meta, const char* kind, const std::string& path) {
@@ -298,9 +300,32 @@ std::vector<TensorSpec> tensor_specs(const JsonObject& meta, const char* kind, c
       count *= size_t(*value);
     }
     out.num_bytes = count * out.type->itemsize;
+    if (auto bound = spec.Get(ffi::String("index_bound")); bound.has_value()) {
+      JsonObject b = as<JsonObject>(*bound, "an index bound", path);
+      out.index_extent = as<int64_t>(field(b, "extent", path), "an index extent", path);
+      out.index_node = std::string(as<ffi::String>(field(b, "node", path), "an index node", path));
+    }
     specs.push_back(std::move(out));
   }
   return specs;
+}
+
+template <typename T>
+void check_index_values(const TensorSpec& s, size_t position, const T* values) {
+  const size_t count = s.num_bytes / sizeof(T);
+  for (size_t k = 0; k < count; ++k)
+    if (int64_t(values[k]) < -s.index_extent || int64_t(values[k]) >= s.index_extent)
+      fail(QUANTVM_ERR_ARGUMENT, "quantvm_run: input " + std::to_string(position) + " (" + s.name + "): value " +
+                                     std::to_string(int64_t(values[k])) + " at flat index " + std::to_string(k) +
+                                     " is out of range for Gather '" + s.index_node + "', which takes indices in [" +
+                                     std::to_string(-s.index_extent) + ", " + std::to_string(s.index_extent - 1) + "]");
+}
+
+// An input a Gather reads as indices, checked as run() checks it: the kernel would read outside its table.
+void check_indices(const TensorSpec& s, size_t position, const void* data) {
+  if (s.index_extent <= 0) return;
+  if (s.dtype == "int64") check_index_values(s, position, static_cast<const int64_t*>(data));
+  if (s.dtype == "int32") check_index_values(s, position, static_cast<const int32_t*>(data));
 }
 
 std::set<std::string> host_flags() {
@@ -639,6 +664,7 @@ int quantvm_run(quantvm_model* model, const void* const* inputs, const size_t* i
         fail(QUANTVM_ERR_ARGUMENT, "quantvm_run: input " + std::to_string(i) + " (" + s.name + ") has " +
                                        std::to_string(input_bytes[i]) + " bytes; it takes " + std::to_string(s.num_bytes) +
                                        " (" + s.dtype + " " + std::to_string(s.shape.size()) + "-d shape)");
+      check_indices(s, i, inputs[i]);
     }
     for (size_t i = 0; i < n_out; ++i) {
       const TensorSpec& s = model->outputs[i];
