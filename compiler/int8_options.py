@@ -119,6 +119,8 @@ class QuantizationOptions:
             raise QuantvmError(f"max_drop must be a number in [0, 1), got {self.max_drop!r}")
         if self.smooth_quant not in (None, True, False):
             raise QuantvmError(f"smooth_quant must be None (auto), True or False, got {self.smooth_quant!r}")
+        if self.bounded_pairs not in (None, True, False):  # ("off" would read as True)
+            raise QuantvmError(f"bounded_pairs must be None (auto), True or False, got {self.bounded_pairs!r}")
         if self.per_token not in (True, False):
             raise QuantvmError(f"per_token must be True or False, got {self.per_token!r}")
         if self.metric is not None and not callable(self.metric):

@@ -187,6 +187,8 @@ def test_a_bad_metric_is_named(rng, metric, message):
     ({"calib_mode": "kl"}, "calib_mode must be one of"),
     ({"smoothquant": True}, "unknown int8 option\\(s\\) smoothquant"),
     ({"metric": 3}, "metric must be a callable"),
+    ({"bounded_pairs": "off"}, "bounded_pairs must be None \\(auto\\), True or False, got 'off'"),
+    ({"smooth_quant": "on"}, "smooth_quant must be None \\(auto\\), True or False, got 'on'"),
 ])
 def test_bad_int8_arguments_are_named(rng, keywords, message):
     with pytest.raises(QuantvmError, match=message):
