@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 from compiler.atomic import atomic_path
 from compiler.errors import ArtifactError
 from compiler.metadata import DIGEST_KEY, FORMAT, FORMAT_VERSION, ArtifactMetadata
-from compiler.quiet import tvm_scope_warnings_silenced
+from quantvm.quiet import tvm_noise_silenced
 
 SECTION = ".quantvm_meta"
 _PLACEHOLDER = b"0" * 64  # what the digest's own bytes read as while hashing, at export and at verification
@@ -45,7 +45,7 @@ def export_executable(executable, metadata: ArtifactMetadata, path) -> Path:
         addon = Path(work) / "quantvm_metadata.c"
         addon.write_text(metadata_addon_source(metadata.with_digest(_PLACEHOLDER.decode())))
         try:
-            with tvm_scope_warnings_silenced():
+            with tvm_noise_silenced():
                 executable.export_library(str(tmp), addons=[str(addon)], workspace_dir=work)
         except Exception as err:  # compiler or linker failure: report it, keep nothing
             raise ArtifactError(f"cannot export to {path}: building the shared library failed: "

@@ -18,8 +18,8 @@ import numpy as np
 from compiler.artifact import read_metadata
 from compiler.errors import HostMismatchError, InputError, QuantvmError
 from compiler.metadata import ArtifactMetadata, IndexBound, TensorSpec
-from compiler.quiet import tvm_scope_warnings_silenced
 from compiler.vm_io import InputStager, output_arrays
+from quantvm.quiet import tvm_noise_silenced
 from targets.host import host_model_name, missing_features
 
 
@@ -235,6 +235,6 @@ def load(path, num_threads: int | None = None) -> Predictor:
     metadata = read_metadata(path)
     check_host_can_run(metadata, str(path))
     num_threads = resolve_num_threads(num_threads, metadata.target.num_threads)  # before any code loads
-    with tvm_scope_warnings_silenced():
+    with tvm_noise_silenced():
         module = tvm.runtime.load_module(str(path))
     return Predictor(module, metadata, num_threads)

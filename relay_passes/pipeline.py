@@ -21,6 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+from quantvm.quiet import tvm_noise_silenced
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
@@ -171,10 +172,12 @@ PHASE_NAMES = tuple(p.name for p in PIPELINE)
 def run_phases(build: GraphBuild, start: str = PHASE_NAMES[0], stop: str = PHASE_NAMES[-1],
                guard: Callable[[Phase], contextlib.AbstractContextManager] | None = None) -> GraphBuild:
     """Run the phases from `start` to `stop` (both included) on `build`, each inside `guard(phase)` (the
-    compiler's error translation)."""
+    compiler's error translation). TVM's known noise is dropped (quantvm.quiet), except while quantizing:
+    calibration's progress line must show as it runs (its host builds run these phases again, quietly)."""
     first, last = PHASE_NAMES.index(start), PHASE_NAMES.index(stop)
     for phase in PIPELINE[first:last + 1]:
-        with guard(phase) if guard is not None else contextlib.nullcontext():
+        quiet = contextlib.nullcontext() if phase.run is _quantize else tvm_noise_silenced()
+        with quiet, guard(phase) if guard is not None else contextlib.nullcontext():
             phase.run(build)
     return build
 
