@@ -416,7 +416,9 @@ def format_metadata(meta: ArtifactMetadata) -> str:
     ]
     for kind, specs in (("input", meta.inputs), ("output", meta.outputs)):
         for spec in specs:
-            lines.append(f"{kind + ':':9} {spec.name} {list(spec.shape)} {spec.dtype}")
+            bound = spec.index_bound
+            indices = f", indices in [{-bound.extent}, {bound.extent - 1}] ({bound.node})" if bound else ""
+            lines.append(f"{kind + ':':9} {spec.name} {list(spec.shape)} {spec.dtype}{indices}")
     return "\n".join(lines)
 
 

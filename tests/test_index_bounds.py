@@ -2,10 +2,14 @@
 run() refuses them with an InputError naming the input, the value and the Gather, as onnxruntime refuses
 them (the kernel does not check: an id past an embedding's rows crashed the process)."""
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
 import compiler
+from compiler.cli import main
 from compiler.errors import InputError
 from compiler.metadata import IndexBound
 from tests.fixtures import onnxruntime_outputs, token_embedding
@@ -80,3 +84,14 @@ def test_compiling_a_gather_writes_no_tvm_noise_and_keeps_other_stderr(capfd):
         other.start()
         other.join()
     assert inside.is_set() and capfd.readouterr().err == "kept\n"
+
+
+def test_inspect_shows_each_inputs_index_range(embedding):
+    _, _, path = embedding
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["inspect", str(path)]) == 0
+    lines = shown.getvalue().splitlines()
+    assert "input:    ids [1, 3] int64, indices in [-10, 9] (word_gather)" in lines
+    assert "input:    type_ids [3] int32, indices in [-2, 1] (type_gather)" in lines
+    assert "input:    mask [1, 3] int64" in lines
