@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import onnx
-from onnx import numpy_helper
 
 from compiler.kernel_origins import node_label
 from compiler.metadata import IndexBound, TensorSpec
@@ -68,7 +67,7 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple]:
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            shapes[node.output[0]] = tuple(numpy_helper.to_array(node.attribute[0].t).shape)
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
     for info in list(graph.value_info) + list(graph.input):
         dims = info.type.tensor_type.shape.dim
         if info.name not in shapes and dims and all(d.HasField("dim_value") for d in dims):

@@ -153,16 +153,20 @@ class Phase:
     name: str
     describe: str  # for error messages: "<model>: <describe> failed: ..."
     run: Callable[[GraphBuild], None]
+    # TVM's known noise dropped (quantvm.quiet): the graph phases, which legalize Gathers. Not quantize (its
+    # progress line shows as it runs), nor schedule and lower (what a crash or a hang in codegen prints must
+    # show; a redirected stderr would hold it back or lose it).
+    quiet: bool = False
 
 
 PIPELINE: tuple[Phase, ...] = (
-    Phase("import", "importing the model", _import),
-    Phase("canonicalise", "preparing the graph", _canonicalise),
-    Phase("fold", "folding the graph", _fold),
+    Phase("import", "importing the model", _import, quiet=True),
+    Phase("canonicalise", "preparing the graph", _canonicalise, quiet=True),
+    Phase("fold", "folding the graph", _fold, quiet=True),
     Phase("quantize", "int8 calibration and quantization", _quantize),
-    Phase("layout", "laying out the graph", _layout),
-    Phase("fuse", "fusing the graph", _fuse),
-    Phase("kernels", "lowering the graph to kernels", _kernels),
+    Phase("layout", "laying out the graph", _layout, quiet=True),
+    Phase("fuse", "fusing the graph", _fuse, quiet=True),
+    Phase("kernels", "lowering the graph to kernels", _kernels, quiet=True),
     Phase("schedule", "scheduling the kernels", _schedule),
     Phase("lower", "building", _lower),
 )
@@ -172,11 +176,10 @@ PHASE_NAMES = tuple(p.name for p in PIPELINE)
 def run_phases(build: GraphBuild, start: str = PHASE_NAMES[0], stop: str = PHASE_NAMES[-1],
                guard: Callable[[Phase], contextlib.AbstractContextManager] | None = None) -> GraphBuild:
     """Run the phases from `start` to `stop` (both included) on `build`, each inside `guard(phase)` (the
-    compiler's error translation). TVM's known noise is dropped (quantvm.quiet), except while quantizing:
-    calibration's progress line must show as it runs (its host builds run these phases again, quietly)."""
+    compiler's error translation), the quiet ones with TVM's known noise dropped."""
     first, last = PHASE_NAMES.index(start), PHASE_NAMES.index(stop)
     for phase in PIPELINE[first:last + 1]:
-        quiet = contextlib.nullcontext() if phase.run is _quantize else tvm_noise_silenced()
+        quiet = tvm_noise_silenced() if phase.quiet else contextlib.nullcontext()
         with quiet, guard(phase) if guard is not None else contextlib.nullcontext():
             phase.run(build)
     return build
