@@ -29,6 +29,7 @@ from relay_passes.kernel_origins import binding_sources, group_sources, kernel_s
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.bounded_pairs import bounded_pair_ops
 from targets.layout import LayoutReport, vector_lanes
+from targets.signed_data import sign_flipped_convs
 from targets.winograd_convs import winograd_convs
 
 
@@ -97,12 +98,13 @@ def _fuse(build: GraphBuild) -> None:
 
 def _kernels(build: GraphBuild) -> None:
     """Every op (and fused group) becomes one unscheduled TIR kernel; fp32 3x3 convs qualifying for it
-    Winograd's (targets.winograd_convs), int8 convs and FCs with bounded weight pairs marked for `vpmaddubsw`
-    on a target without VNNI (targets.bounded_pairs)."""
+    Winograd's (targets.winograd_convs), int8 convs on s8 data read sign-flipped where the dot reads u8
+    (targets.signed_data), int8 convs and FCs with bounded weight pairs marked for `vpmaddubsw` on a target
+    without VNNI (targets.bounded_pairs)."""
     target = build.spec.tvm_target()
     if build.winograd:
         build.mod = winograd_convs(build.mod)
-    build.mod = bounded_pair_ops(build.mod, build.spec)
+    build.mod = bounded_pair_ops(sign_flipped_convs(build.mod, build.spec), build.spec)
     sources = {var: build.sources.get(var, []) + tags
                for var, tags in (_best_effort(binding_sources, build.mod) or {}).items()}
     with target:

@@ -32,7 +32,7 @@ def qualifies(call: relax.Call) -> bool:
             and call.args[1].ty.dtype == "int8" and call.args[1].ty.ndim == 2 and call.ty.dtype == "int32")
 
 
-def _bounded(constant: GenericConst) -> bool:
+def bounded_constant(constant: GenericConst) -> bool:
     """A packed weight (a conv's 6-D one, an FC's 4-D one; a plain [K, N] FC weight is not read in pairs)
     with bounded pairs."""
     shape = [int(d) for d in constant.ty.shape.values]
@@ -52,7 +52,7 @@ class _MarkBounded(relax.PyExprMutator):
     def visit_call_(self, call):
         source = weight_source(call, self.values) if isinstance(call, relax.Call) and qualifies(call) else None
         call = super().visit_call_(call)
-        if source is None or not (source in self.weights or (isinstance(source, GenericConst) and _bounded(source))):
+        if source is None or not (source in self.weights or (isinstance(source, GenericConst) and bounded_constant(source))):
             return call
         if is_conv(call):
             return conv2d_call(self.builder_, call, self.tile_lanes, bounded_pairs=True)
@@ -69,7 +69,7 @@ def bounded_pair_ops(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     if not needs_bounded_pairs(spec):
         return mod
     mutator = _MarkBounded(mod, vector_lanes(spec))
-    for gv, positions in fused_with_constant_weights(mod, qualifies, _bounded).items():
+    for gv, positions in fused_with_constant_weights(mod, qualifies, bounded_constant).items():
         func = mod[gv]
         mutator.weights = {func.params[i] for i in positions}
         body = mutator.visit_expr(func.body)

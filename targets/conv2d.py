@@ -12,11 +12,15 @@ conv whose constant weight has bounded pairs (targets.bounded_pairs) is marked B
 An int8 conv whose row has no good tile divisor (71 or 17 columns) computes whole register tiles and keeps
 the real columns: the dot intrinsic cannot be tensorized under the predicate that a cut-short tile needs
 (fp32 convs cut their last tile short instead). The extra columns read the row's last input column again.
+
+An int8 conv on s8 data given a `signed_offset` (targets.signed_data) reads its data with the sign bit
+flipped, as u8 (a + 128; the padding is 128, the flipped 0), for a dot instruction that reads u8, and takes
+the offset (128 * the sum of each output channel's weights) off its sums: SIGNED_OFFSET_REMOVED.
 """
 
 from __future__ import annotations
 
-from tvm import relax, te, topi
+from tvm import relax, te, tirx, topi
 
 from targets.dense import BOUNDED_PAIRS
 from targets.register_tiles import conv_tile
@@ -24,6 +28,8 @@ from targets.register_tiles import conv_tile
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
 WHOLE_TILES_CUT = "conv2d_whole_tiles_cut"  # the real columns of an int8 conv computed in whole tiles
+SIGNED_OFFSET_REMOVED = "conv2d_signed_offset_removed"  # an s8 conv's sums of (a + 128) * w, less 128 * sum(w)
+SIGN_FLIP = 128  # s8 a is read as the u8 a + 128 (a xor 0x80)
 
 
 def _padded(data, padding):
@@ -33,21 +39,36 @@ def _padded(data, padding):
     return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=0, name="data_pad")
 
 
+def _sign_flipped_padded(data, padding):
+    """s8 data as the u8 a + 128, padded with 128 (the flipped 0), in one pass."""
+    top, left, bottom, right = padding
+    n, chunks, height, width, block = (int(d) for d in data.shape)
+
+    def value(b, c, y, x, lane):
+        inside = tirx.all(y >= top, y < top + height, x >= left, x < left + width)
+        flipped = (data[b, c, y - top, x - left, lane].astype("int32") + SIGN_FLIP).astype("uint8")
+        return tirx.if_then_else(inside, flipped, tirx.const(SIGN_FLIP, "uint8"))
+
+    return te.compute((n, chunks, height + top + bottom, width + left + right, block), value, name="data_pad")
+
+
 def _out_size(size, kernel, stride, dilation, pad_before, pad_after):
     return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
 
 
 def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, tile_lanes: int | None = None,
-                 bounded_pairs: bool = False):
+                 bounded_pairs: bool = False, signed_offset=None):
     """A blocked conv2d; which of the three forms is decided by the weight's rank and the group count.
     `tile_lanes`: the target's vector lanes, for an int8 conv's whole register tiles (None: never pad).
-    `bounded_pairs`: the int8 weight's pairs are bounded (marks the block BOUNDED_PAIRS)."""
+    `bounded_pairs`: the int8 weight's pairs are bounded (marks the block BOUNDED_PAIRS).
+    `signed_offset`: [O/b, b] int32, 128 * the sum of each output channel's weights, for an int8 conv on s8
+    data read sign-flipped (see the module's doc)."""
     n, in_chunks, height, width, block = (int(d) for d in data.shape)
     kernel_h, kernel_w = int(weight.shape[2]), int(weight.shape[3])
     (stride_h, stride_w), (dil_h, dil_w) = strides, dilation
     out_h = _out_size(height, kernel_h, stride_h, dil_h, padding[0], padding[2])
     out_w = _out_size(width, kernel_w, stride_w, dil_w, padding[1], padding[3])
-    pad = _padded(data, padding)
+    pad = _padded(data, padding) if signed_offset is None else _sign_flipped_padded(data, padding)
     kh = te.reduce_axis((0, kernel_h), name="kh")
     kw = te.reduce_axis((0, kernel_w), name="kw")
 
@@ -85,9 +106,12 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, ti
                 * weight[oc, ic_outer * (block // group) + ic_mid, kh, kw, lane, ic_inner].astype("int32"),
                 axis=[ic_outer, kh, kw, ic_mid, ic_inner]),
             name=CONV_BLOCK, attrs={BOUNDED_PAIRS: 1} if bounded_pairs else None)
-        if whole_w == out_w:
-            return conv
-        return te.compute((n, out_chunks, out_h, out_w, out_block), lambda *i: conv(*i), name=WHOLE_TILES_CUT)
+        sums = conv if whole_w == out_w else te.compute(
+            (n, out_chunks, out_h, out_w, out_block), lambda *i: conv(*i), name=WHOLE_TILES_CUT)
+        if signed_offset is None:
+            return sums
+        return te.compute(sums.shape, lambda b, oc, y, x, lane: sums[b, oc, y, x, lane] - signed_offset[oc, lane],
+                          name=SIGNED_OFFSET_REMOVED)
     ic_inner = te.reduce_axis((0, block), name="ic_inner")
     return te.compute(
         (n, out_chunks, out_h, out_w, out_block),
@@ -109,14 +133,15 @@ def _is_int8(weight) -> bool:
     return weight.dtype in ("int8", "uint8")
 
 
-def conv2d_call(bb: relax.BlockBuilder, call: relax.Call, tile_lanes: int, bounded_pairs: bool = False):
-    """A blocked relax.nn.conv2d as a call of its TE kernel."""
+def conv2d_call(bb: relax.BlockBuilder, call: relax.Call, tile_lanes: int, bounded_pairs: bool = False,
+                signed_offset: relax.Expr | None = None):
+    """A blocked relax.nn.conv2d as a call of its TE kernel (`signed_offset`: see conv2d_nchwc)."""
     attrs = call.attrs
     out_dtype = call.ty.dtype  # out_dtype=None in the attrs means "as the data"
     return bb.call_te(conv2d_nchwc, call.args[0], call.args[1],
                       [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
                       [int(d) for d in attrs.dilation], int(attrs.groups), str(out_dtype), tile_lanes,
-                      bounded_pairs, primfunc_name_hint="conv2d_nchwc")
+                      bounded_pairs, signed_offset, primfunc_name_hint="conv2d_nchwc")
 
 
 def legalize_conv2d(default, tile_lanes: int):

@@ -171,6 +171,13 @@ def needs_bounded_pairs(spec: TargetSpec) -> bool:
     return not spec.has("avx512_vnni") and spec.has("avx2")
 
 
+def dot_reads_unsigned(spec: TargetSpec, bounded: bool = False) -> bool:
+    """Whether `spec`'s int8 dot reads the data as u8 (VNNI's `vpdpbusd`; `vpmaddubsw` on a weight with
+    bounded pairs), so that s8 data costs it a second dot per step (`_u8_dot_impl`). The exact `vpmaddwd`
+    form reads s8 as cheaply as u8."""
+    return spec.has("avx512_vnni") or (bounded and needs_bounded_pairs(spec))
+
+
 def pairs_are_bounded(weight: np.ndarray) -> bool:
     """Whether a weight packed with its 4 input channels on the last axis (the intrinsics' [..., lanes, 4])
     has |w[2j]| + |w[2j+1]| <= PAIR_BOUND everywhere."""
