@@ -3,7 +3,8 @@
 The importer's caller tags each call of the imported `main` with a span whose source name says where it
 came from (`tag_sources`; the compiler uses "onnx:<node index>"). TVM's mutators keep the span of a call they
 rebuild with new arguments, so the tags survive most passes; a pass that makes a new call (BatchNorm folded
-into a conv, an int8 rewrite) leaves it untagged. LegalizeOps drops every span, so the `kernels` phase takes
+into a conv, an int8 rewrite, ConvertLayout's blocked ops) leaves it untagged. Those that keep the binding's
+variable name get the tag back from the graph before the phase (`carried_tags`), the rest use `with_span`. LegalizeOps drops every span, so the `kernels` phase takes
 the tags of each binding of `main` just before it (`binding_sources`, a fused group's from the ops inside its
 function) and finds them again on the binding that calls the kernel after it (`kernel_sources`): the binding
 keeps its variable through LegalizeOps and FuseTIR.
@@ -13,8 +14,12 @@ All of it is best effort: a binding whose tags are lost just has none.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import tvm
+import tvm_ffi
 from tvm import relax
+from tvm.ir.expr import GenericConst
 
 
 def tag_sources(func: relax.Function, sources: dict) -> relax.Function:
@@ -35,7 +40,33 @@ def tag_sources(func: relax.Function, sources: dict) -> relax.Function:
     return Tagger().visit_expr(func)
 
 
-def _bindings(func) -> list:
+def _tag(expr) -> str | None:
+    span = expr.span if isinstance(expr, relax.Call) else None
+    return span.source_name.name if span is not None and span.source_name is not None else None
+
+
+def carried_tags(before: tvm.IRModule, after: tvm.IRModule) -> tvm.IRModule:
+    """`after`, a graph phase's result, with the tags of `before` put back on the calls of main that lost
+    them: a binding whose variable name is bound once in each graph, to a call of the same op, takes the old
+    call's tag. (A phase's new bindings may reuse a name: a name bound twice is left alone.)"""
+    old_bindings, new_bindings = bindings_of(before["main"]), bindings_of(after["main"])
+    old_names = Counter(b.var.name for b in old_bindings)
+    new_names = Counter(b.var.name for b in new_bindings)
+    old = {b.var.name: b.value for b in old_bindings if old_names[b.var.name] == 1 and _tag(b.value)}
+    sources = {}
+    for binding in new_bindings:
+        value, was = binding.value, old.get(binding.var.name)
+        if (was is not None and new_names[binding.var.name] == 1 and isinstance(value, relax.Call)
+                and _tag(value) is None and value.op.same_as(was.op)):
+            sources[binding.var] = _tag(was)
+    if not sources:
+        return after
+    result = after.clone()
+    result.update_func(result.get_global_var("main"), tag_sources(after["main"], sources))
+    return result
+
+
+def bindings_of(func) -> list:
     return [b for block in func.body.blocks for b in block.bindings] if isinstance(func.body, relax.SeqExpr) else []
 
 
@@ -52,7 +83,7 @@ def binding_sources(mod: tvm.IRModule) -> dict:
 
     relax.analysis.post_order_visit(main.body, count)
     result = {}
-    for binding in _bindings(main):
+    for binding in bindings_of(main):
         found: list = []
 
         def visit(expr, found=found):
@@ -71,53 +102,75 @@ def binding_sources(mod: tvm.IRModule) -> dict:
     return result
 
 
-def _op_calls(mod: tvm.IRModule, func) -> int:
-    """The op calls in a group's function (and the functions it calls)."""
-    count = 0
-
-    def visit(expr):
-        nonlocal count
-        if isinstance(expr, relax.Call):
-            if isinstance(expr.op, tvm.ir.Op):
-                count += 1
-            elif isinstance(expr.op, tvm.ir.GlobalVar) and isinstance(mod[expr.op], relax.Function):
-                relax.analysis.post_order_visit(mod[expr.op].body, visit)
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return count
-
-
 def group_sources(before: tvm.IRModule, after: tvm.IRModule) -> dict:
     """Var -> source tags of the bindings of `after`'s main (fused) that call a group's function: the tags of
-    the ops of `before` (unfused) the group took. FuseOpsByPattern makes new variables, so the groups are
-    matched by order: the ops of `before` whose variable is gone, in order, are cut into the groups' ops
-    (as many as each group's function holds), in the order the groups are called. Where the counts do not
-    add up, no group gets tags."""
+    the ops of `before` (unfused) the group took. FuseOpsByPattern makes new variables and shares one function
+    among the groups of the same form, so each group is followed through its function by data flow: its
+    arguments are values of `before` (or earlier groups' results, known by then), and each op inside is the
+    op of `before` with the same op and the same inputs. An op not found there leaves the rest unknown."""
     tags = binding_sources(before)
-    # a group's outputs bound to the fields of its call (relay_passes.fuse_elementwise) are its ops' results
-    kept = {b.var for b in _bindings(after["main"]) if not isinstance(b.value, relax.TupleGetItem)}
-    gone = [b.var for b in _bindings(before["main"]) if b.var not in kept and isinstance(b.value, relax.Call)
-            and isinstance(b.value.op, tvm.ir.Op)]
-    groups = [(b.var, _op_calls(after, after[b.value.op])) for b in _bindings(after["main"])
-              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)
-              and isinstance(after[b.value.op], relax.Function)]
-    if sum(n for _, n in groups) != len(gone):
-        return {}
-    result, at = {}, 0
-    for var, n in groups:
+    ops_by_inputs: dict = {}
+    for binding in bindings_of(before["main"]):
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            ops_by_inputs.setdefault(_op_key(value.op, value.args), []).append((binding.var, value.attrs))
+    known: dict = {}  # a value of `after` -> the value of `before` it is
+    result = {}
+    for binding in bindings_of(after["main"]):
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem) and isinstance(known.get(value.tuple_value), tuple):
+            known[binding.var] = known[value.tuple_value][value.index]
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar)
+                and isinstance(after[value.op], relax.Function)):
+            continue
         found: list = []
-        for old in gone[at:at + n]:
-            found.extend(t for t in tags.get(old, ()) if t not in found)
-        result[var] = found
-        at += n
+        inputs = [known.get(a, a) for a in value.args]
+        known[binding.var] = _follow(after, after[value.op], inputs, ops_by_inputs, tags, found)
+        result[binding.var] = found
     return result
+
+
+def _op_key(op, args) -> tuple:
+    """An op and its inputs: values by identity, literals (a reshape's shape) by structure."""
+    return (op, *(a if isinstance(a, (relax.Var, GenericConst)) else tvm_ffi.structural_hash(a) for a in args))
+
+
+def _follow(mod, func: relax.Function, inputs: list, ops_by_inputs: dict, tags: dict, found: list):
+    """What `func` returns, called on `inputs` (values of the graph before fusion), as a value of that graph
+    (a tuple for a tuple), None where unknown; the tags of the ops it is made of are added to `found`."""
+    env = dict(zip(func.params, inputs))
+
+    def of(expr):
+        if isinstance(expr, relax.Tuple):
+            return tuple(of(f) for f in expr.fields)
+        return env.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+    for binding in bindings_of(func):
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
+            env[binding.var] = _follow(mod, mod[value.op], [of(a) for a in value.args], ops_by_inputs, tags, found)
+        elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            args = [of(a) for a in value.args]
+            if any(a is None or isinstance(a, tuple) for a in args):
+                continue
+            same = [var for var, attrs in ops_by_inputs.get(_op_key(value.op, args), ())
+                    if tvm_ffi.structural_equal(attrs, value.attrs)]  # (two reshapes of one value)
+            if same:
+                env[binding.var] = same[0]
+                found.extend(t for t in tags.get(same[0], ()) if t not in found)
+        elif isinstance(value, relax.TupleGetItem) and isinstance(of(value.tuple_value), tuple):
+            env[binding.var] = of(value.tuple_value)[value.index]
+        else:
+            env[binding.var] = of(value) if isinstance(value, (relax.Var, relax.Tuple)) else None
+    body = func.body.body if isinstance(func.body, relax.SeqExpr) else func.body
+    return of(body)
 
 
 def kernel_sources(mod: tvm.IRModule, before: dict) -> list[tuple[str, list]]:
     """The kernel calls of `main` after LegalizeOps and FuseTIR, in order: (kernel name, source names), the
     names `before` (binding_sources of the graph before) gives the binding's variable, [] where it has none."""
     calls = []
-    for binding in _bindings(mod["main"]):
+    for binding in bindings_of(mod["main"]):
         value = binding.value
         if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
                 and value.op.name == "relax.call_tir"):

@@ -25,7 +25,7 @@ from quantvm.quiet import tvm_noise_silenced
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
-from relay_passes.kernel_origins import binding_sources, group_sources, kernel_sources
+from relay_passes.kernel_origins import binding_sources, carried_tags, group_sources, kernel_sources
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.bounded_pairs import bounded_pair_ops
 from targets.layout import LayoutReport, vector_lanes
@@ -159,14 +159,17 @@ class Phase:
     # progress line shows as it runs), nor schedule and lower (what a crash or a hang in codegen prints must
     # show; a redirected stderr would hold it back or lose it).
     quiet: bool = False
+    # The calls a graph phase rebuilds get their source tags back from the graph before it, by binding name
+    # (relay_passes.kernel_origins): what `quantvm profile` and the report name each kernel by.
+    carries_tags: bool = False
 
 
 PIPELINE: tuple[Phase, ...] = (
     Phase("import", "importing the model", _import, quiet=True),
-    Phase("canonicalise", "preparing the graph", _canonicalise, quiet=True),
-    Phase("fold", "folding the graph", _fold, quiet=True),
-    Phase("quantize", "int8 calibration and quantization", _quantize),
-    Phase("layout", "laying out the graph", _layout, quiet=True),
+    Phase("canonicalise", "preparing the graph", _canonicalise, quiet=True, carries_tags=True),
+    Phase("fold", "folding the graph", _fold, quiet=True, carries_tags=True),
+    Phase("quantize", "int8 calibration and quantization", _quantize, carries_tags=True),
+    Phase("layout", "laying out the graph", _layout, quiet=True, carries_tags=True),
     Phase("fuse", "fusing the graph", _fuse, quiet=True),
     Phase("kernels", "lowering the graph to kernels", _kernels, quiet=True),
     Phase("schedule", "scheduling the kernels", _schedule),
@@ -183,7 +186,10 @@ def run_phases(build: GraphBuild, start: str = PHASE_NAMES[0], stop: str = PHASE
     for phase in PIPELINE[first:last + 1]:
         quiet = tvm_noise_silenced() if phase.quiet else contextlib.nullcontext()
         with quiet, guard(phase) if guard is not None else contextlib.nullcontext():
+            before = build.mod
             phase.run(build)
+            if phase.carries_tags and before is not None and build.mod is not before:
+                build.mod = _best_effort(carried_tags, before, build.mod) or build.mod
     return build
 
 

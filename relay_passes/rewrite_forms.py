@@ -9,6 +9,7 @@ with 5 instead of 6, a mean over another axis); the graph then stays as it was.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,8 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_op
+
+from relay_passes.kernel_origins import bindings_of, tag_sources
 
 # Exporters write 1/6 as 0.16666670143604279 (Paddle) or 0.16666667 (float32): both are within 1e-6.
 REL_TOL = 1e-6
@@ -74,16 +77,40 @@ def forms_pass(name: str, forms: Callable[[], list[Form]]) -> tvm.transform.Pass
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 for form in forms():
-                    func = relax.dpl.rewrite_call(form.pattern, _rewriter(form), func)
+                    replaced: dict = {}
+                    func = relax.dpl.rewrite_call(form.pattern, _rewriter(form, _bound_names(func), replaced), func)
+                    func = _tags_restored(func, replaced)
                 mod[gvar] = relax.analysis.remove_all_unused(func)
         return mod
 
     return tvm.transform.module_pass(apply, opt_level=0, name=name)
 
 
-def _rewriter(form: Form):
+def _bound_names(func: relax.Function) -> dict:
+    """Each bound call -> the name of its variable, where no other binding has that name."""
+    names = Counter(b.var.name for b in bindings_of(func))
+    return {b.value: b.var.name for b in bindings_of(func) if isinstance(b.value, relax.Call) and names[b.var.name] == 1}
+
+
+def _rewriter(form: Form, bound_names: dict, replaced: dict):
+    """The rewrite callback. rewrite_call binds a replacement to the replaced call's variable but drops the
+    call's span, its source tag (relay_passes.kernel_origins): `replaced` gets variable name -> tag."""
     def rewrite(expr, matches):
         replacement = form.build(matches)
-        return expr if replacement is None else replacement
+        if replacement is None:
+            return expr
+        name, span = bound_names.get(expr), expr.span
+        if name is not None and span is not None and span.source_name is not None:
+            replaced[name] = span.source_name.name
+        return replacement
 
     return rewrite
+
+
+def _tags_restored(func: relax.Function, replaced: dict) -> relax.Function:
+    """`func` with the untagged call bound to each name in `replaced` tagged as the call it replaced."""
+    names = Counter(b.var.name for b in bindings_of(func))
+    sources = {b.var: replaced[b.var.name] for b in bindings_of(func)
+               if b.var.name in replaced and names[b.var.name] == 1 and isinstance(b.value, relax.Call)
+               and b.value.span is None}
+    return tag_sources(func, sources) if sources else func
