@@ -23,8 +23,11 @@ from targets.register_tiles import MIN_TILE_ACCUMULATORS, TILE_REGISTERS
 from targets.registry import TargetSpec
 
 SOFTMAX_BLOCKS = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
-# One vector of query rows per block. Two would give each broadcast key twice the FMAs, but measured slower:
-# SVTR's 960-token attention 3.7 vs 3.3 ms, 128-token heads of 64 0.37 vs 0.36 ms.
+# Vectors of query rows per block, by vector lanes. Two give each broadcast key twice the FMAs: on AVX2
+# (16 registers) SVTR ran 25% faster in all (its attention 6.8 -> 5.4 ms a layer; four: 10% slower than
+# two). On AVX-512 two measured slower: SVTR's 960-token attention 3.7 vs 3.3 ms, 128-token heads of 64
+# 0.37 vs 0.36 ms.
+ROW_VECTORS = {8: 2, 16: 1}
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | 
     queries = int(sch.get(sch.get_loops(blocks.context)[-3]).extent)
     if queries % lanes:
         return None
+    rows_per_block = lanes * ROW_VECTORS.get(lanes, 1)
+    if queries % rows_per_block:
+        rows_per_block = lanes
     for block in blocks.between:
         sch.compute_inline(block)
     queries_t = sch.cache_read(blocks.scores, 0, "global")
@@ -78,29 +84,31 @@ def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | 
 
     # one parallel loop over (batch..., vectors of query rows); every pass computed under it
     *batch, rows, _ = sch.get_loops(store)
-    row_block, _ = sch.split(rows, [None, lanes])
+    row_block, _ = sch.split(rows, [None, rows_per_block])
     anchor = sch.fuse(*batch, row_block)
     sch.parallel(anchor)
     for block in (blocks.context, blocks.norm, blocks.expsum, blocks.exp, blocks.maxelem, blocks.scores, queries_t):
         sch.compute_at(block, anchor)
 
-    _register_tile(sch, blocks.scores, sch.cache_write(blocks.scores, 0, "local"), lanes, vectorized_store=True)
+    vectors = rows_per_block // lanes
+    _register_tile(sch, blocks.scores, sch.cache_write(blocks.scores, 0, "local"), lanes, vectors,
+                   vectorized_store=True)
     for block in (blocks.maxelem, blocks.exp, blocks.expsum):
         _rows_in_lanes(sch, block)
     # the normalization inside the context's tile: one multiply per key and row vector (the same product for
     # every head column of the tile), not a pass of its own over the probabilities
     sch.compute_inline(blocks.norm)
-    _register_tile(sch, blocks.context, store, lanes, vectorized_store=False)  # a transposing store
+    _register_tile(sch, blocks.context, store, lanes, vectors, vectorized_store=False)  # a transposing store
     return "attention"
 
 
-def _register_tile(sch, block, store, lanes: int, vectorized_store: bool) -> None:
-    """loops (rows, cols, red) -> (col tiles, red, cols in tile, rows): a tile of cols x one vector of rows
-    accumulated in registers, stored by `store` once per tile."""
+def _register_tile(sch, block, store, lanes: int, vectors: int, vectorized_store: bool) -> None:
+    """loops (rows, cols, red) -> (col tiles, red, cols in tile, rows): a tile of cols x `vectors` vectors of
+    rows accumulated in registers, stored by `store` once per tile."""
     from targets.schedules import _split_init
 
     rows, cols, red = sch.get_loops(block)[-3:]
-    col_tile, col = sch.split(cols, [None, _tile_width(int(sch.get(cols).extent), lanes)])
+    col_tile, col = sch.split(cols, [None, _tile_width(int(sch.get(cols).extent), lanes, vectors)])
     sch.reorder(col_tile, red, col, rows)
     sch.reverse_compute_at(store, col_tile, preserve_unit_loops=True)
     if vectorized_store:
@@ -110,12 +118,12 @@ def _register_tile(sch, block, store, lanes: int, vectorized_store: bool) -> Non
     _split_init(sch, block, red)
 
 
-def _tile_width(extent: int, lanes: int) -> int:
-    """Columns (keys, or head columns) per register tile: the widest that divides the extent with enough
-    accumulators, else the widest that fits (the last tile cut short)."""
-    widest = TILE_REGISTERS[lanes] - 1  # one register for the vector of rows
+def _tile_width(extent: int, lanes: int, vectors: int) -> int:
+    """Columns (keys, or head columns) per register tile of `vectors` vectors of rows: the widest that
+    divides the extent with enough accumulators, else the widest that fits (the last tile cut short)."""
+    widest = (TILE_REGISTERS[lanes] - vectors) // vectors  # a register for each vector of rows
     exact = max(w for w in range(1, min(widest, extent) + 1) if extent % w == 0)
-    return exact if exact >= min(MIN_TILE_ACCUMULATORS, extent) else min(widest, extent)
+    return exact if exact * vectors >= min(MIN_TILE_ACCUMULATORS, extent * vectors) else min(widest, extent)
 
 
 def _rows_in_lanes(sch, block) -> None:
