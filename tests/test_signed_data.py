@@ -118,3 +118,17 @@ def test_a_silu_between_convs_keeps_the_next_conv_on_one_dot_a_step(rng):
     x = calib[0]
     want = fixtures.onnxruntime_outputs(model, {"x": x})[0]
     assert np.abs(int8.run(x)[0] - want).max() / np.abs(want).max() < 0.05
+
+
+def test_an_unfused_build_flips_the_conv_in_main_and_gives_the_fused_builds_result(rng):
+    """--no-fuse: the conv is called from main on its constant weight, flipped there; the same int8 numbers."""
+    from tests.test_int8 import _single_op_model
+
+    model = _single_op_model(rng, "conv3x3")
+    calib = [rng.standard_normal((4, 16, 9, 9)).astype(np.float32)]
+    x = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    fused, unfused = (compiler.compile(model, target="native", calib=calib, calib_mode="naive", fuse=fuse)
+                      for fuse in (True, False))
+    rules = [rule for rule in unfused.report.schedules.applied.values() if "_int8[" in rule]
+    assert len(rules) == 1 and "_u8s8_" in rules[0], rules
+    np.testing.assert_array_equal(unfused.run(x)[0], fused.run(x)[0])
