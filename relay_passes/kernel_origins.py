@@ -4,7 +4,8 @@ The importer's caller tags each call of the imported `main` with a span whose so
 came from (`tag_sources`; the compiler uses "onnx:<node index>"). TVM's mutators keep the span of a call they
 rebuild with new arguments, so the tags survive most passes; a pass that makes a new call (BatchNorm folded
 into a conv, an int8 rewrite, ConvertLayout's blocked ops) leaves it untagged. Those that keep the binding's
-variable name get the tag back from the graph before the phase (`carried_tags`), the rest use `with_span`. LegalizeOps drops every span, so the `kernels` phase takes
+variable name get the tag back from the graph before the phase (`carried_tags`), the rest use `with_span`.
+LegalizeOps drops every span, so the `kernels` phase takes
 the tags of each binding of `main` just before it (`binding_sources`, a fused group's from the ops inside its
 function) and finds them again on the binding that calls the kernel after it (`kernel_sources`): the binding
 keeps its variable through LegalizeOps and FuseTIR.
@@ -131,8 +132,14 @@ def group_sources(before: tvm.IRModule, after: tvm.IRModule) -> dict:
 
 
 def _op_key(op, args) -> tuple:
-    """An op and its inputs: values by identity, literals (a reshape's shape) by structure."""
-    return (op, *(a if isinstance(a, (relax.Var, GenericConst)) else tvm_ffi.structural_hash(a) for a in args))
+    """An op and its inputs: values by identity, a tuple (a concat's) by its fields, literals (a reshape's
+    shape) by structure. `args` may hold what `_follow` found for them (a tuple as a Python tuple)."""
+    def key(a):
+        if isinstance(a, (relax.Tuple, tuple)):
+            return tuple(key(f) for f in (a.fields if isinstance(a, relax.Tuple) else a))
+        return a if a is None or isinstance(a, (relax.Var, GenericConst)) else tvm_ffi.structural_hash(a)
+
+    return (op, *(key(a) for a in args))
 
 
 def _follow(mod, func: relax.Function, inputs: list, ops_by_inputs: dict, tags: dict, found: list):
@@ -150,9 +157,7 @@ def _follow(mod, func: relax.Function, inputs: list, ops_by_inputs: dict, tags: 
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
             env[binding.var] = _follow(mod, mod[value.op], [of(a) for a in value.args], ops_by_inputs, tags, found)
         elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-            args = [of(a) for a in value.args]
-            if any(a is None or isinstance(a, tuple) for a in args):
-                continue
+            args = [of(a) for a in value.args]  # (an unknown one, None, matches nothing)
             same = [var for var, attrs in ops_by_inputs.get(_op_key(value.op, args), ())
                     if tvm_ffi.structural_equal(attrs, value.attrs)]  # (two reshapes of one value)
             if same:

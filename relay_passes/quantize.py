@@ -26,9 +26,9 @@ from relay_passes.analysis import channel_vector, use_counts
 from relay_passes.kernel_origins import with_span
 from relay_passes.quantize_motion import MoveQuantizeUp
 from relay_passes.weight_pairs import quantize_bounded
+from targets.intrinsics import SIGN_FLIP  # s8 data stored as u8 with this zero point (_stores_signed_as_offset_unsigned)
 
 BIAS_LIMIT = 2**30
-SIGNED_OFFSET = 128  # s8 data stored as u8 with this zero point (see _stores_signed_as_offset_unsigned)
 STEM_CHANNELS = 4  # input channels of a stem conv (RGB, RGBA, grey): its padding is done apart
 OPS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense", "relax.nn.avg_pool2d": "avg_pool",
        "relax.nn.adaptive_avg_pool2d": "avg_pool", "relax.mean": "avg_pool"}
@@ -310,7 +310,7 @@ class _Rewriter(relax.PyExprMutator):
         else:
             x_scale = relax.const(np.float32(plan["x_scale"])) if plan["x_scale"] is not None else \
                 self.builder_.emit(_run_time_scale(data))
-            dtype, zero_point = ("uint8", SIGNED_OFFSET) if offset else (plan["dtype"], 0)
+            dtype, zero_point = ("uint8", SIGN_FLIP) if offset else (plan["dtype"], 0)
             q = self.builder_.emit(relax.op.quantize(data, x_scale, relax.const(zero_point, dtype), axis=-1,
                                                      out_dtype=dtype))
         if op.kind == "avg_pool":  # the pooling reads int8 and averages in fp32 inside its kernel
@@ -332,7 +332,7 @@ class _Rewriter(relax.PyExprMutator):
             if offset and any(padding):  # a stem's padding, done before it: 128 is the u8 form of s8 zero
                 top, left, bottom, right = padding
                 q = self.builder_.emit(relax.op.nn.pad(q, [0, 0, 0, 0, top, bottom, left, right],
-                                                       pad_value=float(SIGNED_OFFSET)))
+                                                       pad_value=float(SIGN_FLIP)))
                 padding = [0, 0, 0, 0]
             acc = relax.op.nn.conv2d(q, weight, strides=a.strides, padding=padding, dilation=a.dilation,
                                      groups=a.groups, out_dtype="int32")
@@ -342,7 +342,7 @@ class _Rewriter(relax.PyExprMutator):
         bias = plan["bias"]
         if offset:  # the + 128 of every input byte, times the weights: a constant per output channel
             axes = tuple(range(1, plan["weight"].ndim)) if op.kind == "conv2d" else 0
-            offset_sum = SIGNED_OFFSET * plan["weight"].astype(np.int32).sum(axis=axes, dtype=np.int32)
+            offset_sum = SIGN_FLIP * plan["weight"].astype(np.int32).sum(axis=axes, dtype=np.int32)
             bias = (0 if bias is None else bias) - offset_sum
         if bias is not None:
             acc = self.builder_.emit(relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(_channel_shape(op)))))

@@ -66,14 +66,12 @@ def _swap_last_two(*axes):
 
 
 def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | None:
-    """Schedule the fused kernel; None (nothing changed) where the query count is not whole vectors."""
+    """Schedule the fused kernel; None (nothing changed) where the query count is not whole blocks of rows."""
     lanes = vector_lanes(spec)
     queries = int(sch.get(sch.get_loops(blocks.context)[-3]).extent)
-    if queries % lanes:
-        return None
-    rows_per_block = lanes * ROW_VECTORS.get(lanes, 1)
+    rows_per_block = lanes * ROW_VECTORS.get(lanes, 1)  # (the fusion rule's query multiple is one of these)
     if queries % rows_per_block:
-        rows_per_block = lanes
+        return None
     for block in blocks.between:
         sch.compute_inline(block)
     queries_t = sch.cache_read(blocks.scores, 0, "global")

@@ -23,13 +23,13 @@ from __future__ import annotations
 from tvm import relax, te, tirx, topi
 
 from targets.dense import BOUNDED_PAIRS
+from targets.intrinsics import SIGN_FLIP
 from targets.register_tiles import conv_tile
 
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
 WHOLE_TILES_CUT = "conv2d_whole_tiles_cut"  # the real columns of an int8 conv computed in whole tiles
 SIGNED_OFFSET_REMOVED = "conv2d_signed_offset_removed"  # an s8 conv's sums of (a + 128) * w, less 128 * sum(w)
-SIGN_FLIP = 128  # s8 a is read as the u8 a + 128 (a xor 0x80)
 
 
 def _padded(data, padding):

@@ -21,7 +21,8 @@ from targets.registry import TargetSpec
 
 GROUP = 4  # input channels per 32-bit lane
 PAIR_BOUND = 128  # |w0| + |w1| of a bounded weight's pair: 255 * 128 = 32640 fits vpmaddubsw's int16 sum
-FLIP_BYTES = -2139062144  # 0x80808080 as int32: xor flips s8 to u8 + 128
+SIGN_FLIP = 128  # a dot that reads u8 takes s8 a as a + 128 (a xor 0x80): the quantizer's and the kernels' offset
+FLIP_BYTES = int.from_bytes(bytes([SIGN_FLIP] * 4), "little", signed=True)  # 0x80808080: xor flips 4 bytes
 
 
 def _desc(lanes: int, a_dtype: str):

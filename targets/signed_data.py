@@ -21,8 +21,8 @@ from tvm.ir.expr import GenericConst
 
 from targets.bounded_pairs import bounded_constant, qualifies
 from targets.constant_weights import calls_by_function, is_conv, weight_parameters
-from targets.conv2d import SIGN_FLIP, conv2d_call
-from targets.intrinsics import dot_reads_unsigned, needs_bounded_pairs
+from targets.conv2d import conv2d_call
+from targets.intrinsics import SIGN_FLIP, dot_reads_unsigned, needs_bounded_pairs
 from targets.layout import vector_lanes
 from targets.registry import TargetSpec
 
@@ -34,6 +34,13 @@ def _signed_conv(call: relax.Call) -> bool:
 def signed_offsets(weight: np.ndarray) -> np.ndarray:
     """128 * the sum of each output channel's weights: [O/b, b] from the packed [O/b, C/4, KH, KW, b, 4]."""
     return (SIGN_FLIP * weight.astype(np.int64).sum(axis=(1, 2, 3, 5))).astype(np.int32)
+
+
+def _kernel_for(spec: TargetSpec, constants: list) -> tuple[bool, bool]:
+    """(flipped, bounded) for a signed conv whose weight is each of `constants` at its calls: whether the
+    target's dot for it reads u8, and whether that dot is `vpmaddubsw` on bounded pairs."""
+    bounded = needs_bounded_pairs(spec) and all(bounded_constant(k) for k in constants)
+    return dot_reads_unsigned(spec, bounded), bounded
 
 
 def _offset_constant(weight: GenericConst) -> relax.Constant:
@@ -64,10 +71,8 @@ class _SignFlipped(relax.PyExprMutator):
             return call
         weight = call.args[1]
         if isinstance(weight, GenericConst):
-            bounded = needs_bounded_pairs(self.spec) and bounded_constant(weight)
-            if not dot_reads_unsigned(self.spec, bounded):
-                return call
-            return conv2d_call(self.builder_, call, self.lanes, bounded, _offset_constant(weight))
+            flipped, bounded = _kernel_for(self.spec, [weight])
+            return conv2d_call(self.builder_, call, self.lanes, bounded, _offset_constant(weight)) if flipped else call
         if weight in self.offsets:
             return conv2d_call(self.builder_, call, self.lanes, weight in self.bounded, self.offsets[weight])
         return call
@@ -81,8 +86,8 @@ def _flipped_weights(spec: TargetSpec, func: relax.Function, calls: list) -> lis
         constants = [c.args[i] for c in calls]
         if not all(isinstance(k, GenericConst) for k in constants):
             continue
-        bounded = needs_bounded_pairs(spec) and all(bounded_constant(k) for k in constants)
-        if dot_reads_unsigned(spec, bounded):
+        reads_unsigned, bounded = _kernel_for(spec, constants)
+        if reads_unsigned:
             flipped.append((i, bounded))
     return flipped
 
