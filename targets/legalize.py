@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from targets.conv2d import legalize_conv2d
 from targets.dense import legalize_default, legalize_matmul
+from targets.quantize_kernel import legalize_quantize
 from targets.resize import legalize_resize2d
 from targets.softmax import legalize_softmax
 
@@ -13,4 +14,5 @@ def legalize_overrides(tile_lanes: int) -> dict:
     return {"relax.nn.conv2d": legalize_conv2d(legalize_default("relax.nn.conv2d"), tile_lanes),
             "relax.matmul": legalize_matmul(legalize_default("relax.matmul"), tile_lanes),
             "relax.nn.softmax": legalize_softmax(),
+            "relax.quantize": legalize_quantize(legalize_default("relax.quantize")),
             "relax.image.resize2d": legalize_resize2d()}
