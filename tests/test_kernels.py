@@ -20,7 +20,7 @@ from targets.dense import matmul_whole_rows
 from targets.intrinsics import PAIR_BOUND, pairs_are_bounded
 from targets.layout import vector_lanes
 from targets.schedules import ScheduleLog, schedule_module
-from targets.register_tiles import conv_tile, matmul_tile
+from targets.register_tiles import conv_tile, matmul_tile, whole_tiles_tile
 from tests.host_targets import HOST_TARGETS
 
 
@@ -147,6 +147,19 @@ def test_conv_register_tile_is_ragged_only_where_no_divisor_serves(width, chunks
     assert conv_tile(width, chunks, lanes, allow_ragged=True) == tile
     w, c, ragged = conv_tile(width, chunks, lanes, allow_ragged=False)
     assert width % w == 0 and not ragged
+
+
+@pytest.mark.parametrize("width,chunks,lanes,tile", [
+    (112, 12, 8, (2, 4, False)),  # MobileNetV2's 16->96: exact 2 x 4 (1.33) over ragged 3 x 3 (1.45)
+    (14, 12, 8, (2, 4, False)),
+    (7, 64, 8, (2, 4, True)),  # exact 7 x 1 scores 0.88 against 1.17: whole tiles, cut
+    (13, 125, 8, (7, 1, True)),  # SqueezeNet's classifier: 1000 channels, one block a tile
+    (17, 12, 16, (6, 3, True)),
+])
+def test_int8_conv_computes_whole_tiles_only_where_no_exact_tile_comes_close(width, chunks, lanes, tile):
+    """An int8 conv's ragged row costs guarded stores the score does not count (RAGGED_MARGIN)."""
+    assert whole_tiles_tile(width, chunks, lanes) == tile
+    assert conv_tile(width, chunks, lanes, allow_ragged=True)[2]  # each of these rows has a ragged best
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
