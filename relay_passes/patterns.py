@@ -110,15 +110,21 @@ class FusionRule:
     build: Callable[[], list[tuple[DFPattern, dict[str, DFPattern]]]]
 
 
-def _producer(kind: str):
-    """The conv/FC and its optional bias, in fp32 or in the int8 form relay_passes.quantize writes:
-    `multiply(astype(conv2d(q, W) [+ s32 bias], f32), scale)`. `op` is the conv/FC call either way."""
+def _op(kind: str):
+    """The conv/FC call itself."""
     # A weight is a constant, or for an int8 FC a constant packed for the target's dot instruction
     # and unpacked inside the kernel (targets.layout.pack_dense_weights).
     weight = is_const() if kind == "conv" else is_const() | is_op("relax.layout_transform")(is_const())
     op = is_op("relax.nn.conv2d" if kind == "conv" else "relax.matmul")(wildcard(), weight)
     if kind == "fc":  # a packed weight padded to whole vectors: the FC's real columns sliced off its result
         op = op | is_op("relax.strided_slice")(op, varg_default_wildcard=True)
+    return op
+
+
+def _producer(kind: str):
+    """The conv/FC and its optional bias, in fp32 or in the int8 form relay_passes.quantize writes:
+    `multiply(astype(conv2d(q, W) [+ s32 bias], f32), scale)`. `op` is the conv/FC call either way."""
+    op = _op(kind)
     accumulator = op | is_op("relax.add")(op, is_const())
     dequantized = is_op("relax.multiply")(is_op("relax.astype")(accumulator), is_const())
     bias = is_const()
@@ -158,6 +164,21 @@ def _chain(kind: str, order: tuple[str, ...]):
         out = _with_quantize_tail(out)
         parts["root"] = out
         return out, parts
+
+    return build
+
+
+def _requantized(kind: str):
+    """An int8 conv/FC whose activation and next quantize relay_passes.requantize folded into its epilogue:
+    `astype(clip(astype(round(astype(op, f32) * m [+ shift]), i32), lo, hi), u8/s8)`."""
+
+    def build():
+        op = _op(kind)
+        scaled = is_op("relax.multiply")(is_op("relax.astype")(op), is_const())
+        shifted = is_op("relax.add")(scaled, is_const()) | scaled
+        rounded = is_op("relax.astype")(is_op("relax.round")(shifted))
+        out = is_op("relax.astype")(is_op("relax.clip")(rounded, wildcard(), wildcard()))
+        return [(out, {"producer": op, "root": out})]
 
     return build
 
@@ -205,6 +226,10 @@ def _attention():
 
 
 RULES: tuple[FusionRule, ...] = (
+    FusionRule("conv_requantize", "Conv2D (+bias/BN) (+ReLU/bounded ReLU) + the next int8 op's quantize, "
+               "as one multiply-add and clamp (relay_passes.requantize)", _requantized("conv")),
+    FusionRule("fc_requantize", "FullyConnected (+bias) (+ReLU/bounded ReLU) + the next int8 op's quantize, "
+               "as one multiply-add and clamp (relay_passes.requantize)", _requantized("fc")),
     FusionRule("conv_bn_sum_act", "Conv2D (+bias/BN) + elementwise Add + activation", _chain("conv", ("sum", "act"))),
     FusionRule("conv_bn_act_sum", "Conv2D (+bias/BN) + activation + elementwise Add", _chain("conv", ("act", "sum"))),
     FusionRule("conv_bn_sum", "Conv2D (+bias/BN) + elementwise Add", _chain("conv", ("sum",))),
@@ -219,3 +244,5 @@ RULES: tuple[FusionRule, ...] = (
     FusionRule("int8_avg_pool", "average pooling on int8 data (+ the next op's quantize)", _int8_average_pool),
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)
+# The rules that fuse relay_passes.requantize's folded form: the fold runs only where they are used.
+REQUANTIZE_RULES = ("conv_requantize", "fc_requantize")

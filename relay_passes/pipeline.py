@@ -26,6 +26,8 @@ from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
 from relay_passes.fuse import FusionReport, fuse
 from relay_passes.kernel_origins import binding_sources, carried_tags, group_sources, kernel_sources
+from relay_passes.patterns import REQUANTIZE_RULES
+from relay_passes.requantize import fold_requantize
 from targets import ScheduleLog, TargetSpec, block_channels, legalize_overrides, schedule_pass
 from targets.bounded_pairs import bounded_pair_ops
 from targets.layout import LayoutReport, vector_lanes
@@ -91,6 +93,10 @@ def _layout(build: GraphBuild) -> None:
 
 
 def _fuse(build: GraphBuild) -> None:
+    """The fusion rules (relay_passes.patterns), after each int8 requantize is folded into one multiply-add
+    where its rules are used (relay_passes.requantize); then the elementwise chains left over."""
+    if any(name in build.rules for name in REQUANTIZE_RULES):
+        build.mod = fold_requantize(build.mod)
     before = build.mod
     build.mod, build.fusion = fuse(build.mod, build.rules)
     build.sources = _best_effort(group_sources, before, build.mod) or {}  # each group's ops' tags
