@@ -8,7 +8,7 @@ import tvm_ffi
 from tvm import relax
 
 import compiler
-from relay_passes.patterns import RULE_NAMES, REQUANTIZE_RULES
+from relay_passes.patterns import REQUANTIZE_RULES, RULE_NAMES
 from relay_passes.requantize import fold_requantize
 from tests import fixtures
 from tests.fixtures import onnxruntime_outputs, random_inputs
