@@ -36,8 +36,6 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from relay_passes.analysis import op_name, use_counts
 from relay_passes.kernel_origins import with_span
 
-_QUANTIZED_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
-
 
 def _pattern():
     dequantized = is_op("relax.multiply")(is_op("relax.astype")(wildcard()), is_const())
@@ -98,7 +96,7 @@ class _Folder:
         if op_name(activated) != "relax.multiply":  # an activation between
             chain.append(activated.args[0])
         if (activated is None or cast is None or scale is None or zero_point is None or bounds is None
-                or dtype not in _QUANTIZED_RANGE
+                or dtype not in ("uint8", "int8")
                 or not all(self._read_once(v) for v in chain) or str(cast.ty.dtype) != "float32"
                 or str(cast.args[0].ty.dtype) != "int32" or scale <= 0):
             return expr
@@ -112,9 +110,8 @@ class _Folder:
         if np.abs(multiplier).max() > 1:  # |acc| < 2^31: the rounded value fits an int32 (a sane calibration's
             return expr                   # multipliers are 1e-2 and less)
         shift = bias.astype(np.float64) * multiplier + zero_point
-        low, high = _QUANTIZED_RANGE[dtype]
-        low = max(low, _quantized_bound(bounds[0], inverse, int(zero_point)))
-        high = min(high, _quantized_bound(bounds[1], inverse, int(zero_point)))
+        low = max(np.iinfo(dtype).min, _quantized_bound(bounds[0], inverse, int(zero_point)))
+        high = min(np.iinfo(dtype).max, _quantized_bound(bounds[1], inverse, int(zero_point)))
 
         # the source tag (relay_passes.kernel_origins) of the replaced ops, on each new op: the conv/FC's, or
         # where a pass dropped it, its activation's
