@@ -28,6 +28,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from targets.register_tiles import tileable_blocks
+
 _CHANNELS = 1
 # A conv's output is padded only where that adds at most this fraction of its channels (58 -> 64, 116 ->
 # 128, 546 -> 560), or where its output is one pixel (squeeze-excite's reduction convs: 4 -> 16 channels of
@@ -37,6 +39,10 @@ MAX_PADDING = 0.25
 # at most this share (1000 -> 1008, 232 -> 240): the conv's FMAs then run on full vectors, twice the work each
 # (SqueezeNet fp32 4%, ShuffleNetV2 8% faster). Not on one pixel (a matvec is as fast on the narrower block).
 NARROW_BLOCK_PADDING = 1 / 16
+# Full-vector blocks whose count fits only one-block register tiles (targets.register_tiles.tileable_blocks)
+# get one more block where that adds at most this share: SqueezeNet's 1000 classes on 8 lanes, 125 -> 126
+# blocks (its 13x13 classifier conv ran at 0.74x onnxruntime's speed, one 8-channel block per tile).
+TILE_PADDING = 1 / 8
 # Unary ops the same on every element (their other arguments, if any, are attributes or scalars).
 _ELEMENTWISE = frozenset("relax." + name for name in (  # noqa: SIM905 (the fusion table's form)
     "nn.relu nn.gelu nn.gelu_tanh nn.silu sigmoid tanh clip nn.leakyrelu nn.softplus astype negative abs "
@@ -99,6 +105,7 @@ class _PadChannels(relax.PyExprMutator):
         self.unpadded_weights = unpadded_weights  # convs (by weight) whose output is not to be padded
         self.padded_outputs: dict[relax.Var, relax.Expr] = {}  # padded conv output -> its original weight
         self.gathers: list[relax.Var] = []  # the gathers of channels into a tensor of their own (_compact)
+        self.tile_padded: dict[relax.Var, relax.Expr] = {}  # the padded outputs padded only for tiles
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -170,6 +177,12 @@ class _PadChannels(relax.PyExprMutator):
             return channels
         return whole
 
+    def _tileable_count(self, channels: int) -> int:
+        """`channels` (whole blocks), or one block more where the blocks fit only one-block tiles."""
+        blocks = channels // self.lanes
+        tileable = tileable_blocks(blocks)
+        return tileable * self.lanes if tileable - blocks <= blocks * TILE_PADDING else channels
+
     @staticmethod
     def _take(padded, index) -> relax.Expr:
         return relax.op.take(padded, relax.const(np.asarray(index, "int32")), axis=_CHANNELS, mode="clip")
@@ -202,6 +215,9 @@ class _PadChannels(relax.PyExprMutator):
         out_channels = weight.shape[0]
         padded_out = self._padded_count(out_channels)
         height, width = static_shape(call)[2:]
+        tile_only = padded_out == out_channels and out_channels % self.lanes == 0 and height * width > 1
+        if tile_only:
+            padded_out = self._tileable_count(out_channels)
         if (padded_out > out_channels * (1 + MAX_PADDING) and height * width > 1) or any(
                 call.args[1].same_as(w) for w in self.unpadded_weights):
             padded_out = out_channels
@@ -220,6 +236,8 @@ class _PadChannels(relax.PyExprMutator):
         # blocked, one gather after them is cheap.
         if self._blockable(out_channels) or height * width % self.lanes == 0:
             self.padded_outputs[padded] = call.args[1]
+        if tile_only:
+            self.tile_padded[padded] = call.args[1]
         return self._take(padded, np.arange(out_channels))
 
     def stranded(self, func: relax.Function) -> list[relax.Expr]:
@@ -232,6 +250,11 @@ class _PadChannels(relax.PyExprMutator):
             if (op_name(value) == "relax.take" and not any(var.same_as(g) for g in self.gathers)
                     and not _one_pixel(value)):  # a pooled vector's gather (a classifier's) costs nothing
                 found += padded_sources(value.args[0], values, self.padded_outputs)
+        # a conv padded only for its tiles is not worth a gather (ShuffleNet's 232-channel branches, a concat
+        # away from their padding, gained three gathers and their layout transforms)
+        for gather in self.gathers:
+            if gather in values:
+                found += padded_sources(values[gather].args[0], values, self.tile_padded)
         return found
 
     def _depthwise(self, call, weight):

@@ -31,6 +31,15 @@ def register_tile(width: int, chunks: int, lanes: int, exact: bool = True) -> tu
     return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
 
 
+def tileable_blocks(chunks: int) -> int:
+    """The output channel blocks a conv is better computed on: `chunks`, unless no tile of several blocks
+    divides it (an odd count no 3 divides: 125 blocks of 8 for SqueezeNet's 1000 classes, 13 for 104
+    channels), where each tile is one block wide and loads an input for every FMA; then one block more."""
+    if chunks > 1 and all(chunks % c for c in range(2, MAX_CHANNEL_BLOCKS + 1)):
+        return chunks + 1
+    return chunks
+
+
 def matmul_tile(rows: int, chunks: int, lanes: int) -> tuple[int, int, bool]:
     """(rows, column vectors, ragged) of an FC's register tile: the exact tile with the most accumulators,
     unless that has too few to cover FMA latency (ViT's 197 tokens, a prime, give 1 x 4); then the ragged one

@@ -167,20 +167,58 @@ def test_such_a_conv_on_a_map_of_no_whole_vector_is_padded_all_the_same(rng):
     assert "conv2d_nchw_pointwise" not in built.report.schedules.applied.values()
 
 
-@pytest.mark.parametrize("target, channels", [("cascadelake", 208), ("avx2", 200)])
-def test_channels_with_only_a_half_vector_block_are_padded_to_whole_vectors_where_that_is_cheap(target, channels):
+def _classifier(channels: int, size: int = 6):
+    g = GraphBuilder(np.random.default_rng(0))
+    y = g.op("GlobalAveragePool", [g.conv_bn("data", "classifier", 16, channels, k=1)], "pool")
+    return g.model("classifier", {"data": (1, 16, size, size)}, [g.op("Flatten", [y], "flatten")])
+
+
+def _conv_channels(mod) -> list[int]:
+    return [int(c.ty.shape.values[1]) * int(c.ty.shape.values[4]) for c in _ops(mod, "relax.nn.conv2d")]
+
+
+@pytest.mark.parametrize("target, channels, padded", [("cascadelake", 200, 208), ("avx2", 176, 176)])
+def test_channels_with_only_a_half_vector_block_are_padded_to_whole_vectors_where_that_is_cheap(
+        target, channels, padded):
     """200 channels have an 8-lane block: on AVX-512 they are padded to 208 (4% more) so that the conv runs on
     16-lane vectors (SqueezeNet's 1000-class conv: 1008); on AVX2, 8 lanes are the whole vector. The gather
     back to 200 after the global pooling, on one pixel, does not undo the padding."""
-    g = GraphBuilder(np.random.default_rng(0))
-    y = g.op("GlobalAveragePool", [g.conv_bn("data", "classifier", 16, 200, k=1)], "pool")
-    model = g.model("classifier", {"data": (1, 16, 6, 6)}, [g.op("Flatten", [y], "flatten")])
+    model = _classifier(channels)
     mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target(target))
-    convs = _ops(mod, "relax.nn.conv2d")
-    assert [int(c.ty.shape.values[1]) * int(c.ty.shape.values[4]) for c in convs] == [channels]
+    assert _conv_channels(mod) == [padded]
     built, got, want = _compiled(model, np.random.default_rng(1))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert built.report.layout_transforms == 2
+
+
+@pytest.mark.parametrize("target, channels, padded", [
+    ("avx2", 200, 208),          # 25 blocks of 8 -> 26: tiles of 2 or 3 blocks
+    ("avx2", 1000, 1008),        # SqueezeNet's classes: 125 -> 126
+    ("cascadelake", 176, 192),   # 11 blocks of 16 -> 12
+    ("avx2", 40, 40),            # 5 blocks: a sixth would add 20%
+    ("avx2", 192, 192),          # 24 blocks: tiles of 2, 3 or 4 already
+])
+def test_block_counts_that_fit_only_one_block_tiles_get_one_more_block(target, channels, padded):
+    """An odd block count no 3 divides leaves the conv's register tiles one block wide (an input load per
+    FMA); one more zero block, where it adds at most an eighth, lets them hold several."""
+    model = _classifier(channels)
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target(target))
+    assert _conv_channels(mod) == [padded]
+    built, got, want = _compiled(model, np.random.default_rng(1))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
+def test_a_conv_padded_only_for_its_tiles_keeps_its_channels_where_that_would_cost_a_gather():
+    """200 channels concatenated with 64 others: the padded 208 would have to be gathered back to 200 before
+    the concat, so the conv keeps its 200 (ShuffleNet's 232-channel branches)."""
+    g = GraphBuilder(np.random.default_rng(0))
+    joined = g.op("Concat", [g.conv_bn("data", "wide", 16, 200, k=1), g.conv_bn("data", "side", 16, 64, k=1)],
+                  "cat", axis=1)
+    model = g.model("concat", {"data": (1, 16, 6, 6)}, [g.conv_bn(joined, "next", 264, 16, k=1)])
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("avx2"))
+    assert not _ops(mod, "relax.take")
+    assert sorted(_conv_channels(mod)) == [16, 64, 200]
 
 
 def test_the_search_for_padded_sources_visits_each_value_once():
