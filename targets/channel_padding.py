@@ -8,11 +8,15 @@ A value whose channels live padded or permuted inside a larger tensor is written
 logical channel i being the padded tensor's channel index[i]; the padded tensor's other channels hold finite
 values that no reader uses (its weights there are zero). That take sinks through what follows:
 
-- a conv whose output channels fit no block computes them padded (zero weights and bias for the extra ones);
+- a conv whose output channels fit no block computes them padded (zero weights and bias for the extra ones),
+  and so does one whose blocks fit only one-block register tiles (one block more);
 - elementwise ops, pooling and per-channel constants (scattered to the padded channels) apply to the padded
-  tensor; a channel shuffle (reshape, transpose, reshape) and a channel slice only change the index;
+  tensor, and so do per-channel tensors (a squeeze-excite gate, gathered to the padded channels) and another
+  padded tensor with its channels at the same places (a residual add); a channel shuffle (reshape,
+  transpose, reshape) and a channel slice only change the index;
 - a concat concatenates the padded tensors;
-- a conv reads the padded tensor, its weights scattered to the index (a depthwise conv: its channels).
+- a conv reads the padded tensor, its weights scattered to the index (a depthwise conv: its channels; a
+  grouped conv, where the padding is whole groups at the end: zero groups).
 
 A take a conv or a concat reads, whose padded tensor holds more than its own channels (one half of a
 shuffle), is first gathered into a tensor of its own channels padded to a block: a real gather, which
@@ -161,7 +165,7 @@ class _PadChannels(relax.PyExprMutator):
         """The channels `index` picks, in a tensor of their own padded to whole blocks: `padded` itself when
         it holds nothing else, else a gather of them (the extra indices repeat the first channel: unread)."""
         blocks = self._padded_count(len(index))
-        if _channels(padded) == blocks:
+        if _channels(padded) == blocks or (blocks % self.lanes == 0 and _channels(padded) == self._tileable_count(blocks)):
             return padded, index
         picked = np.concatenate([index, np.full(blocks - len(index), index[0])]).astype("int32")
         gathered = self.builder_.emit(relax.op.take(padded, relax.const(picked), axis=_CHANNELS, mode="clip"))
@@ -201,7 +205,7 @@ class _PadChannels(relax.PyExprMutator):
         if depthwise:
             return self._depthwise(call, weight)
         if groups != 1:
-            return call
+            return self._grouped(call, weight, groups)
         data, gathered = call.args[0], self._gathered(call.args[0])
         if gathered is not None:
             data, index = self._compact(*gathered)
@@ -256,6 +260,22 @@ class _PadChannels(relax.PyExprMutator):
             if gather in values:
                 found += padded_sources(values[gather].args[0], values, self.tile_padded)
         return found
+
+    def _grouped(self, call, weight, groups: int):
+        """A grouped conv reading channels padded at their end by whole groups (RegNet's 8-channel groups
+        after a conv padded from 55 blocks to 56): the extra groups get zero weights, and its output is
+        padded the same way."""
+        gathered = self._gathered(call.args[0])
+        if gathered is None:
+            return call
+        data, index = gathered
+        width = len(index) // groups
+        if not np.array_equal(index, np.arange(len(index))) or _channels(data) % width:
+            return call
+        extra = (_channels(data) // width - groups) * (weight.shape[0] // groups)
+        weight_padded = np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)])
+        conv = self._conv_like(call, data, weight_padded, groups=_channels(data) // width)
+        return self._take(self.builder_.emit(conv), np.arange(weight.shape[0]))
 
     def _depthwise(self, call, weight):
         gathered = self._gathered(call.args[0])
@@ -355,18 +375,26 @@ class _PadChannels(relax.PyExprMutator):
             return call
         left, right = (self._gathered(a) for a in call.args)
         if left is not None and right is not None:
-            if not (left[0].same_as(right[0]) and np.array_equal(left[1], right[1])):
+            # two padded tensors with their channels at the same places (a residual add of two padded convs)
+            if not (_channels(left[0]) == _channels(right[0]) and np.array_equal(left[1], right[1])):
                 return call
             return self._take(self.builder_.emit(_on_args(call, [left[0], right[0]])), left[1])
         gathered, position = (left, 0) if left is not None else (right, 1)
-        other = _constant(call.args[1 - position])
-        if gathered is None or other is None:
+        if gathered is None:
             return call
         padded, index = gathered
-        scattered = _scatter_channels(other, index, _channels(padded), fill)
-        if scattered is None:
+        other = call.args[1 - position]
+        if _constant(other) is not None:
+            scattered = _scatter_channels(_constant(other), index, _channels(padded), fill)
+            if scattered is None:
+                return call
+            other = relax.const(scattered)
+        elif static_shape(other) == [1, len(index), 1, 1]:
+            # a per-channel tensor (squeeze-excite's gate): gathered to the padded channels, one pixel
+            other = self.builder_.emit(self._take(other, _inverse(index, _channels(padded))))
+        else:
             return call
-        args = [padded, relax.const(scattered)] if position == 0 else [relax.const(scattered), padded]
+        args = [padded, other] if position == 0 else [other, padded]
         return self._take(self.builder_.emit(_on_args(call, args)), index)
 
 
@@ -374,6 +402,13 @@ def _on_args(call, args, attrs=None) -> relax.Call:
     """`call`'s op on other arguments (and attributes), keeping its span: the tag of its ONNX node
     (compiler.kernel_origins), by which the kernel it ends up in is named in reports and profiles."""
     return relax.Call(call.op, args, call.attrs if attrs is None else attrs, call.ty_args, call.span)
+
+
+def _inverse(index: np.ndarray, channels: int) -> np.ndarray:
+    """The logical channel each of `channels` padded channels holds (channel 0 where it holds none)."""
+    inverse = np.zeros(channels, np.int64)
+    inverse[index] = np.arange(len(index))
+    return inverse
 
 
 def _one_pixel(expr) -> bool:

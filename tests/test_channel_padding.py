@@ -221,6 +221,49 @@ def test_a_conv_padded_only_for_its_tiles_keeps_its_channels_where_that_would_co
     assert sorted(_conv_channels(mod)) == [16, 64, 200]
 
 
+def _regnet_block(rng, int8_calib: bool = False):
+    """A RegNetY block on 200 channels (25 blocks of 8 on AVX2): 1x1 conv, grouped 3x3 conv (8 channels a
+    group), squeeze-excite, 1x1 conv, and a residual add with a strided shortcut conv; then a conv reading
+    the block's output."""
+    g = GraphBuilder(rng)
+    a = g.conv_bn("data", "a", 16, 200, k=1)
+    b = g.conv_bn(a, "b", 200, 200, k=3, stride=2, groups=25)
+    pooled = g.op("GlobalAveragePool", [b], "se.pool")
+    squeezed = g.op("Relu", [g.conv(pooled, "se.reduce", 200, 8, k=1, bias=True)], "se.relu")
+    gate = g.op("Sigmoid", [g.conv(squeezed, "se.expand", 8, 200, k=1, bias=True)], "se.gate")
+    c = g.conv_bn(g.op("Mul", [b, gate], "se.scale"), "c", 200, 200, k=1, act=None)
+    shortcut = g.conv_bn("data", "shortcut", 16, 200, k=1, stride=2, act=None)
+    y = g.op("Relu", [g.op("Add", [c, shortcut], "add")], "out")
+    return g.model("regnet_block", {"data": (1, 16, 12, 12)}, [g.conv_bn(y, "next", 200, 16, k=1)])
+
+
+def test_a_regnet_block_padded_for_its_tiles_stays_padded_through_groups_gates_and_residual_adds(rng):
+    """Every 200-channel conv computes 208: the grouped conv gets a 26th group of zero weights, the
+    squeeze-excite gate (one pixel, unpadded) is gathered to the padded channels, and the residual add adds
+    the two padded convs; nothing is gathered back between them."""
+    model = _regnet_block(rng)
+    mod, _ = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("avx2"))
+    convs = {int(c.ty.shape.values[1]) * int(c.ty.shape.values[4]): c for c in _ops(mod, "relax.nn.conv2d")}
+    assert int(convs[208].attrs.groups) in (1, 26)
+    assert sorted(_conv_channels(mod)) == [8, 16, 200, 208, 208, 208, 208]  # the gate's conv: one pixel
+    assert [int(c.attrs.groups) for c in _ops(mod, "relax.nn.conv2d") if int(c.attrs.groups) > 1] == [26]
+    assert all(static_shape_of(t)[2:] == [1, 1] for t in _ops(mod, "relax.take"))  # at most the gate's
+    built, got, want = _compiled(model, rng)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert built.report.layout_transforms == 2
+
+
+def test_an_int8_regnet_block_padded_for_its_tiles_matches_onnxruntime(rng):
+    model = _regnet_block(rng)
+    calib = random_inputs(model, rng)["data"]
+    _, got, want = _compiled(model, rng, calib=[calib], bias_correction=None)
+    assert np.abs(got - want).mean() <= 0.1 * np.abs(want).mean()
+
+
+def static_shape_of(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape.values]
+
+
 def test_the_search_for_padded_sources_visits_each_value_once():
     """A chain of residual adds reaches every earlier value along 2^depth paths; the walk back from a gather
     to the padded convs it reads must read each value once (a transformer's simulated int8 graph never
