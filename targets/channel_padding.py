@@ -270,7 +270,10 @@ class _PadChannels(relax.PyExprMutator):
             return call
         data, index = gathered
         width = len(index) // groups
-        if not np.array_equal(index, np.arange(len(index))) or _channels(data) % width:
+        # whole groups at the end, each a whole number of blocks (8-channel groups in 16-lane blocks have no
+        # blocked kernel: the conv would fall back to NCHW)
+        if (not np.array_equal(index, np.arange(len(index))) or _channels(data) % width
+                or width % self.lanes):
             return call
         extra = (_channels(data) // width - groups) * (weight.shape[0] // groups)
         weight_padded = np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)])
@@ -389,7 +392,7 @@ class _PadChannels(relax.PyExprMutator):
             if scattered is None:
                 return call
             other = relax.const(scattered)
-        elif static_shape(other) == [1, len(index), 1, 1]:
+        elif static_shape(other) == [1, len(index), 1, 1] and len(index) % self.lanes == 0:
             # a per-channel tensor (squeeze-excite's gate): gathered to the padded channels, one pixel
             other = self.builder_.emit(self._take(other, _inverse(index, _channels(padded))))
         else:

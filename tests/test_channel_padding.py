@@ -226,20 +226,20 @@ def test_a_conv_padded_only_for_its_tiles_keeps_its_channels_where_that_would_co
     assert sorted(_conv_channels(mod)) == [16, 64, 200]
 
 
-def _regnet_block(rng):
+def _regnet_block(rng, channels: int = 200, group_width: int = 8):
     """A RegNetY block on 200 channels (25 blocks of 8 on AVX2): 1x1 conv, grouped 3x3 conv (8 channels a
     group), squeeze-excite, 1x1 conv, and a residual add with a strided shortcut conv; then a conv reading
     the block's output."""
     g = GraphBuilder(rng)
-    a = g.conv_bn("data", "a", 16, 200, k=1)
-    b = g.conv_bn(a, "b", 200, 200, k=3, stride=2, groups=25)
+    a = g.conv_bn("data", "a", 16, channels, k=1)
+    b = g.conv_bn(a, "b", channels, channels, k=3, stride=2, groups=channels // group_width)
     pooled = g.op("GlobalAveragePool", [b], "se.pool")
-    squeezed = g.op("Relu", [g.conv(pooled, "se.reduce", 200, 8, k=1, bias=True)], "se.relu")
-    gate = g.op("Sigmoid", [g.conv(squeezed, "se.expand", 8, 200, k=1, bias=True)], "se.gate")
-    c = g.conv_bn(g.op("Mul", [b, gate], "se.scale"), "c", 200, 200, k=1, act=None)
-    shortcut = g.conv_bn("data", "shortcut", 16, 200, k=1, stride=2, act=None)
+    squeezed = g.op("Relu", [g.conv(pooled, "se.reduce", channels, 8, k=1, bias=True)], "se.relu")
+    gate = g.op("Sigmoid", [g.conv(squeezed, "se.expand", 8, channels, k=1, bias=True)], "se.gate")
+    c = g.conv_bn(g.op("Mul", [b, gate], "se.scale"), "c", channels, channels, k=1, act=None)
+    shortcut = g.conv_bn("data", "shortcut", 16, channels, k=1, stride=2, act=None)
     y = g.op("Relu", [g.op("Add", [c, shortcut], "add")], "out")
-    return g.model("regnet_block", {"data": (1, 16, 12, 12)}, [g.conv_bn(y, "next", 200, 16, k=1)])
+    return g.model("regnet_block", {"data": (1, 16, 12, 12)}, [g.conv_bn(y, "next", channels, 16, k=1)])
 
 
 def test_a_regnet_block_padded_for_its_tiles_stays_padded_through_groups_gates_and_residual_adds(rng):
@@ -254,6 +254,16 @@ def test_a_regnet_block_padded_for_its_tiles_stays_padded_through_groups_gates_a
     built, got, want = _compiled(model, rng)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert built.report.layout_transforms == 2
+
+
+@pytest.mark.parametrize("channels, group_width", [(200, 8), (176, 16), (176, 8)])
+def test_regnet_blocks_stay_blocked_on_avx512(channels, group_width):
+    """On 16 lanes: 8-channel groups in 16-lane blocks have no blocked kernel, so a grouped conv is padded
+    only by whole blocks of groups; a squeeze-excite gate is gathered only between whole blocks."""
+    model = _regnet_block(np.random.default_rng(0), channels, group_width)
+    mod, report = block_channels(prepare_graph(import_onnx(model).mod), resolve_target("cascadelake"))
+    assert report.fallbacks == []
+    assert len(_ops(mod, "relax.layout_transform")) == 2
 
 
 def test_an_int8_regnet_block_padded_for_its_tiles_matches_onnxruntime(rng):
