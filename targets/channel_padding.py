@@ -165,7 +165,8 @@ class _PadChannels(relax.PyExprMutator):
         """The channels `index` picks, in a tensor of their own padded to whole blocks: `padded` itself when
         it holds nothing else, else a gather of them (the extra indices repeat the first channel: unread)."""
         blocks = self._padded_count(len(index))
-        if _channels(padded) == blocks or (blocks % self.lanes == 0 and _channels(padded) == self._tileable_count(blocks)):
+        whole = {blocks, self._tileable_count(blocks)} if blocks % self.lanes == 0 else {blocks}
+        if _channels(padded) in whole:  # padded for blocks or for tiles, nothing else in it
             return padded, index
         picked = np.concatenate([index, np.full(blocks - len(index), index[0])]).astype("int32")
         gathered = self.builder_.emit(relax.op.take(padded, relax.const(picked), axis=_CHANNELS, mode="clip"))
@@ -275,9 +276,10 @@ class _PadChannels(relax.PyExprMutator):
         if (not np.array_equal(index, np.arange(len(index))) or _channels(data) % width
                 or width % self.lanes):
             return call
-        extra = (_channels(data) // width - groups) * (weight.shape[0] // groups)
+        padded_groups = _channels(data) // width
+        extra = (padded_groups - groups) * (weight.shape[0] // groups)
         weight_padded = np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)])
-        conv = self._conv_like(call, data, weight_padded, groups=_channels(data) // width)
+        conv = self._conv_like(call, data, weight_padded, groups=padded_groups)
         return self._take(self.builder_.emit(conv), np.arange(weight.shape[0]))
 
     def _depthwise(self, call, weight):
@@ -386,9 +388,9 @@ class _PadChannels(relax.PyExprMutator):
         if gathered is None:
             return call
         padded, index = gathered
-        other = call.args[1 - position]
-        if _constant(other) is not None:
-            scattered = _scatter_channels(_constant(other), index, _channels(padded), fill)
+        other, value = call.args[1 - position], _constant(call.args[1 - position])
+        if value is not None:
+            scattered = _scatter_channels(value, index, _channels(padded), fill)
             if scattered is None:
                 return call
             other = relax.const(scattered)
