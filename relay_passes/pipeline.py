@@ -24,6 +24,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from quantvm.quiet import tvm_noise_silenced
 from relay_passes.canonicalize import Canonicalize
 from relay_passes.fold_affine import FoldAffineIntoProducer
+from relay_passes.fold_constants import fold_constants
 from relay_passes.fuse import FusionReport, fuse
 from relay_passes.kernel_origins import binding_sources, carried_tags, group_sources, kernel_sources
 from relay_passes.patterns import REQUANTIZE_RULES
@@ -69,7 +70,7 @@ def _canonicalise(build: GraphBuild) -> None:
         relax.transform.DeadCodeElimination(),  # the importer leaves unused BatchNorm outputs behind
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        relax.transform.FoldConstant(),
+        fold_constants(),
         Canonicalize,
     ])(build.mod)
 
@@ -78,7 +79,7 @@ def _fold(build: GraphBuild) -> None:
     """BatchNorm folded into the conv/FC before it (elsewhere a scale and shift), constants folded."""
     build.mod = tvm.transform.Sequential([
         FoldAffineIntoProducer,
-        relax.transform.FoldConstant(),
+        fold_constants(),
         relax.transform.DeadCodeElimination(),
     ])(build.mod)
 
@@ -89,7 +90,7 @@ def _quantize(build: GraphBuild) -> None:
 
 
 def _layout(build: GraphBuild) -> None:
-    build.mod, build.layout = block_channels(build.mod, build.spec)
+    build.mod, build.layout = block_channels(build.mod, build.spec, fold_constants())
 
 
 def _fuse(build: GraphBuild) -> None:

@@ -294,15 +294,17 @@ def _convert_with_fallbacks(mod: tvm.IRModule, lanes: int, report: LayoutReport)
     return mod
 
 
-def block_channels(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, LayoutReport]:
-    """Rewrite convs (and the ops around them) to NCHW{lanes}c with packed, folded weights."""
+def block_channels(mod: tvm.IRModule, spec: TargetSpec,
+                   fold_constants: tvm.transform.Pass | None = None) -> tuple[tvm.IRModule, LayoutReport]:
+    """Rewrite convs (and the ops around them) to NCHW{lanes}c with packed, folded weights. `fold_constants`:
+    the pass that folds the weights' layout transforms (TVM's FoldConstant if None)."""
     report = LayoutReport()
     lanes = vector_lanes(spec)
     mod = merge_groups_to_block(pad_int8_stem(mod, lanes), lanes)
     mod = layout_friendly_forms(pad_channels(mod, lanes, lambda channels: channel_block(channels, lanes) is not None))
     with _CONVERSION_LOCK, override_layout_rules(blocked_rules(mod)):
         mod = _convert_with_fallbacks(mod, lanes, report)
-    mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
+    mod = tvm.transform.Sequential([fold_constants or relax.transform.FoldConstant(),
                                     # one transform of a value read blocked by several ops, not one each
                                     relax.transform.EliminateCommonSubexpr(),
                                     relax.transform.DeadCodeElimination()])(mod)
