@@ -1,13 +1,16 @@
 """Constant folding in numpy, before TVM's FoldConstant.
 
 TVM's FoldConstant evaluates each constant subexpression by legalizing it, building it with LLVM and running
-it: 15-50 ms an op. A network's BatchNorms decompose into 3-4 ops on constants each, and each conv weight
-put in a blocked layout is one layout_transform of a constant: DenseNet-121 had 430 of each, 17 s of its
-fp32 compile in the canonicalise phase and 20 s in the layout one. Here the common ones are computed in
-numpy, the same IEEE float32 arithmetic; FoldConstant, run after, still folds whatever is left.
+it: 15-50 ms an op. A network's BatchNorms decompose into 3-4 ops on constants each, and each conv weight put
+in a blocked layout is one layout_transform of a constant: DenseNet-121 had 430 of each, 17 s of its fp32
+compile in the canonicalise phase and 20 s in the layout one. Swin-T's exporter left 600 ops of shape and
+index arithmetic on constants (its attention mask), 29 s. Here the common ones are computed in numpy, the
+same IEEE arithmetic; FoldConstant, run after, still folds whatever is left.
 
-- elementwise arithmetic of constants (ELEMENTWISE), numpy broadcasting as Relax's;
-- reshapes and transposes of a constant (a BatchNorm's [C] parameters expanded to [C, 1, 1]);
+- elementwise arithmetic, comparisons, selects and casts of constants (ELEMENTWISE), numpy broadcasting as
+  Relax's;
+- reshapes, broadcasts, transposes and strided slices of a constant;
+- take (indices in bounds) and scatter_nd (update, add) on constants; shape_of a tensor of static shape;
 - layout_transform of a constant: every source index mapped by the index map (evaluated over numpy index
   grids) and scattered to its place; the places no source index reaches (padding) hold the pad value.
 """
@@ -21,14 +24,24 @@ from tvm.ir.expr import GenericConst
 
 from relay_passes.analysis import op_name, static_shape
 
+# op -> numpy; their arguments share one dtype. Integer add/subtract/multiply wrap in numpy as in TVM's code.
 ELEMENTWISE = {
     "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
     "relax.divide": np.divide, "relax.sqrt": np.sqrt, "relax.negative": np.negative,
     "relax.rsqrt": lambda x: np.reciprocal(np.sqrt(x)),
+    "relax.less": np.less, "relax.greater": np.greater, "relax.less_equal": np.less_equal,
+    "relax.greater_equal": np.greater_equal, "relax.equal": np.equal, "relax.not_equal": np.not_equal,
+    "relax.where": np.where, "relax.logical_not": np.logical_not,
 }
+ARITHMETIC = frozenset({"relax.add", "relax.subtract", "relax.multiply", "relax.negative"})
+FLOAT_ONLY = frozenset({"relax.divide", "relax.sqrt", "relax.rsqrt"})  # integer division rounds as Relax says
 # Ops that only give the same values another shape: their result's static shape says all.
 RESHAPES = frozenset({"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten"})
-FOLDED = frozenset(ELEMENTWISE) | RESHAPES | {"relax.permute_dims", "relax.layout_transform"}
+# Ops computed from their first argument, their attributes and their result's type.
+OF_THE_DATA = RESHAPES | {"relax.broadcast_to", "relax.permute_dims", "relax.layout_transform", "relax.astype",
+                          "relax.strided_slice"}
+INDEXING = frozenset({"relax.take", "relax.scatter_nd"})
+FOLDED = frozenset(ELEMENTWISE) | OF_THE_DATA | INDEXING | {"relax.shape_of", "relax.shape_to_tensor"}
 FLOAT_DTYPES = ("float32", "float64")
 
 
@@ -61,28 +74,86 @@ def _layout_transformed(call: relax.Call, data: np.ndarray) -> np.ndarray | None
     return out
 
 
-def _folded(call: relax.Call, args: list) -> np.ndarray | None:
-    """The value of `call` on the constants `args`, or None where this module does not compute it."""
+def _integers(fields) -> list[int] | None:
+    values = [getattr(f, "value", None) for f in fields]
+    return None if any(not isinstance(v, int) for v in values) else values
+
+
+def _strided_slice(call: relax.Call, data: np.ndarray) -> np.ndarray | None:
+    """Python's slice semantics per axis (negative bounds from the end, clamped), as TOPI's."""
+    bounds = [_integers(a.fields) if isinstance(a, relax.Tuple) else None for a in call.args[1:]]
+    if any(b is None for b in bounds):
+        return None
+    axes, begin, end = bounds[:3]
+    strides = bounds[3] if len(bounds) > 3 else [1] * len(axes)
+    index = [slice(None)] * data.ndim
+    for axis, b, e, step in zip(axes, begin, end, strides):
+        index[axis] = slice(b, e, step)
+    return data[tuple(index)]
+
+
+def _indexed(call: relax.Call, values: list) -> np.ndarray | None:
+    """take (indices within bounds) and scatter_nd (by update or add)."""
+    if op_name(call) == "relax.take":
+        data, indices = values
+        axis = int(call.attrs.axis) if call.attrs.axis is not None else 0
+        if call.attrs.axis is None:
+            data = data.reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= data.shape[axis]):
+            return None
+        return np.take(data, indices, axis=axis)
+    data, indices, updates = values
+    reduction = str(call.attrs.reduction)
+    if reduction not in ("update", "add"):
+        return None
+    out = data.copy()
+    where = tuple(np.moveaxis(indices, -1, 0))
+    if reduction == "update":
+        out[where] = updates
+    else:
+        np.add.at(out, where, updates)
+    return out
+
+
+def _folded(call: relax.Call, args: list):
+    """The value of `call` on the constants `args` (an array, or a shape for shape_of), or None where this
+    module does not compute it."""
     name = op_name(call)
-    if name in RESHAPES or name in ("relax.permute_dims", "relax.layout_transform"):
+    if name == "relax.shape_of":  # of any tensor whose shape is static
+        shape = static_shape(call.args[0])
+        return None if shape is None else relax.ShapeExpr(shape)
+    if name == "relax.shape_to_tensor":
+        dims = _integers(args[0].values) if isinstance(args[0], relax.ShapeExpr) else None
+        return None if dims is None else np.array(dims, dtype="int64")
+    if name in OF_THE_DATA:
         args = args[:1]  # the data; the rest (a reshape's target shape) is in the attributes or the result type
     if not args or not all(isinstance(a, GenericConst) for a in args):
         return None
     values = [a.value.numpy() for a in args]
     out_dtype = str(getattr(call.ty, "dtype", ""))
     if name in ELEMENTWISE:
-        if out_dtype not in FLOAT_DTYPES or any(str(v.dtype) != out_dtype for v in values):
-            return None  # integer division and mixed dtypes: Relax's rules, left to FoldConstant
+        operands = values[1:] if name == "relax.where" else values
+        dtypes = {str(v.dtype) for v in operands}
+        if len(dtypes) != 1 or (name in FLOAT_ONLY and out_dtype not in FLOAT_DTYPES) or (name in ARITHMETIC and dtypes == {"bool"}):
+            return None  # mixed dtypes, integer division, boolean sums: Relax's own rules, left to FoldConstant
         with np.errstate(all="ignore"):
             return np.asarray(ELEMENTWISE[name](*values), dtype=out_dtype)
-    if name in RESHAPES:
+    if name == "relax.astype":
+        return values[0].astype(out_dtype)
+    if name in RESHAPES or name == "relax.broadcast_to":
         shape = static_shape(call)
-        return None if shape is None else values[0].reshape(shape)
+        if shape is None:
+            return None
+        return values[0].reshape(shape) if name in RESHAPES else np.broadcast_to(values[0], shape)
     if name == "relax.permute_dims":
         axes = call.attrs.axes
         return np.transpose(values[0], None if axes is None else [int(a) for a in axes])
     if name == "relax.layout_transform":
         return _layout_transformed(call, values[0])
+    if name == "relax.strided_slice":
+        return _strided_slice(call, values[0])
+    if name in INDEXING:
+        return _indexed(call, values)
     return None
 
 
@@ -93,12 +164,14 @@ class _Folder(relax.PyExprMutator):
         if op_name(call) not in FOLDED:
             return call
         value = _folded(call, [self._constant(a) for a in call.args])
-        return call if value is None else relax.const(np.ascontiguousarray(value), str(value.dtype))
+        if value is None or isinstance(value, relax.ShapeExpr):
+            return call if value is None else value
+        return relax.const(np.array(value, order="C"), str(value.dtype))  # (np.array keeps a 0-d value 0-d)
 
     def _constant(self, arg):
-        """`arg`, or the constant a variable is bound to (each op of a dataflow block is a binding)."""
+        """`arg`, or the constant (or shape) a variable is bound to (each op of a dataflow block is a binding)."""
         bound = self.builder_.lookup_binding(arg) if isinstance(arg, relax.Var) else None
-        return bound if isinstance(bound, GenericConst) else arg
+        return bound if isinstance(bound, (GenericConst, relax.ShapeExpr)) else arg
 
 
 @tvm.transform.module_pass(opt_level=0, name="quantvm.FoldConstantsInNumpy")

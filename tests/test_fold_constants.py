@@ -3,6 +3,7 @@ bit, on what a BatchNorm and a blocked weight layout leave; what it must leave t
 conv + BatchNorm network against onnxruntime."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.ir.expr import GenericConst
@@ -17,7 +18,8 @@ CHANNELS = 20  # not a multiple of the 8-lane block: the layout transform pads
 
 def _module(extra=None):
     """main(x) = (x - mean) / sqrt(var + eps) * gamma + beta, a BatchNorm in its inference form with its
-    parameters expanded to [C, 1, 1], and a conv weight put in OIHW8i8o (padded), as outputs."""
+    parameters expanded to [C, 1, 1], and a conv weight put in OIHW8i8o (padded), as outputs; and
+    `extra(x)`'s value last."""
     rng = np.random.default_rng(3)
     mean, gamma, beta = (rng.standard_normal(CHANNELS).astype(np.float32) for _ in range(3))
     var = rng.random(CHANNELS).astype(np.float32)
@@ -38,7 +40,7 @@ def _module(extra=None):
                 relax.const(weight), lambda o, i, h, w: (o // 8, i // 8, h, w, i % 8, o % 8), pad_value=0.0))
             transposed = bb.emit(relax.op.permute_dims(relax.const(weight), [1, 0, 3, 2]))
             rsqrt = bb.emit(relax.op.rsqrt(relax.const(var)))
-            outputs = [normed, packed, transposed, rsqrt] + ([bb.emit(extra())] if extra else [])
+            outputs = [normed, packed, transposed, rsqrt] + ([bb.emit(extra(x))] if extra else [])
             out = bb.emit_output(relax.Tuple(outputs))
         bb.emit_func_output(out)
     return bb.get()
@@ -88,9 +90,51 @@ def test_normalization_matches_fold_constant_on_data():
     np.testing.assert_array_equal(results[0], results[1])
 
 
+def _ints(values):
+    return relax.const(np.array(values, dtype=np.int64))
+
+
+GRID = np.arange(30, dtype=np.float32).reshape(5, 6) - 7.5
+CASES = {
+    "strided_slice": lambda x: relax.op.strided_slice(relax.const(GRID), [0, 1], [1, -4], [100, 6], [2, 1]),
+    "strided_slice_backwards": lambda x: relax.op.strided_slice(relax.const(GRID), [1], [-1], [0], [-2]),
+    "take": lambda x: relax.op.take(relax.const(GRID), _ints([4, 0, 2]), axis=0),
+    "take_columns": lambda x: relax.op.take(relax.const(GRID), _ints([[5, 1], [0, 0]]), axis=1),
+    "scatter_nd_update": lambda x: relax.op.scatter_nd(relax.const(GRID), _ints([[1, 2], [4, 0]]),
+                                                       relax.const(np.array([7, 8], np.float32))),
+    "scatter_nd_add": lambda x: relax.op.scatter_nd(relax.const(GRID), _ints([[1], [3]]),
+                                                    relax.const(np.ones((2, 6), np.float32)), "add"),
+    "shape_of_a_tensor": lambda x: relax.op.shape_to_tensor(relax.op.shape_of(x)),
+    "index_made_positive": lambda x: relax.op.where(relax.op.less(_ints([-1, 2]), _ints(0)),
+                                                    relax.op.add(_ints([-1, 2]), _ints(5)), _ints([-1, 2])),
+    "cast_and_compare": lambda x: relax.op.logical_not(relax.op.equal(relax.op.astype(relax.const(GRID), "int32"),
+                                                                      relax.const(np.int32(3)))),
+    "broadcast": lambda x: relax.op.broadcast_to(relax.const(np.arange(6, dtype=np.float32)), (2, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_shape_and_index_arithmetic_folds_as_tvm_folds(case):
+    """What exporters leave on constants (Swin-T's attention mask), each op folded here as FoldConstant does."""
+    mod = _module(CASES[case])
+    ours = relax.transform.DeadCodeElimination()(FoldConstantsInNumpy(mod))
+    assert _calls_on_constants(ours) == []
+    expected = _folded_outputs(relax.transform.FoldConstant()(mod))[-1]
+    got = _folded_outputs(ours)[-1]
+    assert isinstance(got, GenericConst) and isinstance(expected, GenericConst)
+    np.testing.assert_array_equal(got.value.numpy(), expected.value.numpy())
+    assert got.value.numpy().dtype == expected.value.numpy().dtype
+
+
+def test_out_of_range_take_is_left_alone():
+    """An index past the end is an error at run time, not a value to fold."""
+    mod = _module(lambda x: relax.op.take(relax.const(GRID), _ints([7]), axis=0))
+    assert "relax.take" in _calls_on_constants(relax.transform.DeadCodeElimination()(FoldConstantsInNumpy(mod)))
+
+
 def test_leaves_integer_division_to_fold_constant():
     """Integer division and dtypes mixed by the op are Relax's own rules: left to FoldConstant."""
-    def int_divide():
+    def int_divide(x):
         return relax.op.divide(relax.const(np.array([7, -7], np.int32)), relax.const(np.array([2, 2], np.int32)))
 
     folded = relax.transform.DeadCodeElimination()(FoldConstantsInNumpy(_module(int_divide)))
