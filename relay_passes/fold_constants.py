@@ -37,12 +37,9 @@ ARITHMETIC = frozenset({"relax.add", "relax.subtract", "relax.multiply", "relax.
 FLOAT_ONLY = frozenset({"relax.divide", "relax.sqrt", "relax.rsqrt"})  # integer division rounds as Relax says
 # Ops that only give the same values another shape: their result's static shape says all.
 RESHAPES = frozenset({"relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten"})
-# Ops computed from their first argument, their attributes and their result's type.
-OF_THE_DATA = RESHAPES | {"relax.broadcast_to", "relax.permute_dims", "relax.layout_transform", "relax.astype",
-                          "relax.strided_slice"}
-INDEXING = frozenset({"relax.take", "relax.scatter_nd"})
-FOLDED = frozenset(ELEMENTWISE) | OF_THE_DATA | INDEXING | {"relax.shape_of", "relax.shape_to_tensor"}
 FLOAT_DTYPES = ("float32", "float64")
+INDEX_ARITHMETIC = {tirx.Add: np.add, tirx.Sub: np.subtract, tirx.Mul: np.multiply,
+                    tirx.FloorDiv: np.floor_divide, tirx.FloorMod: np.mod}
 
 
 def _index_expr(expr, env: dict):
@@ -51,9 +48,7 @@ def _index_expr(expr, env: dict):
         return env.get(expr)
     if isinstance(expr, tirx.IntImm):
         return np.int64(expr.value)
-    binary = {tirx.Add: np.add, tirx.Sub: np.subtract, tirx.Mul: np.multiply,
-              tirx.FloorDiv: np.floor_divide, tirx.FloorMod: np.mod}
-    for node, function in binary.items():
+    for node, function in INDEX_ARITHMETIC.items():
         if isinstance(expr, node):
             a, b = _index_expr(expr.a, env), _index_expr(expr.b, env)
             return None if a is None or b is None else function(a, b)
@@ -92,17 +87,16 @@ def _strided_slice(call: relax.Call, data: np.ndarray) -> np.ndarray | None:
     return data[tuple(index)]
 
 
-def _indexed(call: relax.Call, values: list) -> np.ndarray | None:
-    """take (indices within bounds) and scatter_nd (by update or add)."""
-    if op_name(call) == "relax.take":
-        data, indices = values
-        axis = int(call.attrs.axis) if call.attrs.axis is not None else 0
-        if call.attrs.axis is None:
-            data = data.reshape(-1)
-        if indices.size and (indices.min() < 0 or indices.max() >= data.shape[axis]):
-            return None
-        return np.take(data, indices, axis=axis)
-    data, indices, updates = values
+def _take(call: relax.Call, data: np.ndarray, indices: np.ndarray) -> np.ndarray | None:
+    """Indices within bounds only: one past the end is an error at run time, not a value."""
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    extent = data.size if axis is None else data.shape[axis]
+    if indices.size and (indices.min() < 0 or indices.max() >= extent):
+        return None
+    return np.take(data, indices, axis=axis)
+
+
+def _scatter_nd(call: relax.Call, data: np.ndarray, indices: np.ndarray, updates: np.ndarray) -> np.ndarray | None:
     reduction = str(call.attrs.reduction)
     if reduction not in ("update", "add"):
         return None
@@ -115,53 +109,78 @@ def _indexed(call: relax.Call, values: list) -> np.ndarray | None:
     return out
 
 
+def _elementwise(call: relax.Call, *values: np.ndarray) -> np.ndarray | None:
+    name, out_dtype = op_name(call), str(call.ty.dtype)
+    dtypes = {str(v.dtype) for v in (values[1:] if name == "relax.where" else values)}
+    if (len(dtypes) != 1 or (name in FLOAT_ONLY and out_dtype not in FLOAT_DTYPES)
+            or (name in ARITHMETIC and dtypes == {"bool"})):
+        return None  # mixed dtypes, integer division, boolean sums: Relax's own rules, left to FoldConstant
+    with np.errstate(all="ignore"):
+        return np.asarray(ELEMENTWISE[name](*values), dtype=out_dtype)
+
+
+def _reshaped(call: relax.Call, data: np.ndarray) -> np.ndarray | None:
+    shape = static_shape(call)
+    return None if shape is None else data.reshape(shape)
+
+
+def _broadcast(call: relax.Call, data: np.ndarray) -> np.ndarray | None:
+    shape = static_shape(call)
+    return None if shape is None else np.broadcast_to(data, shape)
+
+
+def _transposed(call: relax.Call, data: np.ndarray) -> np.ndarray:
+    axes = call.attrs.axes
+    return np.transpose(data, None if axes is None else [int(a) for a in axes])
+
+
+# op -> (how many leading arguments are the constant data, its value from (call, *arrays)); the arguments
+# after those (a reshape's target shape, a slice's bounds) are read from the call itself.
+TENSOR_FOLDS = {
+    **{name: (None, _elementwise) for name in ELEMENTWISE},
+    **{name: (1, _reshaped) for name in RESHAPES},
+    "relax.broadcast_to": (1, _broadcast),
+    "relax.permute_dims": (1, _transposed),
+    "relax.astype": (1, lambda call, data: data.astype(str(call.ty.dtype))),
+    "relax.layout_transform": (1, _layout_transformed),
+    "relax.strided_slice": (1, _strided_slice),
+    "relax.take": (2, _take),
+    "relax.scatter_nd": (3, _scatter_nd),
+}
+
+
+def _shape_of(call: relax.Call, _args) -> relax.ShapeExpr | None:
+    """shape_of any tensor whose shape is static."""
+    shape = static_shape(call.args[0])
+    return None if shape is None else relax.ShapeExpr(shape)
+
+
+def _shape_to_tensor(_call: relax.Call, args) -> np.ndarray | None:
+    dims = _integers(args[0].values) if isinstance(args[0], relax.ShapeExpr) else None
+    return None if dims is None else np.array(dims, dtype="int64")
+
+
+SHAPE_FOLDS = {"relax.shape_of": _shape_of, "relax.shape_to_tensor": _shape_to_tensor}
+
+
 def _folded(call: relax.Call, args: list):
     """The value of `call` on the constants `args` (an array, or a shape for shape_of), or None where this
     module does not compute it."""
     name = op_name(call)
-    if name == "relax.shape_of":  # of any tensor whose shape is static
-        shape = static_shape(call.args[0])
-        return None if shape is None else relax.ShapeExpr(shape)
-    if name == "relax.shape_to_tensor":
-        dims = _integers(args[0].values) if isinstance(args[0], relax.ShapeExpr) else None
-        return None if dims is None else np.array(dims, dtype="int64")
-    if name in OF_THE_DATA:
-        args = args[:1]  # the data; the rest (a reshape's target shape) is in the attributes or the result type
-    if not args or not all(isinstance(a, GenericConst) for a in args):
+    if name in SHAPE_FOLDS:
+        return SHAPE_FOLDS[name](call, args)
+    count, fold = TENSOR_FOLDS[name]
+    data = args if count is None else args[:count]
+    if not data or not all(isinstance(a, GenericConst) for a in data):
         return None
-    values = [a.value.numpy() for a in args]
-    out_dtype = str(getattr(call.ty, "dtype", ""))
-    if name in ELEMENTWISE:
-        operands = values[1:] if name == "relax.where" else values
-        dtypes = {str(v.dtype) for v in operands}
-        if len(dtypes) != 1 or (name in FLOAT_ONLY and out_dtype not in FLOAT_DTYPES) or (name in ARITHMETIC and dtypes == {"bool"}):
-            return None  # mixed dtypes, integer division, boolean sums: Relax's own rules, left to FoldConstant
-        with np.errstate(all="ignore"):
-            return np.asarray(ELEMENTWISE[name](*values), dtype=out_dtype)
-    if name == "relax.astype":
-        return values[0].astype(out_dtype)
-    if name in RESHAPES or name == "relax.broadcast_to":
-        shape = static_shape(call)
-        if shape is None:
-            return None
-        return values[0].reshape(shape) if name in RESHAPES else np.broadcast_to(values[0], shape)
-    if name == "relax.permute_dims":
-        axes = call.attrs.axes
-        return np.transpose(values[0], None if axes is None else [int(a) for a in axes])
-    if name == "relax.layout_transform":
-        return _layout_transformed(call, values[0])
-    if name == "relax.strided_slice":
-        return _strided_slice(call, values[0])
-    if name in INDEXING:
-        return _indexed(call, values)
-    return None
+    return fold(call, *(a.value.numpy() for a in data))
 
 
 @relax.expr_functor.mutator
 class _Folder(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if op_name(call) not in FOLDED:
+        if op_name(call) not in TENSOR_FOLDS and op_name(call) not in SHAPE_FOLDS:
             return call
         value = _folded(call, [self._constant(a) for a in call.args])
         if value is None or isinstance(value, relax.ShapeExpr):

@@ -141,9 +141,8 @@ def test_leaves_integer_division_to_fold_constant():
     assert _calls_on_constants(folded) == ["relax.divide"]
 
 
-def test_batchnorm_network_matches_onnxruntime(tmp_path):
-    """Eight conv + BatchNorm layers, their constants folded here (padded to blocks of 8 on AVX2): the build
-    matches onnxruntime."""
+def _batchnorm_network(path):
+    """Eight conv + BatchNorm + ReLU layers on a 1x3x16x16 input, saved at `path`; the model."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -163,11 +162,46 @@ def test_batchnorm_network_matches_onnxruntime(tmp_path):
     graph = helper.make_graph(nodes, "bn_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16, 16, 16])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    path = tmp_path / "bn_net.onnx"
     onnx.save(model, path)
+    return model
+
+
+def test_batchnorm_network_matches_onnxruntime(tmp_path):
+    """Eight conv + BatchNorm layers, their constants folded here (padded to blocks of 8 on AVX2): the build
+    matches onnxruntime."""
+    path = tmp_path / "bn_net.onnx"
+    model = _batchnorm_network(path)
     inputs = random_inputs(model, np.random.default_rng(2))
     compiled = compiler.compile(str(path), target="avx2", num_threads=1)
     expected = onnxruntime_outputs(model, inputs)[0]
     got = compiled(**inputs)
     got = got[0] if isinstance(got, (list, tuple)) else got
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("target", ["avx2", "cascadelake"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_blocked_weights_are_the_graph_fold_constant_makes(tmp_path, target, int8):
+    """The layout phase with this folding gives the very graph TVM's FoldConstant gives: every weight layout
+    (OIHW8i8o, the int8 dot packings OIHW8o4i and OIHW16o4i) packed alike, on a target this host may lack."""
+    from compiler.build import prepare_model
+    from compiler.int8_options import QuantizationOptions
+    from relay_passes.fold_constants import fold_constants
+    from targets import block_channels, resolve_target
+
+    path = tmp_path / "bn_net.onnx"
+    _batchnorm_network(path)
+    spec = resolve_target(target)
+    options = QuantizationOptions(calib_mode="none") if int8 else QuantizationOptions()  # int8 needs no data
+    job = prepare_model(str(path), None, None, True, None, options, 1, spec=spec)
+    ours, _ = block_channels(job.build.mod, spec, fold_constants())
+    reference, _ = block_channels(job.build.mod, spec)
+    assert any(str(c.value.numpy().dtype) == ("int8" if int8 else "float32") and c.value.numpy().ndim == 6
+               for c in _constants(ours))  # the blocked weights are there, folded
+    tvm.ir.assert_structural_equal(ours, reference, map_free_vars=True)
+
+
+def _constants(mod) -> list:
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, GenericConst) else None)
+    return found
