@@ -19,7 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from targets.layout import vector_lanes
-from targets.register_tiles import MIN_TILE_ACCUMULATORS, TILE_REGISTERS
+from targets.register_tiles import (
+    ACCUMULATOR_SCOPE,
+    MIN_TILE_ACCUMULATORS,
+    TILE_REGISTERS,
+    max_accumulators,
+)
 from targets.registry import TargetSpec
 
 SOFTMAX_BLOCKS = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
@@ -77,7 +82,7 @@ def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | 
     queries_t = sch.cache_read(blocks.scores, 0, "global")
     for block in (queries_t, blocks.scores, blocks.exp, blocks.norm):
         sch.transform_layout(block, ("write", 0), _swap_last_two)
-    store = sch.cache_write(blocks.context, 0, "local")
+    store = sch.cache_write(blocks.context, 0, ACCUMULATOR_SCOPE)
     sch.transform_layout(blocks.context, ("write", 0), _swap_last_two)
 
     # one parallel loop over (batch..., vectors of query rows); every pass computed under it
@@ -89,7 +94,7 @@ def schedule_attention(sch, blocks: AttentionBlocks, spec: TargetSpec) -> str | 
         sch.compute_at(block, anchor)
 
     vectors = rows_per_block // lanes
-    _register_tile(sch, blocks.scores, sch.cache_write(blocks.scores, 0, "local"), lanes, vectors,
+    _register_tile(sch, blocks.scores, sch.cache_write(blocks.scores, 0, ACCUMULATOR_SCOPE), lanes, vectors,
                    vectorized_store=True)
     for block in (blocks.maxelem, blocks.exp, blocks.expsum):
         _rows_in_lanes(sch, block)
@@ -119,7 +124,8 @@ def _register_tile(sch, block, store, lanes: int, vectors: int, vectorized_store
 def _tile_width(extent: int, lanes: int, vectors: int) -> int:
     """Columns (keys, or head columns) per register tile of `vectors` vectors of rows: the widest that
     divides the extent with enough accumulators, else the widest that fits (the last tile cut short)."""
-    widest = (TILE_REGISTERS[lanes] - vectors) // vectors  # a register for each vector of rows
+    # a register for each vector of rows; the accumulators' buffer small enough to stay in registers
+    widest = min((TILE_REGISTERS[lanes] - vectors) // vectors, max_accumulators(lanes) // vectors)
     exact = max(w for w in range(1, min(widest, extent) + 1) if extent % w == 0)
     return exact if exact * vectors >= min(MIN_TILE_ACCUMULATORS, extent * vectors) else min(widest, extent)
 

@@ -17,6 +17,7 @@ import numpy as np
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from targets.register_tiles import ACCUMULATOR_SCOPE
 from targets.registry import TargetSpec
 
 GROUP = 4  # input channels per 32-bit lane
@@ -29,7 +30,7 @@ def _desc(lanes: int, a_dtype: str):
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((GROUP,), a_dtype, offset_factor=1),
              b: T.Buffer((lanes, GROUP), "int8", offset_factor=1),
-             c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             c: T.Buffer((lanes,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE)) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:GROUP], b[0:lanes, 0:GROUP])
             T.writes(c[0:lanes])
@@ -49,26 +50,35 @@ def _u8_dot_impl(lanes: int, a_dtype: str, accumulate):
     signed = a_dtype == "int8"
     i32, u8, i8 = f"int32x{lanes}", f"uint8x{4 * lanes}", f"int8x{4 * lanes}"
 
+    # Expressions, not names assigned in the body: TVMScript makes an assigned name a "local" buffer, which
+    # TVM allocates as workspace (heap memory that every call stores to and reloads).
+    def weight_bytes(b):
+        return b.vload([0, 0], dtype=i8)
+
+    def data_bytes(a):
+        if signed:  # the flip on the scalar, before the broadcast: LLVM 22 hangs compiling the vector form
+            # for icelake-server and sapphirerapids
+            word = T.reinterpret(a.vload([0], "int8x4"), dtype="int32") ^ T.int32(FLIP_BYTES)
+        else:
+            word = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+        return T.reinterpret(T.broadcast(word, lanes), dtype=u8)
+
+    def flip_offset(b):  # the dot of the flip (128 in every byte) with b, from zero
+        return accumulate(T.broadcast(T.int32(0), lanes), T.reinterpret(T.broadcast(T.int32(FLIP_BYTES), lanes),
+                                                                       dtype=u8), weight_bytes(b))
+
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((GROUP,), a_dtype, offset_factor=1),
              b: T.Buffer((lanes, GROUP), "int8", offset_factor=1),
-             c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             c: T.Buffer((lanes,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE)) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:GROUP], b[0:lanes, 0:GROUP])
             T.writes(c[0:lanes])
-            b_bytes = b.vload([0, 0], dtype=i8)
             if signed:
-                # the flip on the scalar, before the broadcast: LLVM 22 hangs compiling the vector form
-                # for icelake-server and sapphirerapids
-                a_word = T.reinterpret(a.vload([0], "int8x4"), dtype="int32") ^ T.int32(FLIP_BYTES)
                 c[T.ramp(T.int32(0), 1, lanes)] = accumulate(
-                    c.vload([0], dtype=i32), T.reinterpret(T.broadcast(a_word, lanes), dtype=u8), b_bytes
-                ) - accumulate(T.broadcast(T.int32(0), lanes),
-                               T.reinterpret(T.broadcast(T.int32(FLIP_BYTES), lanes), dtype=u8), b_bytes)
+                    c.vload([0], dtype=i32), data_bytes(a), weight_bytes(b)) - flip_offset(b)
             else:
-                a_word = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-                c[T.ramp(T.int32(0), 1, lanes)] = accumulate(
-                    c.vload([0], dtype=i32), T.reinterpret(T.broadcast(a_word, lanes), dtype=u8), b_bytes)
+                c[T.ramp(T.int32(0), 1, lanes)] = accumulate(c.vload([0], dtype=i32), data_bytes(a), weight_bytes(b))
 
     return impl
 
@@ -98,32 +108,45 @@ def _vpmaddubsw(lanes: int, maddubs: str, madd: str):
 
 def _exact_impl(lanes: int, madd: str, a_dtype: str):
     """Even and odd bytes as int16 pairs, two `vpmaddwd`s: exact for the full u8 and s8 ranges.
-    A's bytes are zero-extended (u8) or sign-extended (s8)."""
+    A's bytes are zero-extended (u8) or sign-extended (s8). Written as expressions, not assigned names
+    (see _u8_dot_impl)."""
     halves = 2 * lanes
     signed = a_dtype == "int8"
     i32 = f"int32x{lanes}"
     i16 = f"int16x{halves}"
 
+    def eight():
+        return T.broadcast(T.int16(8), halves)
+
+    def low_byte():
+        return T.broadcast(T.int16(0xFF), halves)
+
+    def a_pairs(a):
+        return T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes), dtype=i16)
+
+    def a_even(a):
+        return ((a_pairs(a) << eight()) >> eight()) if signed else (a_pairs(a) & low_byte())
+
+    def a_odd(a):
+        return (a_pairs(a) >> eight()) if signed else ((a_pairs(a) >> eight()) & low_byte())
+
+    def b_pairs(b):
+        return T.reinterpret(b.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=i16)
+
+    def madd_pairs(x, y):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd), x, y, dtype=i32)
+
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((GROUP,), a_dtype, offset_factor=1),
              b: T.Buffer((lanes, GROUP), "int8", offset_factor=1),
-             c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             c: T.Buffer((lanes,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE)) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:GROUP], b[0:lanes, 0:GROUP])
             T.writes(c[0:lanes])
-            eight = T.broadcast(T.int16(8), halves)
-            a_pairs = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes),
-                                    dtype=i16)
-            low_byte = T.broadcast(T.int16(0xFF), halves)
-            a_even = ((a_pairs << eight) >> eight) if signed else (a_pairs & low_byte)
-            a_odd = (a_pairs >> eight) if signed else ((a_pairs >> eight) & low_byte)
-            b_pairs = T.reinterpret(b.vload([0, 0], dtype=f"int8x{4 * lanes}"), dtype=i16)
-            b_even = (b_pairs << eight) >> eight
-            b_odd = b_pairs >> eight
             c[T.ramp(T.int32(0), 1, lanes)] = (
                 c.vload([0], dtype=i32)
-                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd), a_even, b_even, dtype=i32)
-                + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd), a_odd, b_odd, dtype=i32))
+                + madd_pairs(a_even(a), (b_pairs(b) << eight()) >> eight())
+                + madd_pairs(a_odd(a), b_pairs(b) >> eight()))
 
     return impl
 

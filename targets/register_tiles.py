@@ -9,6 +9,15 @@ from __future__ import annotations
 # holds w*c accumulators and c weight vectors; the rest is left for the broadcast inputs LLVM loads
 # ahead when it unrolls the reduction (a full file spilled accumulators to the stack).
 TILE_REGISTERS = {8: 12, 16: 26}
+# The scope of a register tile's accumulator buffer, and the bytes it must stay under. TVM's LowerTVMBuiltin
+# turns every "local" buffer, and a "global" one of runtime::kMaxStackAlloca bytes or more, into a
+# TVMBackendAllocWorkspace call: heap memory, which LLVM cannot keep in registers (it zeroed the tile with a
+# memset call on every tile and stored and reloaded each accumulator around the epilogue; on a Zen 5 it also
+# scalarized part of the epilogue). A smaller "global" buffer stays an alloca, which LLVM promotes to
+# registers: an AVX-512 tile holds at most 15 accumulators (16 x 64 bytes is the limit itself).
+ACCUMULATOR_SCOPE = "global"
+STACK_ALLOCA_BYTES = 1024
+ACCUMULATOR_BYTES = 4  # fp32 and int32 sums
 MAX_CHANNEL_BLOCKS = 4
 # A register tile with fewer accumulators than this leaves FMA latency exposed (one row of a 197-row FC).
 MIN_TILE_ACCUMULATORS = 8
@@ -22,12 +31,17 @@ FMAS_PER_LOAD = 1.5
 RAGGED_MARGIN = 0.85
 
 
+def max_accumulators(lanes: int) -> int:
+    """The most accumulator vectors of `lanes` a register tile may have: its buffer under STACK_ALLOCA_BYTES."""
+    return (STACK_ALLOCA_BYTES - 1) // (ACCUMULATOR_BYTES * lanes)
+
+
 def register_tile(width: int, chunks: int, lanes: int, exact: bool = True) -> tuple[int, int]:
     """(output pixels, output channel blocks) of the tile: the most accumulators that fit in registers
     (enough to cover FMA latency); ties go to fewer loads per FMA. `exact`: w divides the width."""
     candidates = [(w, c) for w in range(1, width + 1) if width % w == 0 or not exact
                   for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
-                  and w * c + c <= TILE_REGISTERS[lanes]]
+                  and w * c + c <= TILE_REGISTERS[lanes] and w * c <= max_accumulators(lanes)]
     return max(candidates, key=lambda wc: (wc[0] * wc[1], -(wc[0] + wc[1])))
 
 
@@ -65,7 +79,7 @@ def conv_tile(width: int, chunks: int, lanes: int, allow_ragged: bool) -> tuple[
 
     candidates = [(w, c) for w in range(1, width + 1) if allow_ragged or width % w == 0
                   for c in range(1, min(chunks, MAX_CHANNEL_BLOCKS) + 1) if chunks % c == 0
-                  and w * c + c <= TILE_REGISTERS[lanes]]
+                  and w * c + c <= TILE_REGISTERS[lanes] and w * c <= max_accumulators(lanes)]
     w, c = max(candidates, key=score)
     return w, c, width % w != 0
 

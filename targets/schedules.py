@@ -24,7 +24,15 @@ from targets.conv2d import CONV_BLOCK, DEPTHWISE_BLOCK
 from targets.dense import BOUNDED_PAIRS, MATMUL_BLOCK
 from targets.intrinsics import int8_dot_intrinsic
 from targets.layout import INT8_GROUP, vector_lanes
-from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile, matmul_tile, register_tile
+from targets.register_tiles import (
+    ACCUMULATOR_SCOPE,
+    MAX_CHANNEL_BLOCKS,
+    TILE_REGISTERS,
+    conv_tile,
+    matmul_tile,
+    max_accumulators,
+    register_tile,
+)
 from targets.registry import TargetSpec
 from targets.resize import schedule_resize
 from targets.winograd import schedule_winograd
@@ -242,11 +250,11 @@ def _epilogue_chain(sch, block):
 
 def _accumulator_stores(sch, conv) -> list:
     """The blocks that store the conv's tile (its folded epilogue, or a copy-out), with the conv itself
-    accumulating into a tile-sized local buffer, i.e. registers."""
+    accumulating into a tile-sized buffer that LLVM keeps in registers (ACCUMULATOR_SCOPE)."""
     stores = _epilogue(sch, conv)
     if not stores:
-        return [sch.cache_write(conv, 0, "local")]
-    sch.set_scope(conv, 0, "local")
+        return [sch.cache_write(conv, 0, ACCUMULATOR_SCOPE)]
+    sch.set_scope(conv, 0, ACCUMULATOR_SCOPE)
     return stores
 
 
@@ -457,7 +465,7 @@ def _pointwise_tile(pixels: int, channels: int, spec: TargetSpec) -> tuple[int, 
     lanes = _dividing_lanes(pixels, spec) or vector_lanes(spec)
     registers = TILE_REGISTERS[vector_lanes(spec)]
     counts = [v for v in range(1, POINTWISE_VECTORS + 1) if pixels % (v * lanes) == 0] or [1]
-    tiles = [(v, min(channels, (registers - v) // v)) for v in counts]
+    tiles = [(v, min(channels, (registers - v) // v, max_accumulators(lanes) // v)) for v in counts]
     vectors, tile_c = max(tiles, key=lambda vc: (vc[0] * vc[1], -(vc[0] + vc[1])))
     return lanes, vectors, tile_c
 

@@ -21,7 +21,12 @@ from tvm.topi.nn.winograd_util import (  # TVM's Cook-Toom construction (public 
 )
 
 from targets.layout import vector_lanes
-from targets.register_tiles import MAX_CHANNEL_BLOCKS, TILE_REGISTERS, conv_tile
+from targets.register_tiles import (
+    ACCUMULATOR_SCOPE,
+    MAX_CHANNEL_BLOCKS,
+    TILE_REGISTERS,
+    conv_tile,
+)
 
 KERNEL = 3
 INPUT_ROWS = "winograd_input_rows"
@@ -185,7 +190,7 @@ def _schedule_input_transform(sch, rows, block) -> None:
 def _unrolled_at(sch, block, loop) -> None:
     """`block` computed under `loop`, into a local buffer, its loops unrolled but the lanes."""
     sch.compute_at(block, loop, preserve_unit_loops=True)
-    sch.set_scope(block, 0, "local")
+    sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
     loops = sch.get_loops(block)
     under = next(i for i, l in enumerate(loops) if sch.get(l).same_as(sch.get(loop))) + 1
     *outer, lane = loops[under:]
@@ -206,7 +211,7 @@ def _schedule_gemm(sch, block, lanes: int, tiles) -> None:
     else:
         t_o, t_i = tiles.split(sch, t, tile_w, TILE_REGISTERS[lanes])
     oc_o, oc_i = tiles.split(sch, oc, tile_c, MAX_CHANNEL_BLOCKS)
-    store = sch.cache_write(block, 0, "local")
+    store = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
     sch.reorder(k, oc_o, t_o, ic_outer, ic_inner, t_i, oc_i, lane)
     _store_tile_at(sch, [store], t_o)
     _parallel_if_worth_it(sch, block, sch.fuse(k, oc_o, t_o))

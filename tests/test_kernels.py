@@ -137,10 +137,10 @@ def test_fp32_conv_matches_numpy(target, shape):
 
 
 @pytest.mark.parametrize("width,chunks,lanes,tile", [
-    (56, 16, 16, (4, 4, False)),  # whole tiles where a divisor gives enough FMAs per load
+    (56, 16, 16, (7, 2, False)),  # whole tiles where a divisor gives enough FMAs per load
     (14, 16, 16, (7, 2, False)),
-    (17, 12, 16, (6, 3, True)),  # exact, 17 x 1 would load a broadcast per FMA
-    (71, 12, 16, (12, 2, True)),  # exact, 1 x 4 would have four accumulators
+    (17, 12, 16, (3, 4, True)),  # exact, 17 x 1 would load a broadcast per FMA
+    (71, 12, 16, (3, 4, True)),  # exact, 1 x 4 would have four accumulators; 16 lanes: at most 15 of them
     (13, 16, 8, (5, 2, True)),  # AVX2: 10 accumulators over 15 columns, not 13 x 1
 ])
 def test_conv_register_tile_is_ragged_only_where_no_divisor_serves(width, chunks, lanes, tile):
@@ -154,7 +154,7 @@ def test_conv_register_tile_is_ragged_only_where_no_divisor_serves(width, chunks
     (14, 12, 8, (2, 4, False)),
     (7, 64, 8, (2, 4, True)),  # exact 7 x 1 scores 0.88 against 1.17: whole tiles, cut
     (13, 125, 8, (7, 1, True)),  # SqueezeNet's classifier: 1000 channels, one block a tile
-    (17, 12, 16, (6, 3, True)),
+    (17, 12, 16, (3, 4, True)),  # 12 accumulators: a tile stays under 16 vectors of 16 (STACK_ALLOCA_BYTES)
 ])
 def test_int8_conv_computes_whole_tiles_only_where_no_exact_tile_comes_close(width, chunks, lanes, tile):
     """An int8 conv's ragged row costs guarded stores the score does not count (RAGGED_MARGIN)."""
@@ -338,13 +338,20 @@ def test_avx512_fp32_conv_uses_512_bit_fma(target):
     assert re.search(r"\bvfmadd\w*ps\s+[^\n]*%zmm", _assembly(lib))
 
 
-@pytest.mark.parametrize("data_dtype", ["uint8", "float32"])
-def test_conv_register_tile_stays_in_registers(data_dtype):
-    """A 1x1 conv on 16 channels (MobileNetV2's expansions): the store of each register tile is unrolled, so
-    the accumulators stay registers. As a loop, it read them from the stack, which LLVM zeroed with a memset
-    call on every tile: such convs ran at half speed."""
-    lib, _ = _build(_conv_with_bias_relu((1, 16, 28, 96, 1, 1, 0), 16, data_dtype), resolve_target("cascadelake"))
-    assert "memset" not in _assembly(lib)
+@pytest.mark.parametrize("target", ["cascadelake", "avx2"])
+@pytest.mark.parametrize("data_dtype,bounded", [("uint8", False), ("uint8", True), ("int8", True), ("float32", False)])
+@pytest.mark.parametrize("width", [28, 112])
+def test_conv_register_tile_stays_in_registers(target, data_dtype, bounded, width):
+    """A 1x1 conv on 16 channels (MobileNetV2's expansions): its accumulators stay registers. A tile stored
+    in a loop read them from the stack, which LLVM zeroed with a memset call on every tile; a tile whose
+    buffer TVM allocates as workspace (a "local" buffer, or 1024 bytes and more: 7 x 3 vectors of 16) is
+    heap memory, zeroed, stored and reloaded on every tile. Either ran such convs at half speed or worse."""
+    spec = resolve_target(target)
+    lib, _ = _build(_conv_with_bias_relu((1, 16, width, 96, 1, 1, 0), vector_lanes(spec), data_dtype,
+                                         bounded_pairs=bounded), spec)
+    asm = _assembly(lib)
+    assert "memset" not in asm
+    assert "TVMBackendAllocWorkspace" not in asm
 
 
 def _int8_dense(m, k, n, lanes, data_dtype, whole_rows=None, bounded_pairs=False):
