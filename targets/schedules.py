@@ -258,15 +258,20 @@ def _accumulator_stores(sch, conv) -> list:
     return stores
 
 
-def _store_tile_at(sch, stores: list, loop):
+def _store_tile_at(sch, stores: list, loop, lanes: int | None = None):
     """Compute the epilogue/store blocks once per register tile, under `loop`, in order, vectorized. A
     register tile's store is unrolled: read at constant offsets, its accumulators stay registers (looped
-    over, they live on the stack, zeroed by a memset call and stored and reloaded on every tile)."""
+    over, they live on the stack, zeroed by a memset call and stored and reloaded on every tile). `lanes`:
+    the accumulators' vector, where the store's last loop spans several (a matmul tile's columns): each
+    store then reads one accumulator vector; a 48-wide one made LLVM assemble it lane by lane from three."""
     for store in stores:
         sch.reverse_compute_at(store, loop, preserve_unit_loops=True)
         loops = sch.get_loops(store)
         under = next(i for i, outer in enumerate(loops) if sch.get(outer).same_as(sch.get(loop)))
         *tile, lane = loops[under + 1:]
+        if lanes is not None and _extent(sch, lane) > lanes and _extent(sch, lane) % lanes == 0:
+            vectors, lane = sch.split(lane, [None, lanes])
+            tile.append(vectors)
         sch.vectorize(lane)
         if math.prod(_extent(sch, t) for t in tile) <= MAX_UNROLLED_STORES:
             for t in tile:
@@ -449,7 +454,7 @@ def _schedule_pointwise_nchw(sch, conv, spec: TargetSpec, tiles) -> str:
     pixel_o, pixel_v, pixel_i = sch.split(pixels, [None, vectors, lanes])
     channel_o, channel_i = sch.split(channel, [None, tile_c])
     sch.reorder(batch, channel_o, pixel_o, channels_in, channel_i, pixel_v, pixel_i)
-    _store_tile_at(sch, stores, pixel_o)
+    _store_tile_at(sch, stores, pixel_o, lanes)
     _parallel_if_worth_it(sch, conv, sch.fuse(batch, channel_o))
     sch.unroll(channel_i)
     sch.unroll(pixel_v)
@@ -517,7 +522,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
         sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l, group)
     else:
         sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l)
-    _store_tile_at(sch, stores, tile_order[-1])
+    _store_tile_at(sch, stores, tile_order[-1], lanes)
     _parallel_prefix(sch, [*outer, *tile_order], spec, block)
     sch.unroll(row_i)
     sch.unroll(col_v)

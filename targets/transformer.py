@@ -231,7 +231,7 @@ def _schedule_int8_batch_matmul(sch, block, spec: TargetSpec, tiles, a_dtype: st
     row_o, row_i = tiles.split(sch, row, rows, registers)
     red, group = sch.split(red, [None, INT8_GROUP])
     sch.reorder(*outer, row_o, col_o, red, row_i, col_v, col_l, group)
-    _store_tile_at(sch, stores, col_o)
+    _store_tile_at(sch, stores, col_o, lanes)
     _parallel_prefix(sch, [*outer, row_o, col_o], spec, block)
     sch.unroll(row_i)
     sch.unroll(col_v)
