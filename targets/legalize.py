@@ -6,6 +6,7 @@ from targets.conv2d import legalize_conv2d
 from targets.dense import legalize_default, legalize_matmul
 from targets.quantize_kernel import legalize_quantize
 from targets.resize import legalize_resize2d
+from targets.rounding import legalize_round
 from targets.softmax import legalize_softmax
 
 
@@ -15,4 +16,5 @@ def legalize_overrides(tile_lanes: int) -> dict:
             "relax.matmul": legalize_matmul(legalize_default("relax.matmul"), tile_lanes),
             "relax.nn.softmax": legalize_softmax(),
             "relax.quantize": legalize_quantize(legalize_default("relax.quantize")),
-            "relax.image.resize2d": legalize_resize2d()}
+            "relax.image.resize2d": legalize_resize2d(),
+            "relax.round": legalize_round(legalize_default("relax.round"))}

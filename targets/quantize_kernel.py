@@ -18,6 +18,7 @@ from tvm import relax, te, tirx
 from tvm.relax.transform.legalize_ops.qdq import clip_cast
 
 from targets.channel_padding import static_shape
+from targets.rounding import round_half_even
 
 
 def _one_element(expr) -> bool:
@@ -48,7 +49,7 @@ def quantized_by_reciprocal(scale, zero_point, out_dtype: str):
         else:
             inverse = tirx.const(float(np.float32(1) / np.float32(scale_value)), "float32")
         offset = read() if zero_value is None else tirx.const(zero_value, "float32")
-        return te.compute(data.shape, lambda *i: clip_cast(te.round(data[i] * inverse) + offset, out_dtype),
+        return te.compute(data.shape, lambda *i: clip_cast(round_half_even(data[i] * inverse) + offset, out_dtype),
                           name="quantized")
 
     return compute, [e for e, v in ((scale, scale_value), (zero_point, zero_value)) if v is None]

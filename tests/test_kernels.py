@@ -185,6 +185,33 @@ def test_depthwise_conv_matches_numpy(target, stride):
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_int8_depthwise_conv_is_exact_at_the_extremes(target, data_dtype, kernel):
+    """An int8 depthwise conv's sums are exact: data at its range's ends and weights of -128 and 127 make the
+    largest sums a 7x7 window can reach (LLVM forms them with 16-bit multiply-adds, vpmaddwd / vpdpwssd)."""
+    spec = resolve_target(target)
+    lanes, channels, size = 8, 16, 9
+    rng = np.random.default_rng(6)
+    info = np.iinfo(data_dtype)
+    x = rng.choice([info.min, info.max], (1, channels, size, size)).astype(data_dtype)
+    weight = rng.choice([-128, 127], (channels, 1, kernel, kernel)).astype("int8")
+    weight[0] = -128  # one channel of whole-window extremes: |sum| = 49 * 255 * 128 on the max data
+    x[0, 0] = info.max
+    data = te.placeholder((1, channels // lanes, size, size, lanes), data_dtype, name="data")
+    packed = te.placeholder((channels // lanes, 1, kernel, kernel, 1, lanes), "int8", name="weight")
+    pad = kernel // 2
+    out = conv2d_nchwc(data, packed, [1, 1], [pad] * 4, [1, 1], channels, "int32")
+    lib, rule = _build([data, packed, out], spec)
+    assert rule == "depthwise_conv2d_nchwc"
+    expected = _reference_conv(x.astype(np.int64), weight.astype(np.int64), 1, pad, groups=channels, acc=np.int64)
+    blocked_weight = np.ascontiguousarray(weight.reshape(channels // lanes, lanes, 1, kernel, kernel)
+                                          .transpose(0, 2, 3, 4, 1)[:, :, :, :, None, :])
+    got = run_lib(lib, [_block(x, lanes), blocked_weight], (1, channels // lanes, size, size, lanes), "int32")
+    np.testing.assert_array_equal(_unblock(got), expected)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_blocked_pooling_takes_the_window_rule(target, kind):
     """A lone pooling in NCHW{c} (Inception's 3x3/1 average, a 3x3/2 max on a row of 73): registers over
