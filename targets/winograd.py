@@ -188,7 +188,8 @@ def _schedule_input_transform(sch, rows, block) -> None:
 
 
 def _unrolled_at(sch, block, loop) -> None:
-    """`block` computed under `loop`, into a local buffer, its loops unrolled but the lanes."""
+    """`block` computed under `loop`, into a buffer of its own (ACCUMULATOR_SCOPE: an alloca, registers, while
+    under 1024 bytes), its loops unrolled but the lanes."""
     sch.compute_at(block, loop, preserve_unit_loops=True)
     sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
     loops = sch.get_loops(block)
