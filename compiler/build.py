@@ -114,8 +114,9 @@ def compile(model, target: str | TargetSpec = "cascadelake", calib=None,  # noqa
     `tuning_db`: a database directory written by `tune()` for this target: its tuned kernels replace the
     default schedules where it has them (`report.tuning` says which).
 
-    `winograd`: fp32 3x3 convs of stride 1 run as Winograd F(4x4, 3x3) where it pays (targets.winograd_convs):
-    2-3x faster, their weights stored 4x larger. False keeps every conv direct.
+    `winograd`: fp32 3x3 convs of stride 1 run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where it pays
+    (targets.winograd_convs): 1.5-2.5x faster, their weights stored up to 4x larger. False keeps every conv
+    direct.
     """
     start = time.perf_counter()
     spec = target_with_threads(resolve_target(target), num_threads)

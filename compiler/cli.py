@@ -195,7 +195,7 @@ def _add_build_options(p) -> None:
     fusion.add_argument("--fuse-rules", metavar="RULE,...",
                         help=f"apply only these fusion rules ({', '.join(RULE_NAMES)})")
     p.add_argument("--no-winograd", action="store_true",
-                   help="keep every fp32 3x3 conv direct (Winograd's transformed weights are 4x larger)")
+                   help="keep every fp32 3x3 conv direct (Winograd's transformed weights are up to 4x larger)")
     _add_int8_options(p)
 
 

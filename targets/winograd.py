@@ -170,7 +170,7 @@ def schedule_winograd(sch, spec, tiles) -> str | None:
     else:
         sch.compute_inline(output)
     _schedule_output_transform(sch, blocks[OUTPUT_COLUMNS], tail, tile, dilation)
-    return "conv2d_winograd_nchwc"
+    return f"conv2d_winograd_nchwc[F({tile}x{tile},3x3)]"
 
 
 def _schedule_input_transform(sch, rows, block) -> None:

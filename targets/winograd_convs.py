@@ -1,11 +1,17 @@
-"""Which convs run as Winograd (targets.winograd), and the graph rewrite that makes them: each one's constant
-weight transformed at compile time, its conv2d a call of the Winograd kernel.
+"""Which convs run as Winograd (targets.winograd), with which output tile, and the graph rewrite that makes
+them: each one's constant weight transformed at compile time, its conv2d a call of the Winograd kernel.
 
 A conv qualifies when it is fp32 in the blocked layout, 3x3, stride 1 (any dilation), no groups, with a
-constant weight, and whole tiles do at most half the multiply-adds of the direct conv (a 7x7 map computes
-two 4x4 tiles a side: 36 x 4 against 9 x 49; a dilation of d, d x d phases of whole tiles). Measured
-against the direct conv on Zen 4: 1.5x at 7x7, 2-3x from 14x14 up, 1.5x for 16 input channels; the error to an fp64 conv is about 3x the direct conv's (~3e-6
-of the output's range).
+constant weight, and whole tiles do at most half the multiply-adds of the direct conv (a dilation of d, d x d
+phases of whole tiles). Its tile is F(4x4, 3x3) where every transformed weight serves enough tiles, else
+F(2x2, 3x3). F(4x4)'s weights are 36/9 = 4x the direct conv's and F(2x2)'s 16/9: with few tiles a
+F(4x4) GEMM streams its weights from memory. Measured on Zen 5 (2 FMAs of 512 bits a cycle), ResNet-50 at
+batch 1, against the direct conv: 7x7 maps (4 tiles of 4x4) 0.7x, so they stay direct (F(2x2) does over
+half the direct work there); 14x14 of 256 channels F(4x4) 1.4x, F(2x2) 1.6x; 28x28 F(4x4) 2.3x, F(2x2)
+1.7x; 56x56 F(4x4) 2.3x, F(2x2) 1.4x. At batch 8 a 7x7 map's 32 tiles make F(4x4) about 2x (2.2-2.7 ms,
+where the strided conv with the same multiply-adds takes 5.5 ms). (On Zen 4, whose
+FMAs are half as fast, F(4x4) won everywhere, 7x7 maps at batch 1 1.5x.) The error to an fp64 conv is about
+3x the direct conv's for F(4x4) (~3e-6 of the output's range), less for F(2x2).
 
 The rewrite runs on the fused graph, before the ops become kernels: a fused function reads its weight as a
 parameter, so it is rewritten once and every call of it given its transformed constant (one that some call
@@ -26,39 +32,65 @@ from targets.winograd import (
     winograd_weight_shape,
 )
 
-TILE = 4  # F(4x4, 3x3): faster than F(2x2, 3x3) on every shape measured, 7x7 maps and batch 8 included
+TILES = (4, 2)  # F(m x m, 3x3) output tiles, preferred first
 MAX_WORK_SHARE = 0.5  # of the direct conv's multiply-adds, that whole tiles may do
+# F(4x4) only where each transformed weight serves this many tiles (images included): below it, streaming
+# its weights costs more than the multiply-adds it saves (see above).
+MIN_TILES_PER_WEIGHT = 32
 # Input channel blocks narrower than this (a 3-channel image) stay direct: the transforms' share grows as the
 # GEMMs' reduction shrinks, and their vectors are only as wide as the block.
 MIN_INPUT_BLOCK = 8
 
 
-def qualifies(call: relax.Call) -> bool:
-    """A conv2d the Winograd kernel computes, its weight aside (targets.winograd's shapes)."""
+def winograd_tile(call: relax.Call) -> int | None:
+    """The output tile m of the F(m x m, 3x3) that computes this conv2d, its weight aside (targets.winograd's
+    shapes); None where it stays direct."""
     if not is_conv(call):
-        return False
+        return None
     attrs, data, weight = call.attrs, call.args[0].ty, call.args[1].ty
     if (len(attrs.data_layout) == 4 or data.dtype != "float32" or weight.dtype != "float32"
             or call.ty.dtype != "float32" or weight.ndim != 6 or int(attrs.groups) != 1
             or any(int(s) != 1 for s in attrs.strides)
             or (int(weight.shape[2]), int(weight.shape[3])) != (KERNEL, KERNEL)
             or int(weight.shape[4]) < MIN_INPUT_BLOCK):
-        return False
-    out_h, out_w = int(call.ty.shape[2]), int(call.ty.shape[3])
+        return None
+    images, out_h, out_w = int(call.ty.shape[0]), int(call.ty.shape[2]), int(call.ty.shape[3])
     dil_h, dil_w = (int(d) for d in attrs.dilation)
-    tiles = -(-out_h // (TILE * dil_h)) * -(-out_w // (TILE * dil_w)) * dil_h * dil_w
-    return tiles * (TILE + KERNEL - 1) ** 2 <= MAX_WORK_SHARE * KERNEL * KERNEL * out_h * out_w
+    for tile in TILES:
+        tiles = -(-out_h // (tile * dil_h)) * -(-out_w // (tile * dil_w)) * dil_h * dil_w
+        if tiles * (tile + KERNEL - 1) ** 2 > MAX_WORK_SHARE * KERNEL * KERNEL * out_h * out_w:
+            continue
+        if tile == TILES[-1] or images * tiles >= MIN_TILES_PER_WEIGHT:
+            return tile
+    return None
 
 
-def _transformed(constant: GenericConst) -> GenericConst:
-    return relax.const(winograd_weight(constant.value.numpy(), TILE))
+def qualifies(call: relax.Call) -> bool:
+    return winograd_tile(call) is not None
+
+
+def _transformed(constant: GenericConst, tile: int) -> GenericConst:
+    return relax.const(winograd_weight(constant.value.numpy(), tile))
+
+
+def _weight_tiles(func: relax.Function) -> dict[int, int]:
+    """Positions of `func`'s parameters that Winograd convs read as their weight -> those convs' tiles."""
+    tiles = {}
+
+    def visit(expr):
+        tile = winograd_tile(expr) if isinstance(expr, relax.Call) else None
+        if tile is not None:
+            tiles.update({i: tile for i, p in enumerate(func.params) if p.same_as(expr.args[1])})
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return tiles
 
 
 @relax.expr_functor.mutator
 class _WinogradCalls(relax.PyExprMutator):
     """Qualifying conv2d calls -> the Winograd kernel. A conv's weight is a constant (transformed here) or a
     parameter in `weights` (a fused function's, mapped to its transformed replacement); calls of a function
-    in `fused` (-> its weight parameters' positions) pass their constants transformed."""
+    in `fused` (-> its weight parameters' positions -> their tiles) pass their constants transformed."""
 
     def __init__(self, mod, weights: dict, fused: dict):
         super().__init__(mod)
@@ -68,32 +100,34 @@ class _WinogradCalls(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if isinstance(call.op, relax.GlobalVar) and call.op in self.fused:
-            args = [_transformed(a) if i in self.fused[call.op] else a for i, a in enumerate(call.args)]
+            tiles = self.fused[call.op]
+            args = [_transformed(a, tiles[i]) if i in tiles else a for i, a in enumerate(call.args)]
             return relax.Call(self.replaced[call.op], args)
-        if not qualifies(call):
+        tile = winograd_tile(call)
+        if tile is None:
             return call
         weight = call.args[1]
         if isinstance(weight, GenericConst):
-            weight = _transformed(weight)
+            weight = _transformed(weight, tile)
         elif weight in self.weights:
             weight = self.weights[weight]
         else:
             return call
         return self.builder_.call_te(conv2d_winograd_nchwc, call.args[0], weight,
                                      [int(p) for p in call.attrs.padding], [int(d) for d in call.attrs.dilation],
-                                     TILE,
+                                     tile,
                                      primfunc_name_hint="conv2d_winograd_nchwc")
 
 
 def winograd_convs(mod: tvm.IRModule) -> tvm.IRModule:
     """Every qualifying conv with a constant weight computed by the Winograd kernel."""
-    fused = fused_with_constant_weights(mod, qualifies)
+    fused = {gv: _weight_tiles(mod[gv]) for gv in fused_with_constant_weights(mod, qualifies)}
     mutator = _WinogradCalls(mod, {}, fused)
-    for gv, positions in fused.items():
+    for gv, tiles in fused.items():
         func = mod[gv]
         params = list(func.params)
-        for i in positions:
-            shape = winograd_weight_shape(params[i].ty.shape, TILE)
+        for i, tile in tiles.items():
+            shape = winograd_weight_shape(params[i].ty.shape, tile)
             params[i] = relax.Var(params[i].name, relax.TensorType(shape, "float32"))
             mutator.weights[func.params[i]] = params[i]
         body = mutator.visit_expr(func.body)

@@ -175,10 +175,10 @@ def test_divide_multiply_add_after_a_conv_run_in_its_kernel(rng):
     y = g.conv_bn("data", "block", 8, 16)  # conv_bn_act (ReLU)
     y = g.op("Div", [g.op("Sqrt", [y], "sqrt"), "scale"], "div")
     y = g.op("Add", [g.op("Mul", [y, y], "square"), g.const("k", np.float32(0.25))], "out")
-    model = g.model("conv_chain", {"data": (1, 8, 7, 8), "scale": (1, 16, 7, 8)}, [y])
+    model = g.model("conv_chain", {"data": (1, 8, 12, 12), "scale": (1, 16, 12, 12)}, [y])
     report = _chain_kernels(model, rng, 1)
     assert report.elementwise["chains"] == {"conv_bn_act+sqrt+divide+multiply+add": 1}
-    assert "conv2d_winograd_nchwc" in report.schedules.applied.values()  # a 3x3 conv: the chain after its output transform
+    assert any(rule.startswith("conv2d_winograd_nchwc") for rule in report.schedules.applied.values())  # a 3x3 conv: the chain after its output transform
 
 
 def test_matmul_of_two_activations_takes_its_epilogue(rng):
