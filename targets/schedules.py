@@ -181,6 +181,20 @@ def _pad_producers(sch, block, spec):
             _schedule_spatial_block(sch, producer, spec)
 
 
+def _pad_rows_at(sch, conv, rows, spec):
+    """Pad the input rows an fp32 conv's output row reads under that row's loop, into a buffer of a few rows:
+    a padded copy of the whole input, in a pass of its own, went to memory and back (ResNet-50's strided 3x3
+    convs at batch 8: 128 channels 6.9 -> 5.1 ms), and at batch 1 cost small convs a third of their time
+    (YOLOv8-style 5% faster, ResNet-50 5%)."""
+    for producer in sch.get_producers(conv):
+        if _is_reduction(sch, producer):
+            continue
+        sch.compute_at(producer, rows, preserve_unit_loops=True)
+        inner = sch.get_loops(producer)[-1]
+        if _extent(sch, inner) in _vector_widths(spec):
+            sch.vectorize(inner)
+
+
 def _inline_producers(sch, block):
     for producer in sch.get_producers(block):
         if not _is_reduction(sch, producer):
@@ -286,12 +300,13 @@ def _split_init(sch, block, loop):
 
 
 def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
-    _pad_producers(sch, conv, spec)
     loops = sch.get_loops(conv)
     batch, oc, row, col, lane = loops[:5]
     reduction = loops[5:]
     lanes = vector_lanes(spec)
     int8 = len(reduction) == 5
+    if int8:  # (padded under each row, recomputed for every channel tile: YOLOv8-style int8 10% slower)
+        _pad_producers(sch, conv, spec)
     tile_w, tile_c, ragged = conv_tile(_extent(sch, col), _extent(sch, oc), lanes, allow_ragged=not int8)
     if ragged:  # the last tile of the row is cut short
         col_o, col_i = sch.split(col, [None, tile_w])
@@ -324,7 +339,10 @@ def _schedule_conv(sch, conv, spec: TargetSpec, tiles) -> str:
         (ic_inner,) = ic_rest
         sch.reorder(batch, oc_o, row, *outer, ic_outer, *window, ic_inner, col_i, oc_i, lane)
     _store_tile_at(sch, stores, store_at)
-    _parallel_if_worth_it(sch, conv, sch.fuse(batch, oc_o, row))
+    rows = sch.fuse(batch, oc_o, row)
+    if not int8:
+        _pad_rows_at(sch, conv, rows, spec)
+    _parallel_if_worth_it(sch, conv, rows)
     sch.unroll(col_i)
     sch.unroll(oc_i)
     # Weights are s8, so any u8 read is the activations.

@@ -136,6 +136,29 @@ def test_fp32_conv_matches_numpy(target, shape):
     np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_fp32_conv_pads_each_rows_inputs_in_its_loop(target):
+    """A padded fp32 conv pads the input rows each output row reads inside that row's parallel iteration: no
+    pass of its own over the whole input (a padded copy of a batch went to memory and back), one parallel loop;
+    the numbers still match numpy."""
+    spec = resolve_target(target)
+    lanes = vector_lanes(spec)
+    shape = (8, 2 * lanes, 56, 2 * lanes, 3, 2, 1)
+    n, c, size, o, k, stride, pad = shape
+    mod, rule = schedule_func(te.create_prim_func(_conv_with_bias_relu(shape, lanes, "float32")), spec)
+    assert rule == "conv2d_nchwc"
+    assert len(re.findall(r"T\.parallel\(", mod.script())) == 1
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((n, c, size, size)).astype("float32")
+    weight = (rng.standard_normal((o, c, k, k)) * (c * k * k) ** -0.5).astype("float32")
+    bias = rng.standard_normal(o).astype("float32")
+    expected = np.maximum(_reference_conv(x, weight, stride, pad) + bias[None, :, None, None], 0)
+    lib = tvm.compile(mod, target=spec.tvm_target())
+    got = run_lib(lib, [_block(x, lanes), _pack_weight(weight, lanes, False), _block(bias.reshape(1, o, 1, 1), lanes)],
+                  (n, o // lanes, expected.shape[2], expected.shape[3], lanes), "float32")
+    np.testing.assert_allclose(_unblock(got), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("width,chunks,lanes,tile", [
     (56, 16, 16, (7, 2, False)),  # whole tiles where a divisor gives enough FMAs per load
     (14, 16, 16, (7, 2, False)),
