@@ -155,7 +155,9 @@ def _chain(kind: str, order: tuple[str, ...]):
         parts = {"producer": producer, "bias": bias}
         for step in order:
             if step == "sum":
-                other = ~is_const()  # another tensor; a constant here is a bias, not a sum
+                # another tensor (a constant here is a bias, not a sum), or the int8 copy of one, dequantized
+                # in this kernel (relay_passes.quantized_residuals)
+                other = is_op("relax.dequantize")(~is_const(), is_const(), is_const()) | ~is_const()
                 out = is_op("relax.add")(out, other) if chain_first else is_op("relax.add")(other, out)
                 parts["sum"], parts["sum_operand"] = out, other
             else:

@@ -25,6 +25,7 @@ from tvm import relax
 from relay_passes.analysis import channel_vector, use_counts
 from relay_passes.kernel_origins import with_span
 from relay_passes.quantize_motion import MoveQuantizeUp
+from relay_passes.quantized_residuals import ResidualsFromQuantized
 from relay_passes.weight_pairs import quantize_bounded
 from targets.intrinsics import SIGN_FLIP  # s8 data stored as u8 with this zero point (_stores_signed_as_offset_unsigned)
 
@@ -401,7 +402,7 @@ def quantize_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tvm.IRModule:
     func = rewriter.visit_expr(mod["main"])
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = relax.analysis.remove_all_unused(func)
-    return MoveQuantizeUp(relax.transform.Normalize()(out))
+    return ResidualsFromQuantized(MoveQuantizeUp(relax.transform.Normalize()(out)))
 
 
 def simulate_graph(mod: tvm.IRModule, ops: list[QuantizableOp]) -> tuple[tvm.IRModule, list[QuantizableOp]]:

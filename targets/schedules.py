@@ -211,6 +211,7 @@ def _epilogue(sch, block) -> list:
     (x * clip(x + 3, 0, 6) / 6): all are inlined as long as they end in one block. A stored output may also
     be read on (an fp32 result and its quantized copy, relay_passes.fuse_elementwise): both are kept."""
     after = _downstream_blocks(sch, block)
+    _inline_side_inputs(sch, block, after)
     sinks = [b for b in after if not sch.get_consumers(b)]
     if len(sinks) == 1 and not any(_is_reduction(sch, b) for b in after):
         outputs = _output_buffer_names(sch)
@@ -223,6 +224,16 @@ def _epilogue(sch, block) -> list:
         return stores
     tail = _epilogue_chain(sch, block)
     return [] if tail is None else [tail]
+
+
+def _inline_side_inputs(sch, block, after: list) -> None:
+    """Inline the elementwise blocks that feed the epilogue from elsewhere (a residual's int8 copy dequantized,
+    relay_passes.quantized_residuals): computed apart, they would sit between the reduction and its epilogue."""
+    names = {sch.get(b).name_hint for b in after} | {sch.get(block).name_hint}
+    for consumer in after:
+        for producer in sch.get_producers(consumer):
+            if sch.get(producer).name_hint not in names and not _is_reduction(sch, producer):
+                sch.compute_inline(producer)
 
 
 def _output_buffer_names(sch) -> set:
