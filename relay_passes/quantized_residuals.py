@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 
 from relay_passes.analysis import op_name, static_shape
+from relay_passes.kernel_origins import with_span
 
 
 def _is_residual_add(call, tensor) -> bool:
@@ -72,13 +73,16 @@ class _ReadQuantizedCopy(relax.PyExprMutator):
             return super().visit_var_binding_(binding)
         tensor, copy = self.rewrites[binding.var]
         quantize = self.quantizes[copy]
-        residual = self.builder_.emit(relax.op.dequantize(
+        span = binding.value.span  # the Add's source tag, for both calls (relay_passes.kernel_origins)
+        residual = self.builder_.emit(with_span(self.builder_.normalize(relax.op.dequantize(
             self.visit_expr(copy), quantize.args[1], quantize.args[2], axis=int(quantize.attrs.axis),
-            out_dtype=str(tensor.ty.dtype)))
+            out_dtype=str(tensor.ty.dtype))), span))
         args = [residual if a.same_as(tensor) else self.visit_expr(a) for a in binding.value.args]
-        value = self.builder_.normalize(relax.op.add(*args))
-        new = self.builder_.emit(value) if isinstance(binding.var, relax.DataflowVar) else \
-            self.builder_.emit_output(value)
+        value = with_span(self.builder_.normalize(relax.op.add(*args)), span)
+        # (the Add's variable name kept: relay_passes.kernel_origins carries tags across phases by name)
+        name = binding.var.name
+        new = self.builder_.emit(value, name) if isinstance(binding.var, relax.DataflowVar) else \
+            self.builder_.emit_output(value, name)
         self.set_var_remap(binding.var, new)
 
 
