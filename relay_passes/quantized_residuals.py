@@ -7,8 +7,9 @@ tensor no other fp32 reader:
 The kernel that computes y then stores only q, and the one that adds reads q: a quarter of the bytes each
 way. A ResNet's blocks, each ending in a residual add whose result feeds the next block's conv and its skip,
 moved their fp32 residuals through memory at batch 8 (ResNet-50 int8: its 56x56 blocks' convs took twice
-the time of the same conv without the add; the model 53.7 -> 45.9 ms on a Zen 5). The skip then carries the value rounded to the scale the next
-conv reads, as in onnxruntime's QDQ models (a QuantizeLinear/DequantizeLinear pair on each Add input).
+the time of the same conv without the add; the model 53.7 -> 45.9 ms on a Zen 5). The skip then carries the
+value rounded to the scale the next conv reads, as in onnxruntime's QDQ models (a QuantizeLinear /
+DequantizeLinear pair on each Add input).
 The fusion rules take the dequantize into the adding kernel (relay_passes.patterns: a sum's operand).
 """
 
@@ -39,7 +40,8 @@ def _same_quantization(a: relax.Call, b: relax.Call) -> bool:
 
 
 def residual_rewrites(func: relax.Function) -> dict:
-    """Each residual add's var -> (the tensor it reads, the quantize binding whose copy it reads instead)."""
+    """Each residual add's var -> (the tensor it reads, the binding of the quantize whose copy it reads
+    instead)."""
     (block,) = func.body.blocks
     order = {binding.var: i for i, binding in enumerate(block.bindings)}
     bindings = {binding.var: binding for binding in block.bindings}
@@ -58,24 +60,24 @@ def residual_rewrites(func: relax.Function) -> dict:
         if any(not _same_quantization(first.value, q.value) for q in quantizes) or any(
                 order[add.var] < order[first.var] for add in adds):
             continue
-        rewrites.update({add.var: (tensor, first.var) for add in adds})
+        rewrites.update({add.var: (tensor, first) for add in adds})
     return rewrites
 
 
 @relax.expr_functor.mutator
 class _ReadQuantizedCopy(relax.PyExprMutator):
-    def __init__(self, mod, rewrites: dict, quantizes: dict):
+    def __init__(self, mod, rewrites: dict):
         super().__init__(mod)
-        self.rewrites, self.quantizes = rewrites, quantizes
+        self.rewrites = rewrites
 
     def visit_var_binding_(self, binding):
         if binding.var not in self.rewrites:
             return super().visit_var_binding_(binding)
         tensor, copy = self.rewrites[binding.var]
-        quantize = self.quantizes[copy]
+        quantize = copy.value
         span = binding.value.span  # the Add's source tag, for both calls (relay_passes.kernel_origins)
         residual = self.builder_.emit(with_span(self.builder_.normalize(relax.op.dequantize(
-            self.visit_expr(copy), quantize.args[1], quantize.args[2], axis=int(quantize.attrs.axis),
+            self.visit_expr(copy.var), quantize.args[1], quantize.args[2], axis=int(quantize.attrs.axis),
             out_dtype=str(tensor.ty.dtype))), span))
         args = [residual if a.same_as(tensor) else self.visit_expr(a) for a in binding.value.args]
         value = with_span(self.builder_.normalize(relax.op.add(*args)), span)
@@ -94,8 +96,7 @@ def ResidualsFromQuantized(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     rewrites = residual_rewrites(func)
     if not rewrites:
         return mod
-    quantizes = {b.var: b.value for b in func.body.blocks[0].bindings if op_name(b.value) == "relax.quantize"}
-    rewritten = _ReadQuantizedCopy(mod, rewrites, quantizes).visit_expr(func)
+    rewritten = _ReadQuantizedCopy(mod, rewrites).visit_expr(func)
     out = tvm.IRModule(dict(mod.functions))
     out["main"] = relax.analysis.remove_all_unused(rewritten)
     return relax.transform.Normalize()(out)

@@ -37,18 +37,23 @@ def weight_source(call: relax.Call, values: dict) -> relax.Expr:
     return unpacked.args[0] if is_op(unpacked, "relax.layout_transform") else weight
 
 
-def weight_parameters(func: relax.Function, qualifies: Callable[[relax.Call], bool]) -> list[int]:
-    """Positions of `func`'s parameters that a qualifying conv or FC reads as its weight."""
-    positions = set()
+def weight_readers(func: relax.Function, qualifies: Callable[[relax.Call], bool]) -> dict[int, relax.Call]:
+    """Position of each of `func`'s parameters that a qualifying conv or FC reads as its weight -> that op."""
+    readers = {}
     values = bound_values(func)
 
     def visit(expr):
         if isinstance(expr, relax.Call) and qualifies(expr):
             source = weight_source(expr, values)
-            positions.update(i for i, p in enumerate(func.params) if p.same_as(source))
+            readers.update({i: expr for i, p in enumerate(func.params) if p.same_as(source)})
 
     relax.analysis.post_order_visit(func.body, visit)
-    return sorted(positions)
+    return readers
+
+
+def weight_parameters(func: relax.Function, qualifies: Callable[[relax.Call], bool]) -> list[int]:
+    """Positions of `func`'s parameters that a qualifying conv or FC reads as its weight."""
+    return sorted(weight_readers(func, qualifies))
 
 
 def calls_by_function(mod: tvm.IRModule) -> dict:

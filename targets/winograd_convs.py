@@ -24,7 +24,11 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import GenericConst
 
-from targets.constant_weights import fused_with_constant_weights, is_conv
+from targets.constant_weights import (
+    fused_with_constant_weights,
+    is_conv,
+    weight_readers,
+)
 from targets.winograd import (
     KERNEL,
     conv2d_winograd_nchwc,
@@ -75,15 +79,7 @@ def _transformed(constant: GenericConst, tile: int) -> GenericConst:
 
 def _weight_tiles(func: relax.Function) -> dict[int, int]:
     """Positions of `func`'s parameters that Winograd convs read as their weight -> those convs' tiles."""
-    tiles = {}
-
-    def visit(expr):
-        tile = winograd_tile(expr) if isinstance(expr, relax.Call) else None
-        if tile is not None:
-            tiles.update({i: tile for i, p in enumerate(func.params) if p.same_as(expr.args[1])})
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return tiles
+    return {i: winograd_tile(conv) for i, conv in weight_readers(func, qualifies).items()}
 
 
 @relax.expr_functor.mutator
