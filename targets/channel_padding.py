@@ -47,6 +47,13 @@ NARROW_BLOCK_PADDING = 1 / 16
 # get one more block where that adds at most this share: SqueezeNet's 1000 classes on 8 lanes, 125 -> 126
 # blocks (its 13x13 classifier conv ran at 0.74x onnxruntime's speed, one 8-channel block per tile).
 TILE_PADDING = 1 / 8
+# Where wide vectors run at full rate (targets.layout.wide_vectors_full_rate), a conv on a half-vector block
+# (24, 40, 56 channels on AVX-512) that reads at least this many inputs per output (input channels x window)
+# computes its outputs padded to whole vectors, up to WIDENING_PADDING more of them: a full vector does twice
+# a half one's work per instruction, so 24 -> 32 channels costs two thirds of the time. Shallower convs are
+# bound by memory more than by their multiply-adds, and their padded outputs cost their readers as much.
+DEEP_REDUCTION = 512
+WIDENING_PADDING = 1 / 3
 # Unary ops the same on every element (their other arguments, if any, are attributes or scalars).
 _ELEMENTWISE = frozenset("relax." + name for name in (  # noqa: SIM905 (the fusion table's form)
     "nn.relu nn.gelu nn.gelu_tanh nn.silu sigmoid tanh clip nn.leakyrelu nn.softplus astype negative abs "
@@ -103,13 +110,16 @@ def padded_sources(expr, values: dict, padded_outputs: dict) -> list[relax.Expr]
 
 @relax.expr_functor.mutator
 class _PadChannels(relax.PyExprMutator):
-    def __init__(self, mod, lanes: int, blockable: Callable[[int], bool], unpadded_weights=()):
+    def __init__(self, mod, lanes: int, blockable: Callable[[int], bool], unpadded_weights=(),
+                 widen_deep: bool = False):
         super().__init__(mod)
         self.lanes, self._blockable = lanes, blockable
+        self.widen_deep = widen_deep  # pad deep convs on half-vector blocks to whole vectors (DEEP_REDUCTION)
         self.unpadded_weights = unpadded_weights  # convs (by weight) whose output is not to be padded
         self.padded_outputs: dict[relax.Var, relax.Expr] = {}  # padded conv output -> its original weight
         self.gathers: list[relax.Var] = []  # the gathers of channels into a tensor of their own (_compact)
         self.tile_padded: dict[relax.Var, relax.Expr] = {}  # the padded outputs padded only for tiles
+        self.widened: dict[relax.Var, relax.Expr] = {}  # the padded outputs of deep convs (DEEP_REDUCTION)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -161,11 +171,15 @@ class _PadChannels(relax.PyExprMutator):
             return None
         return value.args[0], index.astype(np.int64)
 
-    def _compact(self, padded, index) -> tuple[relax.Expr, np.ndarray]:
+    def _compact(self, padded, index, widened_ok: bool = False) -> tuple[relax.Expr, np.ndarray]:
         """The channels `index` picks, in a tensor of their own padded to whole blocks: `padded` itself when
-        it holds nothing else, else a gather of them (the extra indices repeat the first channel: unread)."""
+        it holds nothing else, else a gather of them (the extra indices repeat the first channel: unread).
+        `widened_ok`: a reader that takes a widened conv's output (DEEP_REDUCTION) on its whole vectors, as a
+        conv does; a concat does not (its parts on half-vector blocks would mix block sizes)."""
         blocks = self._padded_count(len(index))
         whole = {blocks, self._tileable_count(blocks)} if blocks % self.lanes == 0 else {blocks}
+        if widened_ok:
+            whole.add(_round_up(len(index), self.lanes))
         if _channels(padded) in whole:  # padded for blocks or for tiles, nothing else in it
             return padded, index
         picked = np.concatenate([index, np.full(blocks - len(index), index[0])]).astype("int32")
@@ -188,6 +202,14 @@ class _PadChannels(relax.PyExprMutator):
         tileable = tileable_blocks(blocks)
         return tileable * self.lanes if tileable - blocks <= blocks * TILE_PADDING else channels
 
+    def _widens(self, weight: np.ndarray, pixels: int) -> bool:
+        """A deep conv whose output channels have only a half-vector block, on a map, computed on whole
+        vectors instead (DEEP_REDUCTION)."""
+        out_channels, depth = weight.shape[0], int(np.prod(weight.shape[1:]))
+        return (self.widen_deep and pixels > 1 and out_channels % self.lanes != 0
+                and self._blockable(out_channels) and depth >= DEEP_REDUCTION
+                and _round_up(out_channels, self.lanes) <= out_channels * (1 + WIDENING_PADDING))
+
     @staticmethod
     def _take(padded, index) -> relax.Expr:
         return relax.op.take(padded, relax.const(np.asarray(index, "int32")), axis=_CHANNELS, mode="clip")
@@ -209,7 +231,7 @@ class _PadChannels(relax.PyExprMutator):
             return self._grouped(call, weight, groups)
         data, gathered = call.args[0], self._gathered(call.args[0])
         if gathered is not None:
-            data, index = self._compact(*gathered)
+            data, index = self._compact(*gathered, widened_ok=True)
             if not self._blockable(_channels(data)):
                 return call
             scattered = np.zeros((weight.shape[0], _channels(data), *weight.shape[2:]), weight.dtype)
@@ -223,7 +245,10 @@ class _PadChannels(relax.PyExprMutator):
         tile_only = padded_out == out_channels and out_channels % self.lanes == 0 and height * width > 1
         if tile_only:
             padded_out = self._tileable_count(out_channels)
-        if (padded_out > out_channels * (1 + MAX_PADDING) and height * width > 1) or any(
+        widened = padded_out == out_channels and self._widens(weight, height * width)
+        if widened:
+            padded_out = _round_up(out_channels, self.lanes)
+        if (padded_out > out_channels * (1 + MAX_PADDING) and height * width > 1 and not widened) or any(
                 call.args[1].same_as(w) for w in self.unpadded_weights):
             padded_out = out_channels
         if self._blockable(out_channels) and height * width == 1:  # a matvec: its narrower block is as fast
@@ -243,6 +268,8 @@ class _PadChannels(relax.PyExprMutator):
             self.padded_outputs[padded] = call.args[1]
         if tile_only:
             self.tile_padded[padded] = call.args[1]
+        if widened:
+            self.widened[padded] = call.args[1]
         return self._take(padded, np.arange(out_channels))
 
     def stranded(self, func: relax.Function) -> list[relax.Expr]:
@@ -257,9 +284,11 @@ class _PadChannels(relax.PyExprMutator):
                 found += padded_sources(value.args[0], values, self.padded_outputs)
         # a conv padded only for its tiles is not worth a gather (ShuffleNet's 232-channel branches, a concat
         # away from their padding, gained three gathers and their layout transforms)
+        # nor is a deep conv's widening: the gather of a 160x160 map back to its 24 channels for a concat cost
+        # as much as the conv gained (PP-OCRv4's text detector)
         for gather in self.gathers:
             if gather in values:
-                found += padded_sources(values[gather].args[0], values, self.tile_padded)
+                found += padded_sources(values[gather].args[0], values, {**self.tile_padded, **self.widened})
         return found
 
     def _grouped(self, call, weight, groups: int):
@@ -286,7 +315,7 @@ class _PadChannels(relax.PyExprMutator):
         gathered = self._gathered(call.args[0])
         if gathered is None:
             return call
-        data, index = self._compact(*gathered)
+        data, index = self._compact(*gathered, widened_ok=True)
         channels = _channels(data)
         if len(np.unique(index)) != len(index) or not self._blockable(channels):
             return call
@@ -470,12 +499,14 @@ def _channel_permutation(shape: list[int], split_shape: list[int] | None, axes: 
     return permutation
 
 
-def pad_channels(mod: tvm.IRModule, lanes: int, blockable: Callable[[int], bool]) -> tvm.IRModule:
+def pad_channels(mod: tvm.IRModule, lanes: int, blockable: Callable[[int], bool],
+                 widen_deep: bool = False) -> tvm.IRModule:
     """Convs' channels padded to whole blocks of `lanes` where `blockable` (a channel count has a block)
-    says they have none, and channel permutations carried as an index (see the module)."""
+    says they have none, and channel permutations carried as an index (see the module). `widen_deep`: deep
+    convs on half-vector blocks too (DEEP_REDUCTION), where full vectors run at full rate."""
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            mod[gvar] = _pad_function(mod, func, lanes, blockable)
+            mod[gvar] = _pad_function(mod, func, lanes, blockable, widen_deep)
     return relax.transform.Normalize()(mod)
 
 
@@ -483,13 +514,13 @@ def pad_channels(mod: tvm.IRModule, lanes: int, blockable: Callable[[int], bool]
 MAX_ROUNDS = 8
 
 
-def _pad_function(mod, func: relax.Function, lanes: int, blockable) -> relax.Function:
+def _pad_function(mod, func: relax.Function, lanes: int, blockable, widen_deep: bool) -> relax.Function:
     """`func` padded, except the convs whose padded output would only be unpadded again for an op no rule
     covers (a 130-channel conv feeding an LSTM, SSDlite's 546-class heads feeding their reshape to boxes):
     those keep their own channels, as before."""
     unpadded: list[relax.Expr] = []
     for _ in range(MAX_ROUNDS):
-        mutator = _PadChannels(mod, lanes, blockable, tuple(unpadded))
+        mutator = _PadChannels(mod, lanes, blockable, tuple(unpadded), widen_deep)
         padded = relax.analysis.remove_all_unused(mutator.visit_expr(func))
         stranded = mutator.stranded(padded)
         if not stranded:

@@ -33,6 +33,16 @@ def vector_lanes(spec: TargetSpec) -> int:
     return 16 if spec.has("avx512f") else 8
 
 
+# CPUs whose 512-bit instructions run as two 256-bit halves (Zen 4): there a full AVX-512 vector does no
+# more work a cycle than a half one.
+HALF_RATE_WIDE_VECTORS = frozenset({"znver4"})
+
+
+def wide_vectors_full_rate(spec: TargetSpec) -> bool:
+    """Whether a full vector does twice a half one's multiply-adds a cycle (AVX-512 but Zen 4)."""
+    return spec.has("avx512f") and spec.mcpu not in HALF_RATE_WIDE_VECTORS
+
+
 def channel_block(channels: int, lanes: int, mixed: bool = True) -> int | None:
     """The channel block of a tensor with `channels` channels: a full vector, else (`mixed`) half of an
     AVX-512 one (24, 40, 200 channels run on 8-lane ymm code there); None when none divides it.
@@ -301,7 +311,8 @@ def block_channels(mod: tvm.IRModule, spec: TargetSpec,
     report = LayoutReport()
     lanes = vector_lanes(spec)
     mod = merge_groups_to_block(pad_int8_stem(mod, lanes), lanes)
-    mod = layout_friendly_forms(pad_channels(mod, lanes, lambda channels: channel_block(channels, lanes) is not None))
+    mod = layout_friendly_forms(pad_channels(mod, lanes, lambda channels: channel_block(channels, lanes) is not None,
+                                             widen_deep=wide_vectors_full_rate(spec)))
     with _CONVERSION_LOCK, override_layout_rules(blocked_rules(mod)):
         mod = _convert_with_fallbacks(mod, lanes, report)
     mod = tvm.transform.Sequential([fold_constants or relax.transform.FoldConstant(),
