@@ -98,7 +98,7 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, ti
         group = int(weight.shape[5])
         ic_mid = te.reduce_axis((0, block // group), name="ic_mid")
         ic_inner = te.reduce_axis((0, group), name="ic_inner")
-        whole_w = _whole_tiles_width(out_w, out_chunks, tile_lanes)
+        whole_w = _whole_tiles_width(out_w, out_chunks, tile_lanes, group_in_chunks * block * kernel_h * kernel_w)
         conv = te.compute(
             (n, out_chunks, out_h, whole_w, out_block),
             lambda b, oc, y, x, lane: te.sum(
@@ -121,11 +121,12 @@ def conv2d_nchwc(data, weight, strides, padding, dilation, groups, out_dtype, ti
         name=CONV_BLOCK)
 
 
-def _whole_tiles_width(out_w: int, out_chunks: int, tile_lanes: int | None) -> int:
-    """The columns an int8 conv computes: whole tiles of the register tile targets.schedules will pick."""
+def _whole_tiles_width(out_w: int, out_chunks: int, tile_lanes: int | None, depth: int) -> int:
+    """The columns an int8 conv computes: whole tiles of the register tile targets.schedules will pick (`depth`:
+    the inputs an output reads)."""
     if tile_lanes is None:
         return out_w
-    tile_w, _, ragged = whole_tiles_tile(out_w, out_chunks, tile_lanes)
+    tile_w, _, ragged = whole_tiles_tile(out_w, out_chunks, tile_lanes, depth)
     return -(-out_w // tile_w) * tile_w if ragged else out_w
 
 

@@ -36,6 +36,8 @@ CONV_SHAPES = [
     # rows of 17 and 71 (prime): a ragged register tile, its last one cut short
     (1, 48, 17, 48, 1, 1, 0),
     (1, 16, 73, 32, 3, 1, 0),
+    # a deep reduction (576 inputs an output) on a row of 32: on 16 lanes, 3 x 4 whole tiles over 33 columns
+    (1, 64, 32, 64, 3, 1, 1),
 ]
 
 
@@ -183,6 +185,18 @@ def test_int8_conv_computes_whole_tiles_only_where_no_exact_tile_comes_close(wid
     """An int8 conv's ragged row costs guarded stores the score does not count (RAGGED_MARGIN)."""
     assert whole_tiles_tile(width, chunks, lanes) == tile
     assert conv_tile(width, chunks, lanes, allow_ragged=True)[2]  # each of these rows has a ragged best
+
+
+@pytest.mark.parametrize("width,chunks,depth,tile", [
+    (32, 32, 4608, (3, 4, True)),   # FCN-ResNet50's 3x3 on 512 channels: 12 accumulators over 33 columns
+    (32, 32, 64, (2, 4, False)),    # shallow: the stores count, RAGGED_MARGIN holds
+    (14, 3, 4608, (2, 3, False)),   # 5 x 3 would compute 15 columns of 14: over RAGGED_WASTE
+    (160, 2, 864, (7, 2, True)),    # a text detector's 160-wide map: 161 columns
+])
+def test_a_deep_int8_conv_takes_the_ragged_tile_with_more_accumulators(width, chunks, depth, tile):
+    """With hundreds of reduction steps a tile, the accumulators' latency bounds the conv, not its guarded
+    stores (DEEP_TILE_REDUCTION)."""
+    assert whole_tiles_tile(width, chunks, 16, depth) == tile
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
