@@ -527,8 +527,9 @@ def _matmul_lanes(sch, block, spec) -> int | None:
 def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     """out[i, j] += x[i, k] * w[k, j]: a tile of rows x vectors of j, w read along j (contiguous; a constant
     weight packed by targets.layout and unpacked inline), the epilogue (bias, activation, requantize) on the
-    tile, parallel over row and column tiles. A packed fp32 weight's column tiles are outermost: each one's
-    panel of w is read from cache by every row tile, not streamed from memory once per row tile."""
+    tile, parallel over row and column tiles. A packed weight's column tiles (fp32 or int8) are outermost: each
+    one's panel of w is read from cache by every row tile, not streamed from memory once per row tile (int8
+    BERT, GPT-2 and ViT 17-38% faster than with rows outermost)."""
     packed = _packed_weight_lanes(sch, block)
     lanes = _matmul_lanes(sch, block, spec)
     *outer, row, col, red = sch.get_loops(block)
@@ -545,7 +546,7 @@ def _schedule_matmul(sch, block, spec: TargetSpec, tiles) -> str:
     col_v, col_l = sch.split(col, [None, lanes])
     col_o, col_v = tiles.split(sch, col_v, vectors, MAX_CHANNEL_BLOCKS)
     row_o, row_i = sch.split(row, [None, rows]) if ragged else tiles.split(sch, row, rows, registers)
-    tile_order = [row_o, col_o] if int8 or not packed else [col_o, row_o]
+    tile_order = [row_o, col_o] if not packed else [col_o, row_o]
     if intrinsic is not None:
         red, group = sch.split(red, [None, INT8_GROUP])
         sch.reorder(*outer, *tile_order, red, row_i, col_v, col_l, group)
