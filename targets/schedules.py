@@ -201,6 +201,17 @@ def _inline_producers(sch, block):
             sch.compute_inline(producer)
 
 
+def _inline_window_inputs(sch, block):
+    """Inline the elementwise chain a window op reads, not only its padding: an int8 average pool's
+    dequantize, behind the pad, was left a serial pass of its own over the whole input (Inception-v3's nine
+    pools: 0.2-0.37 ms each, a quarter of the int8 model). Each input is read by at most a window's outputs."""
+    producers = [p for p in sch.get_producers(block) if not _is_reduction(sch, p)]
+    while producers:
+        for producer in producers:
+            sch.compute_inline(producer)
+        producers = [p for p in sch.get_producers(block) if not _is_reduction(sch, p)]
+
+
 def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -388,7 +399,7 @@ def _schedule_window(sch, block, spec: TargetSpec, tiles) -> None:
     """A depthwise conv or a pooling in NCHW{c}, loops (batch, chunk, row, col, lane, kh, kw): a tile of
     output pixels accumulates in registers over the window, the lane vectorized. Padding is inlined: at 9
     operations per output, a padded copy would cost more memory traffic than the bounds checks."""
-    _inline_producers(sch, block)
+    _inline_window_inputs(sch, block)
     batch, chunk, row, col, lane, kh, kw = sch.get_loops(block)
     lanes = vector_lanes(spec)
     tile_w, _, ragged = conv_tile(_extent(sch, col), 1, lanes, allow_ragged=True)

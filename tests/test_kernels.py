@@ -21,6 +21,7 @@ from targets.intrinsics import PAIR_BOUND, pairs_are_bounded
 from targets.layout import vector_lanes
 from targets.schedules import ScheduleLog, schedule_module
 from targets.register_tiles import conv_tile, matmul_tile, whole_tiles_tile
+from targets.rounding import round_half_even
 from tests.host_targets import HOST_TARGETS
 
 
@@ -288,6 +289,37 @@ def test_pooling_matches_numpy(target):
     lib["main"](tvm.runtime.tensor(_block(x, 8)), out_pool, out_mean)
     np.testing.assert_allclose(_unblock(out_pool.numpy()), expected, rtol=1e-6)
     np.testing.assert_allclose(_unblock(out_mean.numpy())[:, :, 0, 0], x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_an_int8_average_pool_dequantizes_inside_its_window(target):
+    """dequantize -> average pool 3x3/1 (padding not counted) -> quantize, as an int8 Inception block's branch
+    pool is fused: the dequantize is inlined behind the padding, so the kernel is the pool's loop nest alone
+    (left a serial pass of its own over the input, Inception-v3's nine pools took a quarter of the int8
+    model). Exact against numpy's integer arithmetic, up to the rounding of the mean."""
+    spec = resolve_target(target)
+    lanes, channels, size, zero, scale = 8, 16, 13, 3, 0.05
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (1, channels, size, size)).astype("uint8")
+    data = te.placeholder((1, channels // lanes, size, size, lanes), "uint8", name="data")
+    dequantized = te.compute(data.shape, lambda *i: (data(*i).astype("int32") - zero).astype("float32") * scale,
+                             name="dequantized")
+    pooled = topi.nn.pool2d(dequantized, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], "avg", count_include_pad=False,
+                            layout=f"NCHW{lanes}c")
+    quantized = te.compute(pooled.shape, lambda *i: te.max(te.min(round_half_even(pooled(*i) / scale), 255.0),
+                                                             0.0).astype("uint8"), name="quantized")
+    mod, rule = schedule_func(te.create_prim_func([data, quantized]), spec)
+    assert rule == "pool_nchwc"
+    script = mod.script()
+    assert 'sblock("dequantized")' not in script
+    got = _unblock(run_lib(tvm.compile(mod, target=spec.tvm_target()), [_block(x, lanes)],
+                           (1, channels // lanes, size, size, lanes), "uint8"))
+    padded = np.pad(x.astype(np.float64) - zero, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    counts = np.pad(np.ones((size, size)), 1)
+    sums = sum(padded[:, :, i:i + size, j:j + size] for i in range(3) for j in range(3))
+    count = sum(counts[i:i + size, j:j + size] for i in range(3) for j in range(3))
+    want = np.clip(np.round(sums / count), 0, 255)
+    assert np.abs(got.astype(np.float64) - want).max() <= 1
 
 
 def full_range(rng, shape, dtype):
