@@ -286,9 +286,10 @@ class _PadChannels(relax.PyExprMutator):
         # away from their padding, gained three gathers and their layout transforms)
         # nor is a deep conv's widening: the gather of a 160x160 map back to its 24 channels for a concat cost
         # as much as the conv gained (PP-OCRv4's text detector)
+        not_worth_a_gather = {**self.tile_padded, **self.widened}
         for gather in self.gathers:
             if gather in values:
-                found += padded_sources(values[gather].args[0], values, {**self.tile_padded, **self.widened})
+                found += padded_sources(values[gather].args[0], values, not_worth_a_gather)
         return found
 
     def _grouped(self, call, weight, groups: int):

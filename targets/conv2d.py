@@ -24,7 +24,7 @@ from tvm import relax, te, tirx, topi
 
 from targets.dense import BOUNDED_PAIRS
 from targets.intrinsics import SIGN_FLIP
-from targets.register_tiles import whole_tiles_tile
+from targets.register_tiles import whole_tiles_columns, whole_tiles_tile
 
 CONV_BLOCK = "conv2d_nchwc"
 DEPTHWISE_BLOCK = "depthwise_conv2d_nchwc"
@@ -127,7 +127,7 @@ def _whole_tiles_width(out_w: int, out_chunks: int, tile_lanes: int | None, dept
     if tile_lanes is None:
         return out_w
     tile_w, _, ragged = whole_tiles_tile(out_w, out_chunks, tile_lanes, depth)
-    return -(-out_w // tile_w) * tile_w if ragged else out_w
+    return whole_tiles_columns(out_w, tile_w) if ragged else out_w
 
 
 def _is_int8(weight) -> bool:

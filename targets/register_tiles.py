@@ -90,9 +90,14 @@ def conv_tile(width: int, chunks: int, lanes: int, allow_ragged: bool) -> tuple[
     return w, c, width % w != 0
 
 
+def whole_tiles_columns(width: int, w: int) -> int:
+    """The columns a row of `width` takes in whole tiles of `w`."""
+    return -(-width // w) * w
+
+
 def _loads_score(width: int, w: int, c: int) -> float:
     """A tile's FMAs per load (up to FMAS_PER_LOAD) times the share of its columns that are real outputs."""
-    return min(w * c / (w + c), FMAS_PER_LOAD) * width / (-(-width // w) * w)
+    return min(w * c / (w + c), FMAS_PER_LOAD) * width / whole_tiles_columns(width, w)
 
 
 def whole_tiles_tile(width: int, chunks: int, lanes: int, depth: int = 0) -> tuple[int, int, bool]:
@@ -101,7 +106,7 @@ def whole_tiles_tile(width: int, chunks: int, lanes: int, depth: int = 0) -> tup
     DEEP_TILE_REDUCTION, where it scores higher and wastes at most RAGGED_WASTE of the row."""
     w, c, ragged = conv_tile(width, chunks, lanes, allow_ragged=True)
     exact_w, exact_c, _ = conv_tile(width, chunks, lanes, allow_ragged=False)
-    deep = depth >= DEEP_TILE_REDUCTION and -(-width // w) * w - width <= width * RAGGED_WASTE
+    deep = depth >= DEEP_TILE_REDUCTION and whole_tiles_columns(width, w) - width <= width * RAGGED_WASTE
     margin = 1.0 if deep else RAGGED_MARGIN
     if ragged and _loads_score(width, exact_w, exact_c) >= margin * _loads_score(width, w, c):
         return exact_w, exact_c, False
